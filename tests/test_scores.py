@@ -1,0 +1,70 @@
+"""envs/scores.py: the normalised-score formula and where reference returns come from."""
+import json
+import math
+
+import numpy as np
+import pytest
+
+import envs.scores as scores
+from envs import Dataset, normalized_score, reference_scores
+
+
+def tiny_dataset(name="test", ref_min=None, ref_max=None, episode_metadata=()):
+    zeros = np.zeros((2, 3), np.float32)
+    return Dataset(observations=zeros, actions=zeros, rewards=np.zeros(2, np.float32), next_observations=zeros,
+                   terminals=np.zeros(2, np.float32), timeouts=np.array([0, 1], np.float32),
+                   episode_ids=np.zeros(2, np.int32), ref_min_score=ref_min, ref_max_score=ref_max,
+                   episode_metadata=episode_metadata, name=name)
+
+
+def test_normalized_score_by_hand():
+    assert normalized_score(-20.0, -20.0, 380.0) == 0.0
+    assert normalized_score(380.0, -20.0, 380.0) == 100.0
+    assert normalized_score(180.0, -20.0, 380.0) == pytest.approx(50.0)
+    assert isinstance(normalized_score(np.float32(1.0), 0.0, 2.0), float)
+    np.testing.assert_allclose(normalized_score(np.array([[0.0, 3.0], [-1.5, 6.0]]), 0.0, 3.0),
+                               [[0.0, 100.0], [-50.0, 200.0]])
+    with pytest.raises(SystemExit, match="must be finite and differ"):
+        normalized_score(1.0, 5.0, 5.0)
+    with pytest.raises(SystemExit, match="must be finite and differ"):
+        normalized_score(1.0, None, 5.0)
+
+
+@pytest.fixture
+def table(tmp_path, monkeypatch):
+    path = tmp_path / "references.json"
+    path.write_text(json.dumps({"hopper": {"random": -10.0, "expert": 3000.0, "source": "test"}}))
+    monkeypatch.setattr(scores, "REFERENCES_PATH", path)
+    return path
+
+
+def test_reference_scores_sources(table):
+    assert reference_scores("hopper", tiny_dataset(ref_min=1.0, ref_max=2.0)) == (1.0, 2.0)  # dataset first
+    assert reference_scores("hopper") == (-10.0, 3000.0)  # then the table
+    assert reference_scores("hopper", tiny_dataset(ref_min=1.0)) == (-10.0, 3000.0)  # half a pair is not used
+    # A dataset made in another domain does not give this domain's references.
+    other = tiny_dataset("crossdomain/hopper-gravity/medium-v0", ref_min=1.0, ref_max=2.0)
+    assert reference_scores("hopper", other) == (-10.0, 3000.0)
+    assert reference_scores("hopper-gravity", other) == (1.0, 2.0)
+    tagged = tiny_dataset(ref_min=1.0, ref_max=2.0, episode_metadata=({"domain": "hopper-morph"},))
+    assert reference_scores("hopper", tagged) == (-10.0, 3000.0)
+
+
+def test_missing_reference_is_an_error(table):
+    with pytest.raises(SystemExit, match="No reference returns are known for domain walker2d: generate a dataset"):
+        reference_scores("walker2d", tiny_dataset())
+    with pytest.raises(SystemExit, match="Unknown domain 'walker'"):
+        reference_scores("walker")
+
+
+def test_malformed_table_entry(table):
+    table.write_text(json.dumps({"hopper": {"random": -10.0}}))
+    with pytest.raises(SystemExit, match="malformed entry for hopper"):
+        reference_scores("hopper")
+
+
+def test_shipped_reference_table_is_well_formed():
+    from envs import DOMAINS
+    for domain, entry in scores.load_references().items():
+        assert domain in DOMAINS
+        assert math.isfinite(entry["random"]) and entry["expert"] > entry["random"] and entry["source"]
