@@ -1,0 +1,253 @@
+"""Dataset generator: the source and target datasets the papers never released, made from the committed
+behaviour-policy zoo (envs/policies/), deterministically from a seed, into the local Minari store.
+
+    python -m envs.generate --domain halfcheetah-kinematic --quality medium --size 1000000 --seed 0
+
+Qualities (the D4RL recipe applied to any domain):
+    random          uniform random actions
+    medium          the zoo's medium policy (25-65% of the expert's return), actions sampled from its Gaussian
+    expert          the zoo's expert policy, actions sampled
+    medium-expert   half medium, half expert (D4RL: 1M + 1M)
+    medium-replay   rebuilt from the SAC snapshots taken every 25k steps up to the medium policy: the steps
+                    between snapshot k and k+1 are played by snapshot k (the steps before the first update by
+                    uniform random actions), as many transitions per snapshot as SAC took between them. A true
+                    replay buffer holds data of a policy that changed at every step; here it changes every 25k
+                    steps, and episodes do not straddle a snapshot change.
+
+Every episode's MuJoCo state (qpos, qvel) is stored in its `infos`, so any transition can be re-simulated.
+Dataset metadata: ref_min_score / ref_max_score (the domain's random and expert returns), and
+"episode_metadata", a JSON list with one {"domain", "quality", "policy"} per episode.
+Dataset ids: crossdomain/<domain>/<quality>-v0 (envs.generated_dataset_id).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from envs.datasets import QUALITIES, generated_dataset_id
+from envs.domains import check_domain, domain_info, make_env
+
+POLICY_DIR = Path(__file__).parent / "policies"
+REFERENCES = Path(__file__).parent / "references.json"
+DEFAULT_SIZE = 1_000_000
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Policies: the SAC actor snapshot format (w0, b0, w1, b1, w2, b2; output [mean, log_std]), run in numpy.
+# ----------------------------------------------------------------------------------------------------------
+class Policy:
+    def __init__(self, path: Path | None, act_dim: int):
+        self.name = "uniform-random" if path is None else str(path.relative_to(POLICY_DIR))
+        self.act_dim = act_dim
+        self.layers = None
+        if path is not None:
+            with np.load(path) as arrays:
+                self.layers = [(arrays[f"w{i}"].astype(np.float64), arrays[f"b{i}"].astype(np.float64))
+                               for i in range(3)]
+
+    def __call__(self, obs: np.ndarray, rng: np.random.Generator, deterministic: bool = False) -> np.ndarray:
+        if self.layers is None:
+            return rng.uniform(-1.0, 1.0, self.act_dim)
+        h = obs
+        for w, b in self.layers[:-1]:
+            h = np.maximum(h @ w + b, 0.0)
+        out = h @ self.layers[-1][0] + self.layers[-1][1]
+        mean, log_std = out[: self.act_dim], np.clip(out[self.act_dim:], -5.0, 2.0)
+        noise = 0.0 if deterministic else np.exp(log_std) * rng.standard_normal(self.act_dim)
+        return np.tanh(mean + noise)
+
+
+def zoo_path(domain: str, name: str) -> Path:
+    return POLICY_DIR / domain / f"{name}.npz"
+
+
+def replay_snapshots(domain: str) -> list[tuple[int, Path]]:
+    """(step, path) of the snapshots kept for medium-replay, in training order."""
+    paths = sorted((POLICY_DIR / domain / "replay").glob("actor_*.npz"), key=lambda p: int(p.stem.split("_")[1]))
+    return [(int(p.stem.split("_")[1]), p) for p in paths]
+
+
+def _require_policy(domain: str, name: str) -> Path:
+    path = zoo_path(domain, name)
+    if not path.exists():
+        raise SystemExit(f"No {name} policy for {domain} in the zoo ({path}); train one with "
+                         f"`python algos/sac.py --env {domain}` and add it with `python benchmarks/policy_zoo.py`.")
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Rollouts
+# ----------------------------------------------------------------------------------------------------------
+def rollout(domain: str, policy: Policy, num_transitions: int, rng: np.random.Generator, first_seed: int,
+            quality: str, progress=None) -> list[dict]:
+    """Play episodes until `num_transitions` transitions; the last episode is cut (a truncation, not an end)."""
+    env = make_env(domain)
+    model_data = env.unwrapped.data
+    episodes, collected, episode_seed = [], 0, first_seed
+    while collected < num_transitions:
+        obs, _ = env.reset(seed=episode_seed)
+        episode_seed += 1
+        observations, qpos, qvel = [obs], [model_data.qpos.copy()], [model_data.qvel.copy()]
+        actions, rewards, terminations, truncations = [], [], [], []
+        while True:
+            action = policy(obs, rng)
+            obs, reward, terminated, truncated, _ = env.step(action)
+            collected += 1
+            truncated = truncated or collected == num_transitions
+            observations.append(obs), qpos.append(model_data.qpos.copy()), qvel.append(model_data.qvel.copy())
+            actions.append(action), rewards.append(reward)
+            terminations.append(terminated), truncations.append(truncated and not terminated)
+            if progress is not None:
+                progress.update(1)
+            if terminated or truncated:
+                break
+        episodes.append(dict(
+            observations=np.asarray(observations), actions=np.asarray(actions, dtype=np.float32),
+            rewards=np.asarray(rewards), terminations=np.asarray(terminations),
+            truncations=np.asarray(truncations),
+            infos={"qpos": np.asarray(qpos), "qvel": np.asarray(qvel)},
+            metadata={"domain": domain, "quality": quality, "policy": policy.name}))
+    env.close()
+    return episodes
+
+
+def policy_return(domain: str, policy: Policy, episodes: int = 10, seed: int = 10_000) -> tuple[float, float]:
+    """Mean and std of the return of a policy over `episodes` episodes, actions as in the datasets (sampled)."""
+    rng = np.random.default_rng(seed)
+    env = make_env(domain)
+    returns = []
+    for e in range(episodes):
+        obs, _ = env.reset(seed=seed + e)
+        total, done = 0.0, False
+        while not done:
+            obs, reward, terminated, truncated, _ = env.step(policy(obs, rng))
+            total += reward
+            done = terminated or truncated
+        returns.append(total)
+    return float(np.mean(returns)), float(np.std(returns))
+
+
+def reference_returns(domain: str) -> tuple[float, float]:
+    """The domain's (random, expert) returns: from envs/references.json, written by benchmarks/policy_zoo.py."""
+    table = json.loads(REFERENCES.read_text()) if REFERENCES.exists() else {}
+    if domain in table:
+        return float(table[domain]["random"]), float(table[domain]["expert"])
+    raise SystemExit(f"No reference returns for {domain} in {REFERENCES}; run "
+                     f"`python benchmarks/policy_zoo.py --domains {domain}` once its expert policy is in the zoo.")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Datasets
+# ----------------------------------------------------------------------------------------------------------
+def default_size(domain: str, quality: str) -> int:
+    if quality == "medium-expert":
+        return 2 * DEFAULT_SIZE
+    if quality == "medium-replay":
+        medium = np.load(_require_policy(domain, "medium"))
+        return int(medium["step"])
+    return DEFAULT_SIZE
+
+
+def plan(domain: str, quality: str, size: int) -> list[tuple[Policy, int, str]]:
+    """The (policy, number of transitions, quality label) pieces a dataset is made of, in order."""
+    act_dim = domain_info(domain).act_dim
+    if quality == "random":
+        return [(Policy(None, act_dim), size, "random")]
+    if quality in ("medium", "expert"):
+        return [(Policy(_require_policy(domain, quality), act_dim), size, quality)]
+    if quality == "medium-expert":
+        return [(Policy(_require_policy(domain, "medium"), act_dim), size // 2, "medium"),
+                (Policy(_require_policy(domain, "expert"), act_dim), size - size // 2, "expert")]
+    # medium-replay: SAC's data up to the medium policy's step, snapshot by snapshot, scaled to `size`
+    medium_step = int(np.load(_require_policy(domain, "medium"))["step"])
+    snapshots = [(s, p) for s, p in replay_snapshots(domain) if s < medium_step]
+    if not snapshots:
+        raise SystemExit(f"No replay snapshots for {domain} in {POLICY_DIR / domain / 'replay'}.")
+    steps = [s for s, _ in snapshots]
+    segments = ([(0, steps[0], None)] if steps[0] > 0 else [])  # before the first snapshot: uniform random
+    segments += [(start, end, path) for (start, path), end in zip(snapshots, steps[1:] + [medium_step])]
+    pieces, given = [], 0
+    for start, end, path in segments:
+        count = round(end / medium_step * size) - given
+        given += count
+        if count > 0:
+            pieces.append((Policy(path, act_dim), count, "medium-replay"))
+    return pieces
+
+
+def generate(domain: str, quality: str, size: int | None = None, seed: int = 0, dataset_id: str | None = None,
+             force: bool = False):
+    """Make the dataset and store it in the local Minari store; returns the Minari dataset."""
+    import minari
+    from minari.data_collector import EpisodeBuffer
+
+    check_domain(domain)
+    if quality not in QUALITIES:
+        raise SystemExit(f"Unknown quality '{quality}': choose one of {', '.join(QUALITIES)}.")
+    size = default_size(domain, quality) if size is None else size
+    if size < 1:
+        raise SystemExit(f"--size must be a positive number of transitions, got {size}.")
+    dataset_id = dataset_id or generated_dataset_id(domain, quality)
+    if dataset_id in minari.list_local_datasets():
+        if not force:
+            return minari.load_dataset(dataset_id)
+        minari.delete_dataset(dataset_id)
+    pieces = plan(domain, quality, size)
+    ref_min, ref_max = reference_returns(domain)
+    rng = np.random.default_rng(seed)
+    episodes = []
+    with tqdm(total=size, desc=f"{dataset_id}", unit="transition", unit_scale=True, file=sys.stdout) as bar:
+        for policy, count, label in pieces:
+            episodes += rollout(domain, policy, count, rng, seed * 1_000_000 + len(episodes), label, bar)
+    buffers = [EpisodeBuffer(id=i, observations=e["observations"], actions=e["actions"], rewards=e["rewards"],
+                             terminations=e["terminations"], truncations=e["truncations"], infos=e["infos"])
+               for i, e in enumerate(episodes)]
+    task_env = make_env(domain)
+    dataset = minari.create_dataset_from_buffers(
+        dataset_id, buffers, env=task_env, eval_env=task_env.spec, algorithm_name="SAC behaviour policies (algos/sac.py)",
+        description=f"{quality} data of domain {domain} (envs.make_env('{domain}'); the stored env spec is the "
+                    f"unshifted v5 task), seed {seed}; infos hold qpos/qvel for re-simulation.",
+        ref_min_score=ref_min, ref_max_score=ref_max, code_permalink="envs/generate.py",
+        author="crossdomain", author_email="none")
+    dataset.storage.update_metadata({
+        "episode_metadata": json.dumps([e["metadata"] for e in episodes]),
+        "domain": domain, "quality": quality, "seed": seed})
+    return dataset
+
+
+def ensure_dataset(domain: str, quality: str) -> None:
+    """Hook called by envs.load_dataset for a generated dataset missing from the local store."""
+    import minari
+
+    if generated_dataset_id(domain, quality) in minari.list_local_datasets():
+        return
+    size = default_size(domain, quality)
+    print(f"Generating {generated_dataset_id(domain, quality)} ({size:,} transitions) from the policy zoo; "
+          f"about {size / 4000 / 60:.0f} min on one CPU core, cached afterwards.", flush=True)
+    start = time.time()
+    generate(domain, quality)
+    print(f"Generated in {time.time() - start:.0f} s.", flush=True)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--domain", required=True)
+    parser.add_argument("--quality", required=True, choices=QUALITIES)
+    parser.add_argument("--size", type=int, default=None, help="transitions (default: 1M; 2M medium-expert; "
+                                                               "SAC's steps to medium for medium-replay)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--id", default=None, help="Minari id to store under (default crossdomain/<domain>/<quality>-v0)")
+    parser.add_argument("--force", action="store_true", help="replace an existing dataset of that id")
+    args = parser.parse_args(argv)
+    dataset = generate(args.domain, args.quality, args.size, args.seed, args.id, args.force)
+    print(f"{dataset.spec.dataset_id}: {dataset.total_steps:,} transitions, {dataset.total_episodes} episodes")
+
+
+if __name__ == "__main__":
+    main()
