@@ -43,7 +43,8 @@ DEFAULT_SIZE = 1_000_000
 # ----------------------------------------------------------------------------------------------------------
 class Policy:
     def __init__(self, path: Path | None, act_dim: int):
-        self.name = "uniform-random" if path is None else str(path.relative_to(POLICY_DIR))
+        self.name = "uniform-random" if path is None else (
+            str(path.relative_to(POLICY_DIR)) if path.is_relative_to(POLICY_DIR) else str(path))
         self.act_dim = act_dim
         self.layers = None
         if path is not None:

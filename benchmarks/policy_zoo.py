@@ -1,0 +1,127 @@
+"""Build the behaviour-policy zoo from SAC runs and write its table.
+
+    python benchmarks/policy_zoo.py --domains halfcheetah halfcheetah-kinematic
+
+For each domain, from the actor snapshots of `python algos/sac.py --env <domain>` (runs/sac/<domain>/seed0):
+    expert   the snapshot with the best evaluation return during training
+    medium   a snapshot whose return is 25-65% of the expert's (the one nearest 40%: D4RL's "about a third
+             to a half of expert"), re-checked over 10 episodes
+    replay   the snapshots before the medium one, every --replay-every steps (for medium-replay data)
+are copied to envs/policies/<domain>/, the domain's random and expert returns go to envs/references.json (the
+reference scores of every dataset generated in that domain), and benchmarks/results/policies.md gets one row
+per policy: mean and std of the return over 10 episodes with actions sampled as in the datasets.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from envs.domains import check_domain, domain_info  # noqa: E402
+from envs.generate import POLICY_DIR, REFERENCES, Policy, policy_return  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+TABLE = RESULTS / "policies.md"
+TABLE_JSON = RESULTS / "policies.json"
+MEDIUM_BAND = (0.25, 0.65)
+MEDIUM_TARGET = 0.40
+
+
+def snapshots(run: Path) -> list[tuple[int, float, Path]]:
+    rows = []
+    for path in (run / "snapshots").glob("actor_*.npz"):
+        with np.load(path) as arrays:
+            ret = float(arrays["eval_return_mean"]) if "eval_return_mean" in arrays else np.nan
+            rows.append((int(arrays["step"]), ret, path))
+    return sorted(rows)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + f".{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def build(domain: str, run: Path, episodes: int, replay_every: int) -> dict:
+    rows = [r for r in snapshots(run) if np.isfinite(r[1])]
+    if not rows:
+        raise SystemExit(f"No evaluated actor snapshots in {run / 'snapshots'}; train with "
+                         f"`python algos/sac.py --env {domain}` first.")
+    act_dim = domain_info(domain).act_dim
+    expert_step, _, expert_path = max(rows, key=lambda r: r[1])
+    expert = policy_return(domain, Policy(expert_path, act_dim), episodes)
+    random_return = policy_return(domain, Policy(None, act_dim), episodes)
+    # medium: re-measure candidates in the band, nearest the target first
+    candidates = sorted((r for r in rows if r[0] < expert_step), key=lambda r: abs(r[1] / expert[0] - MEDIUM_TARGET))
+    medium = None
+    for step, _, path in candidates[:6]:
+        measured = policy_return(domain, Policy(path, act_dim), episodes)
+        if MEDIUM_BAND[0] <= (measured[0] - random_return[0]) / (expert[0] - random_return[0]) <= MEDIUM_BAND[1]:
+            medium = (step, path, measured)
+            break
+    target = POLICY_DIR / domain
+    (target / "replay").mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(expert_path, target / "expert.npz")
+    entry = {"domain": domain, "run": str(run), "random": {"mean": random_return[0], "std": random_return[1]},
+             "expert": {"step": expert_step, "mean": expert[0], "std": expert[1]}}
+    if medium is not None:
+        shutil.copyfile(medium[1], target / "medium.npz")
+        entry["medium"] = {"step": medium[0], "mean": medium[2][0], "std": medium[2][1]}
+        for step, _, path in rows:
+            if step < medium[0] and step % replay_every == 0:
+                shutil.copyfile(path, target / "replay" / path.name)
+        entry["replay_snapshots"] = sorted(p.name for p in (target / "replay").glob("*.npz"))
+    return entry
+
+
+def render(table: dict) -> str:
+    lines = ["# Behaviour-policy zoo", "",
+             "Made by `python benchmarks/policy_zoo.py --domains <domains>` from `python algos/sac.py --env <domain>` "
+             "runs. Return over 10 episodes, actions sampled from the policy (as in the datasets); % is the "
+             "normalised score 100 (J - J_random) / (J_expert - J_random).", "",
+             "| domain | policy | SAC step | return (mean +- std) | % |", "|---|---|---|---|---|"]
+    for domain, entry in sorted(table.items()):
+        lo, hi = entry["random"]["mean"], entry["expert"]["mean"]
+        for name in ("expert", "medium", "random"):
+            if name not in entry:
+                lines.append(f"| {domain} | {name} | - | none in the band {MEDIUM_BAND} yet | - |")
+                continue
+            e = entry[name]
+            pct = 100 * (e["mean"] - lo) / (hi - lo)
+            lines.append(f"| {domain} | {name} | {e.get('step', '-')} | {e['mean']:.1f} +- {e['std']:.1f} | {pct:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--domains", nargs="+", required=True)
+    parser.add_argument("--runs", default="runs/sac", help="folder of SAC runs: <runs>/<domain>/seed<seed>")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--episodes", type=int, default=10)
+    parser.add_argument("--replay-every", type=int, default=25_000)
+    args = parser.parse_args()
+    table = json.loads(TABLE_JSON.read_text()) if TABLE_JSON.exists() else {}
+    references = json.loads(REFERENCES.read_text()) if REFERENCES.exists() else {}
+    for domain in args.domains:
+        check_domain(domain)
+        entry = build(domain, Path(args.runs) / domain / f"seed{args.seed}", args.episodes, args.replay_every)
+        table[domain] = entry
+        references[domain] = {"random": entry["random"]["mean"], "expert": entry["expert"]["mean"],
+                              "source": "benchmarks/policy_zoo.py (10 episodes, sampled actions)"}
+        print(f"{domain}: expert {entry['expert']['mean']:.0f}, medium "
+              f"{entry.get('medium', {}).get('mean', float('nan')):.0f}, random {entry['random']['mean']:.0f}")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    write_atomic(TABLE_JSON, json.dumps(table, indent=1))
+    write_atomic(REFERENCES, json.dumps(references, indent=1))
+    write_atomic(TABLE, render(table))
+
+
+if __name__ == "__main__":
+    main()
