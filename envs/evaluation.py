@@ -37,8 +37,9 @@ def evaluate(policy_fn: Callable, params, domain: str, *, num_episodes: int = 10
     """Roll out S policies for `num_episodes` each with deterministic actions.
 
     policy_fn(params_of_one_seed, observations [N, obs_dim]) -> actions [N, act_dim] in [-1, 1], pure JAX;
-    `params` is that function's parameter tree with a leading seed axis S. Copy i of the vector env is seeded
-    with seed + i (seed s, episode n is copy s * N + n). Pass the same `policy_fn` object at every call.
+    `params` is that function's parameter tree with a leading seed axis S. Policy s is the run of seed
+    `seed + s`, and its episode n starts from env seed (seed + s) * 1000 + n: seed k of an N-seed run is
+    evaluated on the same episodes as a 1-seed run with seed + k. Pass the same `policy_fn` object each call.
     """
     if num_episodes < 1:
         raise SystemExit(f"num_episodes must be at least 1, got {num_episodes}.")
@@ -48,7 +49,8 @@ def evaluate(policy_fn: Callable, params, domain: str, *, num_episodes: int = 10
     envs = make_vec_env(domain, total)
     low, high = envs.single_action_space.low, envs.single_action_space.high
     act = _batched(policy_fn)
-    observations, _ = envs.reset(seed=seed)
+    env_seeds = [(seed + s) * 1000 + n for s in range(num_seeds) for n in range(num_episodes)]
+    observations, _ = envs.reset(seed=env_seeds)
     returns = np.zeros(total)
     lengths = np.zeros(total, dtype=np.int64)
     done = np.zeros(total, dtype=bool)

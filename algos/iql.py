@@ -1,0 +1,589 @@
+"""Implicit Q-Learning (IQL) for cross-domain offline RL, many seeds at once.
+
+Kostrikov, Nair and Levine, "Offline Reinforcement Learning with Implicit Q-Learning", ICLR 2022, arXiv:2110.06169,
+in the form the IGDF / DVDF / V2A authors ran it: expectile 0.7, temperature 3.0, a deterministic actor trained by
+advantage-weighted behaviour cloning with cosine learning-rate decay, batches of 128 source + 128 target
+transitions, no state or reward normalisation. The original IQL's Gaussian log-likelihood actor
+(`--actor gaussian`) and reward scaling (`--reward-scaling`) are flags. It is the backbone of IGDF, DVDF and V2A,
+and with `--data target` / `--data merged` the papers' two IQL baselines.
+
+    python algos/iql.py --source halfcheetah-kinematic --target halfcheetah --quality medium --num-seeds 5
+    python algos/iql.py --data target          # the "IQL on target data" baseline; --data merged: source + target
+    python algos/iql.py --source halfcheetah --target halfcheetah-kinematic --target-size 5000   # ODRL convention
+
+Data (`--data`), always `--batch-size` transitions per gradient step:
+    merged  batch_size/2 source + batch_size/2 target transitions, drawn by two samplers and concatenated (the
+            authors' 128 + 128), so the small target set is not drowned by the large source set
+    target  batch_size target transitions: the "IQL on target data only" baseline
+    source  batch_size source transitions: IQL on the shifted domain alone, still evaluated in the target domain
+The target dataset is the target domain's dataset of --quality (or --target-dataset), subsampled without
+replacement to --target-fraction of it or to exactly --target-size transitions. Seed k of a run draws its own
+subsample with seed --seed + k, initialises with jax.random.PRNGKey(--seed + k) and orders its batches from that
+key, so seed k of an N-seed run is the 1-seed run with --seed <seed + k>: same data, same result (up to float
+rounding of the batched matmuls). --reward-scaling takes 1000 / (max - min episode return) over the episodes of
+the datasets trained on, before subsampling (a subsample's episodes are incomplete), one scale for both.
+
+Every seed runs in one jitted program (`jax.jit(jax.vmap(train))`): the datasets live on the device, batches are
+drawn with jax.random indices, and `jax.lax.scan` runs --eval-every gradient steps between two evaluations with
+no host round-trip. Evaluation: --eval-episodes episodes per seed of the deterministic action tanh(mu(s)) in the
+target domain; the normalised score is 100 (J - J_random) / (J_expert - J_random) with the target domain's
+reference returns (envs.reference_scores). Flags out of range end with one sentence naming the flag.
+
+Outputs in --out (default runs/iql/<data>/<source>_to_<target>-<quality>/seed<seed>), each written to a temporary
+file and renamed, so it is there whole or not at all:
+    results.json        flags, seeds, every evaluation (per-seed return and score), the final scores with mean and
+                        std over seeds, timing (gradient steps/s, compile seconds, device) and package versions;
+                        rewritten after every evaluation ("finished": false until the last)
+    checkpoint.msgpack  everything needed by --resume (train states of all seeds, rng keys, step, evaluations),
+                        saved after every evaluation; a resumed run ends bit for bit where an uninterrupted one
+                        would (on CPU)
+"""
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass
+from functools import partial
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Literal, NamedTuple, Optional
+
+# `python algos/iql.py` puts algos/ on the path, not the repository root that holds envs/.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tyro
+from flax import serialization
+from flax.training.train_state import TrainState
+from tqdm import tqdm
+
+from envs import check_domain, evaluate, load_dataset, reference_scores, subsample
+
+Quality = Literal["random", "medium", "medium-replay", "medium-expert", "expert"]
+
+
+@dataclass
+class Args:
+    # --- experiment ---
+    seed: int = 0
+    """seed of the first run; seed k of --num-seeds uses seed + k (initialisation, batches, target subsample)"""
+    num_seeds: int = 1
+    """seeds trained at once, vmapped in one jitted program"""
+    out: Optional[str] = None
+    """output folder; default runs/iql/<data>/<source>_to_<target>-<quality>/seed<seed>"""
+    resume: bool = False
+    """continue the interrupted run in --out from its last checkpoint (same flags)"""
+    # --- data ---
+    source: str = "halfcheetah-kinematic"
+    """source domain (python -m envs list)"""
+    target: str = "halfcheetah"
+    """target domain: the target dataset's domain and where the policy is evaluated"""
+    quality: Quality = "medium"
+    """quality of the generated source and target datasets"""
+    target_fraction: float = 0.1
+    """fraction of the target dataset kept, in (0, 1]"""
+    target_size: Optional[int] = None
+    """keep exactly this many target transitions instead of --target-fraction (the papers' low-data 5000)"""
+    source_dataset: Optional[str] = None
+    """a Minari id or D4RL-format HDF5 path to use instead of the generated source dataset"""
+    target_dataset: Optional[str] = None
+    """a Minari id or D4RL-format HDF5 path to use instead of the generated target dataset"""
+    data: Literal["merged", "target", "source"] = "merged"
+    """train on source + target, on target only, or on source only"""
+    # --- training and evaluation ---
+    steps: int = 1_000_000
+    """gradient steps"""
+    eval_every: int = 10_000
+    """gradient steps between evaluations (and checkpoints)"""
+    eval_episodes: int = 10
+    """episodes per evaluation and seed"""
+    # --- optimisation ---
+    batch_size: int = 256
+    """transitions per gradient step; --data merged takes half from each dataset"""
+    lr: float = 3e-4
+    """Adam learning rate of actor, critics and value; the actor's decays to 0 on a cosine"""
+    hidden: tuple[int, ...] = (256, 256)
+    """hidden layer widths of every network"""
+    # --- algorithm ---
+    discount: float = 0.99
+    """discount factor; bootstraps through time limits, not through terminals"""
+    tau: float = 0.005
+    """Polyak rate of the target critics"""
+    expectile: float = 0.7
+    """expectile of the value loss, in (0, 1)"""
+    temperature: float = 3.0
+    """inverse temperature of the advantage weights exp(temperature * A)"""
+    max_weight: float = 100.0
+    """clip of the advantage weights"""
+    actor: Literal["deterministic", "gaussian"] = "deterministic"
+    """weighted squared error on tanh(mu(s)) (authors), or weighted Gaussian log-likelihood (original IQL)"""
+    reward_scaling: bool = False
+    """multiply rewards by 1000 / (max - min episode return), as the original IQL does on MuJoCo"""
+
+
+LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0  # the original IQL's state-independent log-std bounds
+
+
+# ---------------------------------------------------------------- networks
+class MLP(nn.Module):
+    hidden: tuple[int, ...]
+    out_dim: int
+
+    @nn.compact
+    def __call__(self, x):
+        for width in self.hidden:
+            x = nn.relu(nn.Dense(width)(x))
+        return nn.Dense(self.out_dim)(x)
+
+
+class TwinCritic(nn.Module):
+    """Two independent critics Q(s, a) evaluated as one batched network: output [2, batch]."""
+    hidden: tuple[int, ...]
+
+    @nn.compact
+    def __call__(self, obs, action):
+        twin = nn.vmap(MLP, variable_axes={"params": 0}, split_rngs={"params": True},
+                       in_axes=None, out_axes=0, axis_size=2)
+        return twin(self.hidden, 1)(jnp.concatenate([obs, action], axis=-1)).squeeze(-1)
+
+
+class ValueNet(nn.Module):
+    hidden: tuple[int, ...]
+
+    @nn.compact
+    def __call__(self, obs):
+        return MLP(self.hidden, 1)(obs).squeeze(-1)
+
+
+class Actor(nn.Module):
+    """obs -> (tanh(mu(s)), log_std): log_std is one learned vector for the Gaussian actor, None otherwise."""
+    act_dim: int
+    hidden: tuple[int, ...]
+    gaussian: bool = False
+
+    @nn.compact
+    def __call__(self, obs):
+        mean = jnp.tanh(MLP(self.hidden, self.act_dim)(obs))
+        if not self.gaussian:
+            return mean, None
+        log_std = self.param("log_std", nn.initializers.zeros, (self.act_dim,))
+        return mean, jnp.clip(log_std, LOG_STD_MIN, LOG_STD_MAX)
+
+
+# ---------------------------------------------------------------- train state
+class IQLState(NamedTuple):
+    actor: TrainState
+    critic: TrainState
+    critic_target_params: Any
+    value: TrainState
+
+
+class Runner(NamedTuple):
+    """One seed's whole training state; many seeds stack it along a leading axis."""
+    state: IQLState
+    rng: jax.Array
+
+
+class Transitions(NamedTuple):
+    observations: jax.Array  # [N, obs_dim]
+    actions: jax.Array  # [N, act_dim]
+    rewards: jax.Array  # [N]
+    next_observations: jax.Array  # [N, obs_dim]
+    terminals: jax.Array  # [N], 1.0 on true termination only (bootstrap through time limits)
+
+
+class Data(NamedTuple):
+    source: Optional[Transitions]  # shared by every seed
+    target: Optional[Transitions]  # one subsample per seed, stacked along a leading seed axis
+
+
+class Hyperparams(NamedTuple):
+    """Values a sweep may vary: traced, one per vmapped run."""
+    expectile: jax.Array
+    temperature: jax.Array
+
+
+# ---------------------------------------------------------------- losses
+def expectile_loss(diff, expectile):
+    """Per-sample asymmetric squared error |expectile - 1[diff < 0]| * diff^2 (IQL eq. 5)."""
+    return jnp.where(diff < 0, 1.0 - expectile, expectile) * diff**2
+
+
+def value_loss(v, target_q, expectile):
+    """V loss on u = min(Q1', Q2')(s, a) - V(s) with the target critics; returns (loss, u), u is the advantage."""
+    advantage = target_q - v
+    return expectile_loss(advantage, expectile).mean(), advantage
+
+
+def critic_loss(q, target, weight):
+    """Sum over the two critics of mean_i weight_i (Q_k(s_i, a_i) - y_i)^2 (IQL eq. 6).
+
+    q: [2, B]; target, weight: [B]. weight is 1 for plain IQL; DVDF/IGDF pass exp(h) per source sample.
+    """
+    per_sample = ((q - target) ** 2).sum(0)
+    chex.assert_equal_shape([weight, per_sample])  # a [B, 1] weight would broadcast to [B, B] (IGDF's bug)
+    return (weight * per_sample).mean()
+
+
+def advantage_weight(advantage, temperature, max_weight):
+    """min(exp(temperature * A), max_weight) (IQL eq. 7), a constant for the actor."""
+    return jax.lax.stop_gradient(jnp.minimum(jnp.exp(temperature * advantage), max_weight))
+
+
+def deterministic_actor_loss(mean, actions, weight):
+    """Weighted behaviour cloning: mean over batch and action dims of weight * (tanh(mu(s)) - a)^2 (authors)."""
+    per_sample = ((mean - actions) ** 2).mean(-1)
+    chex.assert_equal_shape([weight, per_sample])
+    return (weight * per_sample).mean()
+
+
+def gaussian_actor_loss(mean, log_std, actions, weight):
+    """Weighted negative log-likelihood of a under N(tanh(mu(s)), exp(log_std)^2), summed over action dims
+    (the original IQL's policy extraction)."""
+    log_prob = (-0.5 * ((actions - mean) / jnp.exp(log_std)) ** 2 - log_std - 0.5 * jnp.log(2 * jnp.pi)).sum(-1)
+    chex.assert_equal_shape([weight, log_prob])
+    return -(weight * log_prob).mean()
+
+
+# ---------------------------------------------------------------- training
+def make_train(args: Args, obs_dim: int, act_dim: int):
+    """Returns init(rng) -> Runner and train(runner, data, hparams, num_steps) -> (runner, chunk metrics).
+
+    Both are pure functions of one seed; main() runs them as jax.jit(jax.vmap(...)) over seeds. `data` is an
+    argument rather than a closed-over constant so that each seed can carry its own target subsample.
+    """
+    actor_net = Actor(act_dim, args.hidden, gaussian=args.actor == "gaussian")
+    critic_net, value_net = TwinCritic(args.hidden), ValueNet(args.hidden)
+
+    def init(rng) -> Runner:
+        rng, actor_key, critic_key, value_key = jax.random.split(rng, 4)
+        obs, action = jnp.zeros((1, obs_dim)), jnp.zeros((1, act_dim))
+        critic_params = critic_net.init(critic_key, obs, action)
+        state = IQLState(
+            actor=TrainState.create(apply_fn=actor_net.apply, params=actor_net.init(actor_key, obs),
+                                    tx=optax.adam(optax.cosine_decay_schedule(args.lr, args.steps))),
+            critic=TrainState.create(apply_fn=critic_net.apply, params=critic_params, tx=optax.adam(args.lr)),
+            critic_target_params=jax.tree.map(jnp.copy, critic_params),
+            value=TrainState.create(apply_fn=value_net.apply, params=value_net.init(value_key, obs),
+                                    tx=optax.adam(args.lr)),
+        )
+        return Runner(state, rng)
+
+    def update(state: IQLState, batch: Transitions, hparams: Hyperparams, q_weight):
+        """One IQL step: V, then Q against the new V, then the target critics, then the actor."""
+        # 1. value: expectile regression towards the target critics' min
+        target_q = critic_net.apply(state.critic_target_params, batch.observations, batch.actions).min(0)
+
+        def value_loss_fn(params):
+            return value_loss(value_net.apply(params, batch.observations), target_q, hparams.expectile)
+
+        (v_loss, advantage), grads = jax.value_and_grad(value_loss_fn, has_aux=True)(state.value.params)
+        value = state.value.apply_gradients(grads=grads)
+
+        # 2. critics: y = r + discount (1 - d) V(s') with the value just updated
+        next_v = value_net.apply(value.params, batch.next_observations)
+        target = batch.rewards + args.discount * (1.0 - batch.terminals) * next_v
+
+        def critic_loss_fn(params):
+            q = critic_net.apply(params, batch.observations, batch.actions)
+            return critic_loss(q, target, q_weight), q.mean()
+
+        (q_loss, q_mean), grads = jax.value_and_grad(critic_loss_fn, has_aux=True)(state.critic.params)
+        critic = state.critic.apply_gradients(grads=grads)
+
+        # 3. target critics
+        critic_target_params = optax.incremental_update(critic.params, state.critic_target_params, args.tau)
+
+        # 4. actor: advantage-weighted regression with the advantage of step 1 (pre-update V)
+        weight = advantage_weight(advantage, hparams.temperature, args.max_weight)
+
+        def actor_loss_fn(params):
+            mean, log_std = actor_net.apply(params, batch.observations)
+            if args.actor == "gaussian":
+                return gaussian_actor_loss(mean, log_std, batch.actions, weight)
+            return deterministic_actor_loss(mean, batch.actions, weight)
+
+        actor_loss, grads = jax.value_and_grad(actor_loss_fn)(state.actor.params)
+        actor = state.actor.apply_gradients(grads=grads)
+
+        metrics = {"value_loss": v_loss, "critic_loss": q_loss, "actor_loss": actor_loss,
+                   "advantage_mean": advantage.mean(), "q_mean": q_mean, "weight_mean": weight.mean()}
+        return IQLState(actor, critic, critic_target_params, value), metrics
+
+    def sample(key, transitions: Transitions, size: int) -> Transitions:
+        indices = jax.random.randint(key, (size,), 0, transitions.rewards.shape[0])
+        return jax.tree.map(lambda x: x[indices], transitions)
+
+    def sample_batch(key, data: Data) -> Transitions:
+        source_key, target_key = jax.random.split(key)
+        if args.data == "merged":
+            half = args.batch_size // 2
+            source_batch = sample(source_key, data.source, half)
+            target_batch = sample(target_key, data.target, args.batch_size - half)
+            return jax.tree.map(lambda s, t: jnp.concatenate([s, t]), source_batch, target_batch)
+        if args.data == "target":
+            return sample(target_key, data.target, args.batch_size)
+        return sample(source_key, data.source, args.batch_size)
+
+    def train(runner: Runner, data: Data, hparams: Hyperparams, num_steps: int):
+        """num_steps gradient steps in one lax.scan; metrics are their means over the chunk."""
+        q_weight = jnp.ones(args.batch_size)  # plain IQL; DVDF/IGDF weight source samples here
+
+        def step(runner: Runner, _):
+            rng, batch_key = jax.random.split(runner.rng)
+            state, metrics = update(runner.state, sample_batch(batch_key, data), hparams, q_weight)
+            return Runner(state, rng), metrics
+
+        runner, metrics = jax.lax.scan(step, runner, None, length=num_steps)
+        return runner, jax.tree.map(jnp.mean, metrics)
+
+    return init, train
+
+
+def make_policy(args: Args, act_dim: int):
+    """The deterministic evaluation action tanh(mu(s)), for one seed's actor parameters."""
+    actor_net = Actor(act_dim, args.hidden, gaussian=args.actor == "gaussian")
+
+    def policy(actor_params, obs):
+        return actor_net.apply(actor_params, obs)[0]
+
+    return policy
+
+
+# ---------------------------------------------------------------- data
+def check_args(args: Args) -> None:
+    """Exit with one sentence naming the flag and its valid range."""
+    check_domain(args.source, flag="--source")
+    check_domain(args.target, flag="--target")
+
+    def need(ok: bool, message: str):
+        if not ok:
+            raise SystemExit(message)
+
+    need(0.0 < args.target_fraction <= 1.0, f"--target-fraction must be in (0, 1], got {args.target_fraction}.")
+    need(args.target_size is None or args.target_size >= 1,
+         f"--target-size must be a positive number of transitions, got {args.target_size}.")
+    for flag in ("steps", "eval_every", "eval_episodes", "num_seeds"):
+        need(getattr(args, flag) >= 1, f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}.")
+    need(args.seed >= 0, f"--seed must be 0 or more, got {args.seed}.")
+    need(args.batch_size >= 2 and (args.data != "merged" or args.batch_size % 2 == 0),
+         f"--batch-size must be at least 2, and even with --data merged, got {args.batch_size}.")
+    need(len(args.hidden) >= 1 and min(args.hidden) >= 1,
+         f"--hidden must be one or more positive layer widths, got {args.hidden}.")
+    need(args.lr > 0, f"--lr must be positive, got {args.lr}.")
+    need(0.0 <= args.discount <= 1.0, f"--discount must be in [0, 1], got {args.discount}.")
+    need(0.0 < args.tau <= 1.0, f"--tau must be in (0, 1], got {args.tau}.")
+    need(0.0 < args.expectile < 1.0, f"--expectile must be in (0, 1), got {args.expectile}.")
+    need(args.temperature >= 0, f"--temperature must be 0 or more, got {args.temperature}.")
+    need(args.max_weight > 0, f"--max-weight must be positive, got {args.max_weight}.")
+
+
+def episode_returns(dataset) -> np.ndarray:
+    _, episode_index = np.unique(dataset.episode_ids, return_inverse=True)
+    return np.bincount(episode_index, weights=dataset.rewards.astype(np.float64))
+
+
+def to_transitions(dataset, reward_scale: float) -> Transitions:
+    return Transitions(observations=dataset.observations, actions=dataset.actions,
+                       rewards=(dataset.rewards * reward_scale).astype(np.float32),
+                       next_observations=dataset.next_observations, terminals=dataset.terminals)
+
+
+def load_data(args: Args, seeds: list[int]):
+    """The source dataset, the full target dataset, and one target subsample per seed (as device arrays)."""
+    target_full = load_dataset(args.target_dataset, domain=args.target,
+                               quality=None if args.target_dataset else args.quality)
+    source = None
+    if args.data in ("merged", "source"):
+        source = load_dataset(args.source_dataset, domain=args.source,
+                              quality=None if args.source_dataset else args.quality)
+        if (source.obs_dim, source.act_dim) != (target_full.obs_dim, target_full.act_dim):
+            raise SystemExit(f"The source dataset has observation/action sizes {source.obs_dim}/{source.act_dim} "
+                             f"but the target has {target_full.obs_dim}/{target_full.act_dim}; pick domains of "
+                             f"the same task.")
+    if args.target_size is not None and args.target_size > target_full.size:
+        raise SystemExit(f"--target-size must be at most the target dataset's {target_full.size} transitions, got "
+                         f"{args.target_size}.")
+    size = {"count": args.target_size} if args.target_size else {"fraction": args.target_fraction}
+    targets = [subsample(target_full, **size, seed=seed) for seed in seeds] if args.data != "source" else []
+
+    # The original IQL's scale, from the episode returns of the datasets trained on, before subsampling (a
+    # subsample's episodes are incomplete); one scale for both datasets keeps their rewards comparable.
+    reward_scale = 1.0
+    if args.reward_scaling:
+        used = [d for d, on in ((source, args.data != "target"), (target_full, args.data != "source")) if on]
+        returns = np.concatenate([episode_returns(d) for d in used])
+        if returns.max() - returns.min() <= 0:
+            raise SystemExit("--reward-scaling needs episodes with different returns, but every episode of the "
+                             "training data has the same return.")
+        reward_scale = float(1000.0 / (returns.max() - returns.min()))
+
+    source_transitions = None if source is None else jax.device_put(to_transitions(source, reward_scale))
+    target_transitions = None
+    if targets:  # one subsample per seed, stacked along a leading seed axis
+        per_seed = [to_transitions(target, reward_scale) for target in targets]
+        target_transitions = jax.device_put(jax.tree.map(lambda *fields: np.stack(fields), *per_seed))
+    data = Data(source=source_transitions, target=target_transitions)
+    info = {"source_dataset": None if source is None else source.name,
+            "source_size": None if source is None else source.size,
+            "target_dataset": target_full.name, "target_full_size": target_full.size,
+            "target_size": targets[0].size if targets else 0, "reward_scale": reward_scale}
+    return data, target_full, info
+
+
+# ---------------------------------------------------------------- files
+def write_atomic(path: Path, content: bytes) -> None:
+    """Write to a temporary file next to `path`, then rename it over `path`: whole or not at all."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(content)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def package_versions() -> dict:
+    versions = {"python": platform.python_version()}
+    for name in ("jax", "jaxlib", "flax", "optax", "chex", "numpy", "gymnasium", "mujoco", "minari", "tyro"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def evaluation_entry(step: int, result, metrics) -> dict:
+    """One row of results.json: per-seed return and normalised score, their mean and std over seeds (ddof 0),
+    and the per-seed losses averaged over the chunk of steps that led here."""
+    returns = np.asarray(result.mean_return, dtype=np.float64)
+    scores = np.asarray(result.normalized_score, dtype=np.float64)
+    return {"step": step, "returns": returns.tolist(), "scores": scores.tolist(),
+            "return_mean": float(returns.mean()), "return_std": float(returns.std()),
+            "score_mean": float(scores.mean()), "score_std": float(scores.std()),
+            "losses": {name: np.asarray(value, dtype=np.float64).tolist() for name, value in metrics.items()}}
+
+
+# ---------------------------------------------------------------- main
+def open_run(args: Args) -> tuple[Path, Optional[dict]]:
+    """The output folder, and the checkpoint to continue with --resume (whose flags must be this run's)."""
+    out = Path(args.out or f"runs/iql/{args.data}/{args.source}_to_{args.target}-{args.quality}/seed{args.seed}")
+    checkpoint_path = out / "checkpoint.msgpack"
+    if args.resume and not checkpoint_path.exists():
+        raise SystemExit(f"--resume found no checkpoint at {checkpoint_path}; run without --resume to start.")
+    if not args.resume and checkpoint_path.exists():
+        raise SystemExit(f"{out} already holds a run; pass --resume to continue it or choose another --out.")
+    if not args.resume:
+        return out, None
+    saved = serialization.msgpack_restore(checkpoint_path.read_bytes())
+    saved_flags = json.loads(saved["flags"])
+    for name, value in run_flags(args).items():
+        if value != saved_flags.get(name):
+            raise SystemExit(f"--resume needs the interrupted run's flags, but --{name.replace('_', '-')} is "
+                             f"{value} here and {saved_flags.get(name)} in {checkpoint_path}.")
+    return out, saved
+
+
+def run_flags(args: Args) -> dict:
+    """The flags that define a run (all but --resume and --out), as JSON values."""
+    return json.loads(json.dumps({k: v for k, v in asdict(args).items() if k not in ("resume", "out")}))
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    args = tyro.cli(Args, args=argv)
+    check_args(args)
+    out, saved = open_run(args)
+    wall_start = time.perf_counter()
+
+    seeds = [args.seed + k for k in range(args.num_seeds)]
+    data, target_full, data_info = load_data(args, seeds)
+    ref_min, ref_max = reference_scores(args.target, target_full)  # exits with a sentence when unknown
+    data_info |= {"ref_min_score": ref_min, "ref_max_score": ref_max}
+    init, train = make_train(args, target_full.obs_dim, target_full.act_dim)
+    policy = make_policy(args, target_full.act_dim)
+    hparams = Hyperparams(expectile=jnp.full(args.num_seeds, args.expectile, jnp.float32),
+                          temperature=jnp.full(args.num_seeds, args.temperature, jnp.float32))
+
+    start = time.perf_counter()
+    runner = jax.jit(jax.vmap(init))(jnp.stack([jax.random.PRNGKey(seed) for seed in seeds]))
+    runner = jax.block_until_ready(runner)
+    compile_seconds = time.perf_counter() - start
+    start_step, evaluations = 0, []
+    if saved is not None:
+        runner = serialization.from_state_dict(runner, saved["runner"])
+        start_step, evaluations = int(saved["step"]), json.loads(saved["evaluations"])
+
+    # One program per chunk length (--eval-every, and the remainder if --steps is not a multiple of it), compiled
+    # ahead of time: no chunk recompiles, and compile time is measured apart from training speed.
+    chunks = [min(args.eval_every, args.steps - step) for step in range(start_step, args.steps, args.eval_every)]
+    compiled = {}
+    for num_steps in sorted(set(chunks)):
+        start = time.perf_counter()
+        train_chunk = jax.jit(jax.vmap(partial(train, num_steps=num_steps),
+                                       in_axes=(0, Data(source=None, target=0), 0)))
+        compiled[num_steps] = train_chunk.lower(runner, data, hparams).compile()
+        compile_seconds += time.perf_counter() - start
+
+    def write_results(step: int, timing: Optional[dict]) -> dict:
+        final = evaluations[-1] if step == args.steps else None
+        results = {
+            "algo": "iql", "finished": final is not None, "step": step, "args": asdict(args), "seeds": seeds,
+            "data": data_info, "evaluations": evaluations,
+            "final": None if final is None else {key: value for key, value in final.items() if key != "losses"},
+            "timing": timing, "versions": package_versions()}
+        write_atomic(out / "results.json", json.dumps(results, indent=1).encode())
+        return results
+
+    out.mkdir(parents=True, exist_ok=True)
+    step, train_seconds, eval_seconds = start_step, 0.0, 0.0
+    if not chunks:  # --resume of a finished run: results.json again from the checkpoint, with its last timing
+        previous = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {}
+        results = write_results(step, previous.get("timing"))
+    pbar = tqdm(total=args.steps, initial=start_step, unit="step", dynamic_ncols=True,
+                desc=f"iql {args.data} {args.target} x{args.num_seeds}")
+    pbar.set_postfix(score=f"{evaluations[-1]['score_mean']:.1f}" if evaluations else "-")
+    for num_steps in chunks:
+        start = time.perf_counter()
+        runner, metrics = jax.block_until_ready(compiled[num_steps](runner, data, hparams))
+        train_seconds += time.perf_counter() - start
+        step += num_steps
+
+        start = time.perf_counter()
+        result = evaluate(policy, runner.state.actor.params, args.target, num_episodes=args.eval_episodes,
+                          seed=args.seed + step, ref_scores=(ref_min, ref_max))
+        eval_seconds += time.perf_counter() - start
+        evaluations.append(evaluation_entry(step, result, metrics))
+
+        # checkpoint first: if killed before results.json is rewritten, --resume rewrites it
+        checkpoint = {"runner": serialization.to_state_dict(jax.device_get(runner)), "step": step,
+                      "evaluations": json.dumps(evaluations), "flags": json.dumps(run_flags(args))}
+        write_atomic(out / "checkpoint.msgpack", serialization.msgpack_serialize(checkpoint))
+        timed_steps = step - start_step
+        results = write_results(step, {
+            "steps_per_second": timed_steps / train_seconds,  # gradient steps, every seed at once
+            "updates_per_second": timed_steps * args.num_seeds / train_seconds,
+            "compile_seconds": compile_seconds, "train_seconds": train_seconds, "eval_seconds": eval_seconds,
+            "wall_seconds": time.perf_counter() - wall_start, "timed_steps": timed_steps,
+            "resumed_from_step": start_step, "device_kind": jax.devices()[0].device_kind,
+            "platform": jax.default_backend()})
+
+        latest = evaluations[-1]
+        pbar.update(num_steps)
+        pbar.set_postfix(score=f"{latest['score_mean']:.1f}")
+        tqdm.write(f"step {step}: score {latest['score_mean']:.1f} +- {latest['score_std']:.1f}, return "
+                   f"{latest['return_mean']:.1f}, critic loss {float(np.mean(metrics['critic_loss'])):.3g}")
+    pbar.close()
+
+    final = results["final"]
+    print(f"iql --data {args.data} {args.source} -> {args.target} ({args.quality}), seeds {seeds}: final score "
+          f"{final['score_mean']:.1f} +- {final['score_std']:.1f} after {step} steps; results in {out}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
