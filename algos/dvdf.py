@@ -1,0 +1,1166 @@
+"""DVDF: dynamics- and value-aligned data filtering for cross-domain offline RL; IGDF is its lam = 1 case.
+
+Qiao et al., "Cross-Domain Offline Policy Adaptation with Dynamics- and Value-Aligned Data Filtering" (DVDF),
+arXiv:2512.02435, on top of IGDF (Wen et al., ICML 2024, arXiv:2405.06192) and IQL (Kostrikov et al., ICLR 2022).
+The whole pipeline in one file, in three stages:
+    1. SQL pre-training (Xu et al., ICLR 2023) on the SOURCE dataset: frozen critics Q1, Q2 and value V, whose
+       advantage A(s, a) = min(Q1, Q2)(s, a) - V(s) (online critics) says how good a source action is.
+    2. IGDF's contrastive dynamics scorer, trained on target transitions against source next states (binary
+       NCE): the dynamics score h(s, a, s') = cos(phi(s, a), psi(s')) says how target-like a source transition is.
+    3. Filtered IQL. Per step: B source and B target transitions (the authors' 128 + 128); for the source batch
+       g = lam h + (1 - lam) Norm(A), Norm(A) = (A - min_batch A) / (max_batch A - min_batch A + 1e-8); keep the
+       top int(B xi) source samples by g; one IQL step on kept source + target: V loss and actor unweighted, Q loss
+       weighted by exp(h) on kept source samples and 1 on target samples (the authors' code; `--weighting
+       g_indicator` weights kept source samples by g instead, the paper's notation, which can be negative).
+    Evaluation: --eval-episodes episodes of the deterministic action tanh(mu(s)) per run in the target domain,
+    normalised with the target domain's reference returns; seed k plays the same episodes in every setting.
+
+    python algos/dvdf.py --source halfcheetah-kinematic --target halfcheetah --quality medium --num-seeds 5
+    python algos/dvdf.py ... --lam 1                           # IGDF
+    python algos/dvdf.py ... --lam 0 0.3 0.7 1 --xi 0.3 0.5    # a lam x xi x seed grid in one program
+
+The grid. --lam and --xi accept several values; every (lam, xi, seed) is one run of the same jitted program
+(`jax.jit(jax.vmap(train))` over a flat axis, lam outermost, seed innermost); results.json lists the grid. lam and
+the kept count int(B xi) are traced values, so the grid compiles once. The top-k is a rank mask, not a gather: the
+rank of each source sample in the batch (how many samples have a higher g, ties going to the lower index) is
+compared with the kept count, and dropped samples are masked out of every loss, which is a mean over the
+kept source and target samples (sum over the mask / number kept). This is exactly the authors' concatenate-and-mean,
+with a kept count that may differ between runs. int(B xi) is computed on the host in float64, as Python's int(B *
+xi) (in float32, 10 * 0.7 is 6.9999995). Runs of the same seed start from the same initialisation and draw the same
+batch indices whatever lam and xi: common random numbers across settings.
+
+Stages 1 and 2 are frozen inputs of stage 3, trained once, with the first seed (--seed) and its target subsample,
+and shared by every (lam, xi, seed) of the grid. They are cached under --cache-dir as
+`<stage>-<sha of its inputs>.msgpack` (+ `.json`, what it was trained on), keyed by the fingerprints (sha256) of the
+datasets, the stage's flags and the seed, so a sweep over lam and xi trains them once; an interrupted stage resumes
+from `<stage>-<sha>.partial.msgpack`. --sql-artifact and --scorer-artifact take artefacts of
+algos/sql_pretrain.py and algos/igdf_scorer.py instead (their first seed); a cached stage is such an artefact
+too. The SQL stage splits its rng exactly as sql_pretrain.py and the scorer stage as igdf_scorer.py, so the cache
+holds what those scripts make with the same flags and --seed. Seed k of an N-seed run equals the 1-seed run with
+--seed <seed + k> given the same stage artefacts. The scorer holds out --holdout-fraction of each dataset and
+reports its separation (ROC AUC of h, held-out target above held-out source) in results.json.
+
+Outputs in --out (default runs/<dvdf|igdf>/<source>_to_<target>-<quality>/lam<lams>_xi<xis>/seed<seed>), written
+atomically:
+    results.json        flags, the grid, the stages (where they came from, the scorer's separation), every
+                        evaluation (per-run return and score, per-setting mean and std over seeds, losses, and the
+                        filter's diagnostics below), the final scores, timing and package versions
+    checkpoint.msgpack  everything --resume needs; a resumed run ends bit for bit where an uninterrupted one would
+Filter diagnostics per evaluation and run, over the source samples of every step since the last evaluation: the
+mean dynamics score h, SQL advantage A, filter score g of kept and of dropped samples, the mean Q weight of kept
+samples, and, where the source dataset carries per-episode metadata (episode_metadata: "quality", "domain"), for
+each value: its share of the kept samples (kept_share), of the drawn samples (batch_share), and the fraction of its
+drawn samples that were kept (keep_rate).
+"""
+import hashlib
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass
+from functools import partial
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Literal, NamedTuple, Optional
+
+# `python algos/dvdf.py` puts algos/ on the path, not the repository root that holds envs/.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tyro
+from flax import serialization
+from flax.training.train_state import TrainState
+from tqdm import tqdm
+
+from envs import check_domain, domain_info, evaluate, load_dataset, reference_scores, subsample
+
+Quality = Literal["random", "medium", "medium-replay", "medium-expert", "expert"]
+
+
+@dataclass
+class Args:
+    # --- experiment ---
+    seed: int = 0
+    """seed of the first run; seed k of --num-seeds uses seed + k; the stages are trained with --seed"""
+    num_seeds: int = 1
+    """seeds per (lam, xi) setting, all vmapped in one jitted program"""
+    out: Optional[str] = None
+    """output folder; default runs/<dvdf|igdf>/<source>_to_<target>-<quality>/lam<lams>_xi<xis>/seed<seed>"""
+    resume: bool = False
+    """continue the interrupted run in --out from its last checkpoint (same flags)"""
+    cache_dir: str = "runs/cache"
+    """where the pre-training stages are cached, keyed by everything they depend on"""
+    # --- data ---
+    source: str = "halfcheetah-kinematic"
+    """source domain (python -m envs list)"""
+    target: str = "halfcheetah"
+    """target domain: the target dataset's domain and where the policy is evaluated"""
+    quality: Quality = "medium"
+    """quality of the generated source and target datasets"""
+    target_fraction: float = 0.1
+    """fraction of the target dataset kept, in (0, 1]"""
+    target_size: Optional[int] = None
+    """keep exactly this many target transitions instead of --target-fraction (the papers' low-data 5000)"""
+    source_dataset: Optional[str] = None
+    """a Minari id or D4RL-format HDF5 path to use instead of the generated source dataset"""
+    target_dataset: Optional[str] = None
+    """a Minari id or D4RL-format HDF5 path to use instead of the generated target dataset"""
+    # --- training and evaluation ---
+    steps: int = 1_000_000
+    """gradient steps of the filtered IQL"""
+    eval_every: int = 10_000
+    """gradient steps between evaluations (and checkpoints)"""
+    eval_episodes: int = 10
+    """episodes per evaluation and run"""
+    # --- optimisation ---
+    batch_size: int = 256
+    """source + target transitions drawn per step, half each (the authors' 128 + 128); the filter keeps
+    int(batch_size / 2 * xi) of the source half"""
+    lr: float = 3e-4
+    """Adam learning rate of every network (SQL and scorer stages included); the actor's decays to 0 on a cosine"""
+    hidden: tuple[int, ...] = (256, 256)
+    """hidden layer widths of every network (IQL, SQL and the scorer's encoders)"""
+    # --- IQL ---
+    discount: float = 0.99
+    """discount of IQL and of the SQL stage"""
+    tau: float = 0.005
+    """Polyak rate of the target critics (IQL and the SQL stage)"""
+    expectile: float = 0.7
+    """expectile of the value loss, in (0, 1)"""
+    temperature: float = 3.0
+    """inverse temperature of the actor's advantage weights exp(temperature * A)"""
+    max_weight: float = 100.0
+    """clip of the actor's advantage weights"""
+    actor: Literal["deterministic", "gaussian"] = "deterministic"
+    """weighted squared error on tanh(mu(s)) (authors), or weighted Gaussian log-likelihood (original IQL)"""
+    # --- DVDF ---
+    lam: tuple[float, ...] = (0.7,)
+    """weight of the dynamics score in g = lam h + (1 - lam) Norm(A), in [0, 1]; 1 is IGDF; several values run
+    as one grid"""
+    xi: tuple[float, ...] = (0.5,)
+    """fraction of each source batch kept (the top by g), in (0, 1]; several values run as one grid"""
+    weighting: Literal["exp_h", "g_indicator"] = "exp_h"
+    """Q-loss weight of a kept source sample: exp(h) (authors' code) or g (the paper's indicator times g)"""
+    # --- stage 1: SQL pre-training on the source dataset ---
+    sql_steps: int = 1_000_000
+    """gradient steps of SQL"""
+    sql_batch_size: int = 128
+    """source transitions per SQL step"""
+    alpha: Optional[float] = None
+    """SQL's regularisation strength; default 0.1, or 0.2 when the source is an Ant domain (DVDF's configs)"""
+    sql_artifact: Optional[str] = None
+    """use these critics and value (sql.msgpack of algos/sql_pretrain.py, its first seed) instead of stage 1"""
+    # --- stage 2: the contrastive dynamics scorer ---
+    scorer_steps: int = 7_000
+    """gradient steps of the scorer"""
+    scorer_batch_size: int = 128
+    """B of the binary NCE: B target transitions and B - 1 shared source next states per step"""
+    repr_dim: int = 64
+    """size of the representations phi(s, a) and psi(s')"""
+    holdout_fraction: float = 0.1
+    """fraction of each dataset (at most 10,000 transitions) held out of the scorer's training to measure how
+    well it separates target from source, in (0, 0.5]"""
+    scorer_artifact: Optional[str] = None
+    """use these encoders (scorer.msgpack of algos/igdf_scorer.py, its first seed) instead of stage 2"""
+
+
+LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0  # the original IQL's state-independent log-std bounds
+HOLDOUT_MAX = 10_000  # held-out transitions per dataset at most: enough for a precise AUC, cheap to score
+SOURCE_HOLDOUT_SEED = 0  # the source hold-out is the same for every seed, so seed k equals a 1-seed run
+GROUP_KEYS = ("quality", "domain")  # per-episode metadata whose share among kept samples is reported
+STAGE_CHUNK = 10_000  # steps between two saves of an unfinished pre-training stage
+CACHE_VERSION = 1  # part of every stage's cache key: bump it when a stage's computation changes
+
+
+def default_alpha(source: str) -> float:
+    """DVDF's configs: alpha 0.2 for Ant, 0.1 for HalfCheetah, Hopper and Walker2d."""
+    return 0.2 if domain_info(source).task == "ant" else 0.1
+
+
+# ---------------------------------------------------------------- networks
+class MLP(nn.Module):
+    hidden: tuple[int, ...]
+    out_dim: int
+
+    @nn.compact
+    def __call__(self, x):
+        for width in self.hidden:
+            x = nn.relu(nn.Dense(width)(x))
+        return nn.Dense(self.out_dim)(x)
+
+
+class TwinCritic(nn.Module):
+    """Two independent critics Q(s, a) evaluated as one batched network: output [2, batch]."""
+    hidden: tuple[int, ...]
+
+    @nn.compact
+    def __call__(self, obs, action):
+        twin = nn.vmap(MLP, variable_axes={"params": 0}, split_rngs={"params": True},
+                       in_axes=None, out_axes=0, axis_size=2)
+        return twin(self.hidden, 1)(jnp.concatenate([obs, action], axis=-1)).squeeze(-1)
+
+
+class ValueNet(nn.Module):
+    hidden: tuple[int, ...]
+
+    @nn.compact
+    def __call__(self, obs):
+        return MLP(self.hidden, 1)(obs).squeeze(-1)
+
+
+class Actor(nn.Module):
+    """obs -> (tanh(mu(s)), log_std): log_std is one learned vector for the Gaussian actor, None otherwise."""
+    act_dim: int
+    hidden: tuple[int, ...]
+    gaussian: bool = False
+
+    @nn.compact
+    def __call__(self, obs):
+        mean = jnp.tanh(MLP(self.hidden, self.act_dim)(obs))
+        if not self.gaussian:
+            return mean, None
+        log_std = self.param("log_std", nn.initializers.zeros, (self.act_dim,))
+        return mean, jnp.clip(log_std, LOG_STD_MIN, LOG_STD_MAX)
+
+
+class Scorer(nn.Module):
+    """IGDF's two encoders: phi(s, a) and psi(s'), no output activation. next_obs may have another batch size."""
+    hidden: tuple[int, ...]
+    repr_dim: int
+
+    @nn.compact
+    def __call__(self, obs, action, next_obs):
+        sa_repr = MLP(self.hidden, self.repr_dim, name="phi")(jnp.concatenate([obs, action], axis=-1))
+        next_repr = MLP(self.hidden, self.repr_dim, name="psi")(next_obs)
+        return sa_repr, next_repr
+
+
+# ---------------------------------------------------------------- train states and data
+class IQLState(NamedTuple):
+    actor: TrainState
+    critic: TrainState
+    critic_target_params: Any
+    value: TrainState
+
+
+class Runner(NamedTuple):
+    """One run's whole training state; the runs of the grid stack it along a leading axis."""
+    state: IQLState
+    rng: jax.Array
+
+
+class Transitions(NamedTuple):
+    observations: jax.Array  # [N, obs_dim]
+    actions: jax.Array  # [N, act_dim]
+    rewards: jax.Array  # [N]
+    next_observations: jax.Array  # [N, obs_dim]
+    terminals: jax.Array  # [N], 1.0 on true termination only (bootstrap through time limits)
+
+
+class Data(NamedTuple):
+    source: Transitions  # shared by every run
+    source_groups: tuple  # per key of GROUP_KEYS the dataset has: [N_source] int32 label of each transition
+    target: Transitions  # one subsample per seed, stacked along a leading seed axis; runs index it by seed_index
+
+
+class Frozen(NamedTuple):
+    """The pre-trained stages, shared by every run and never trained here."""
+    sql_critic: Any
+    sql_value: Any
+    scorer: Any
+
+
+class Hyperparams(NamedTuple):
+    """Values a sweep may vary: traced, one per vmapped run."""
+    expectile: jax.Array
+    temperature: jax.Array
+    lam: jax.Array  # float32
+    keep_count: jax.Array  # int32, int(B xi) computed on the host
+    seed_index: jax.Array  # int32, which seed's target subsample the run trains on
+
+
+class SQLState(NamedTuple):
+    critic: TrainState
+    critic_target_params: Any
+    value: TrainState
+
+
+class SQLRunner(NamedTuple):
+    state: SQLState
+    rng: jax.Array
+
+
+class SQLHyperparams(NamedTuple):
+    alpha: jax.Array
+
+
+class ScorerRunner(NamedTuple):
+    """One seed's whole scorer training state; many seeds stack it along a leading axis."""
+    state: TrainState
+    rng: jax.Array
+
+
+class ScorerData(NamedTuple):
+    target_observations: jax.Array  # [N_t, obs_dim] target transitions: the positives and the rows
+    target_actions: jax.Array  # [N_t, act_dim]
+    target_next_observations: jax.Array  # [N_t, obs_dim]
+    source_next_observations: jax.Array  # [N_s, obs_dim] source next states: the shared negatives
+
+
+# ---------------------------------------------------------------- stage losses (as sql_pretrain.py, igdf_scorer.py)
+def sql_value_loss(v, target_q, alpha):
+    """SQL's sparse value loss on u = min(Q1', Q2')(s, a) - V(s) with the target critics; returns (loss, u).
+
+    mean(1[1 + u / (2 alpha) > 0] (1 + u / (2 alpha))^2 + V(s) / alpha): the squared hinge pushes V up towards
+    the Q of in-sample actions, the linear term pushes it down; their balance is a sparse "max" over actions.
+    """
+    advantage = target_q - v
+    hinge = 1.0 + advantage / (2.0 * alpha)
+    return (jnp.where(hinge > 0, hinge**2, 0.0) + v / alpha).mean(), advantage
+
+
+def critic_loss(q, target, weight):
+    """Sum over the two critics of mean_i weight_i (Q_k(s_i, a_i) - y_i)^2 (IQL eq. 6).
+
+    q: [2, B]; target, weight: [B]. weight is 1 for plain IQL; DVDF/IGDF pass exp(h) per source sample.
+    """
+    per_sample = ((q - target) ** 2).sum(0)
+    chex.assert_equal_shape([weight, per_sample])  # a [B, 1] weight would broadcast to [B, B] (IGDF's bug)
+    return (weight * per_sample).mean()
+
+
+def nce_loss(sa_repr, target_next_repr, source_next_repr):
+    """IGDF's binary NCE; returns (loss, logits [B, B]).
+
+    sa_repr, target_next_repr: [B, D] from B target transitions; source_next_repr: [B - 1, D], the negatives
+    shared by every row. logits_i0 = phi_i . psi(s'_i) (label 1), logits_ij = phi_i . psi(source s'_j) (label 0);
+    the loss is the mean over all B x B entries of the binary cross-entropy with logits.
+    """
+    batch, dim = sa_repr.shape
+    chex.assert_shape([target_next_repr], (batch, dim))
+    chex.assert_shape([source_next_repr], (batch - 1, dim))
+    positive = (sa_repr * target_next_repr).sum(-1, keepdims=True)
+    negatives = sa_repr @ source_next_repr.T
+    logits = jnp.concatenate([positive, negatives], axis=1)
+    labels = jnp.zeros_like(logits).at[:, 0].set(1.0)
+    return optax.sigmoid_binary_cross_entropy(logits, labels).mean(), logits
+
+
+def dynamics_score(sa_repr, next_repr, eps=1e-8):
+    """h(s, a, s') = cos(phi(s, a), psi(s')) in [-1, 1], per transition (torch's cosine_similarity, eps 1e-8)."""
+    norms = jnp.linalg.norm(sa_repr, axis=-1) * jnp.linalg.norm(next_repr, axis=-1)
+    return (sa_repr * next_repr).sum(-1) / jnp.maximum(norms, eps)
+
+
+# ---------------------------------------------------------------- the filter
+def normalise_advantage(advantage):
+    """Norm(A) = (A - min_batch A) / (max_batch A - min_batch A + 1e-8), in [0, 1) over the source batch."""
+    low, high = advantage.min(), advantage.max()
+    return (advantage - low) / (high - low + 1e-8)
+
+
+def filter_score(dynamics_score, advantage, lam):
+    """g = lam h + (1 - lam) Norm(A) (DVDF): lam = 1 ranks by the dynamics score alone (IGDF), lam = 0 by A."""
+    return lam * dynamics_score + (1.0 - lam) * normalise_advantage(advantage)
+
+
+def keep_mask(score, keep_count):
+    """1.0 on the keep_count samples with the highest score, 0.0 elsewhere: exactly keep_count ones.
+
+    The rank of sample i is the number of samples with a higher score plus those with an equal score and a lower
+    index (lax.top_k's tie rule); keep rank < keep_count. A mask instead of a gather keeps shapes static, so
+    keep_count can be a traced (vmapped) value.
+    """
+    index = jnp.arange(score.shape[0])
+    ahead = (score[None, :] > score[:, None]) | ((score[None, :] == score[:, None]) & (index[None, :] < index[:, None]))
+    return (ahead.sum(1) < keep_count).astype(score.dtype)
+
+
+def q_weights(dynamics_score, score, keep, target_size: int, weighting: str):
+    """Per-sample Q-loss weights of [source batch, target batch]: exp(h) (or g) on kept source samples, 0 on
+    dropped ones (masked out anyway), 1 on target samples."""
+    source_weight = jnp.exp(dynamics_score) if weighting == "exp_h" else score
+    return jnp.concatenate([keep * source_weight, jnp.ones(target_size, keep.dtype)])
+
+
+# ---------------------------------------------------------------- IQL losses over kept source + target samples
+def masked_mean(values, mask):
+    """Mean of values over the samples where mask is 1: over the concatenation of kept source and target samples,
+    exactly (a dropped sample adds nothing to the sum and is not counted)."""
+    chex.assert_equal_shape([values, mask])
+    return (values * mask).sum() / mask.sum()
+
+
+def expectile_loss(diff, expectile):
+    """Per-sample asymmetric squared error |expectile - 1[diff < 0]| * diff^2 (IQL eq. 5)."""
+    return jnp.where(diff < 0, 1.0 - expectile, expectile) * diff**2
+
+
+def value_loss(v, target_q, expectile, mask):
+    """Unweighted IQL V loss on u = min(Q1', Q2')(s, a) - V(s) with the target critics; returns (loss, u)."""
+    advantage = target_q - v
+    return masked_mean(expectile_loss(advantage, expectile), mask), advantage
+
+
+def weighted_critic_loss(q, target, weight, mask):
+    """Sum over the two critics of the masked mean of weight_i (Q_k(s_i, a_i) - y_i)^2. q: [2, B]; the rest [B]."""
+    per_sample = ((q - target) ** 2).sum(0)
+    chex.assert_equal_shape([weight, per_sample])  # a [B, 1] weight would broadcast to [B, B] (IGDF's bug)
+    return masked_mean(weight * per_sample, mask)
+
+
+def advantage_weight(advantage, temperature, max_weight):
+    """min(exp(temperature * A), max_weight) (IQL eq. 7), a constant for the actor."""
+    return jax.lax.stop_gradient(jnp.minimum(jnp.exp(temperature * advantage), max_weight))
+
+
+def deterministic_actor_loss(mean, actions, weight, mask):
+    """Weighted behaviour cloning: masked mean over samples, mean over action dims, of weight (tanh(mu(s)) - a)^2."""
+    per_sample = ((mean - actions) ** 2).mean(-1)
+    chex.assert_equal_shape([weight, per_sample])
+    return masked_mean(weight * per_sample, mask)
+
+
+def gaussian_actor_loss(mean, log_std, actions, weight, mask):
+    """Weighted negative log-likelihood of a under N(tanh(mu(s)), exp(log_std)^2), summed over action dims."""
+    log_prob = (-0.5 * ((actions - mean) / jnp.exp(log_std)) ** 2 - log_std - 0.5 * jnp.log(2 * jnp.pi)).sum(-1)
+    chex.assert_equal_shape([weight, log_prob])
+    return -masked_mean(weight * log_prob, mask)
+
+
+# ---------------------------------------------------------------- stage 1: SQL (sql_pretrain.py's critics and value)
+def make_sql_train(hidden, lr, batch_size, discount, tau, obs_dim, act_dim):
+    """init(rng) -> SQLRunner and train(runner, source, hparams, num_steps): sql_pretrain.py without the policy."""
+    critic_net, value_net = TwinCritic(hidden), ValueNet(hidden)
+
+    def init(rng) -> SQLRunner:
+        rng, _actor_key, critic_key, value_key = jax.random.split(rng, 4)  # sql_pretrain.py's split
+        obs, action = jnp.zeros((1, obs_dim)), jnp.zeros((1, act_dim))
+        critic_params = critic_net.init(critic_key, obs, action)
+        state = SQLState(
+            critic=TrainState.create(apply_fn=critic_net.apply, params=critic_params, tx=optax.adam(lr)),
+            critic_target_params=jax.tree.map(jnp.copy, critic_params),
+            value=TrainState.create(apply_fn=value_net.apply, params=value_net.init(value_key, obs),
+                                    tx=optax.adam(lr)))
+        return SQLRunner(state, rng)
+
+    def update(state: SQLState, batch: Transitions, hparams: SQLHyperparams):
+        target_q = critic_net.apply(state.critic_target_params, batch.observations, batch.actions).min(0)
+
+        def value_loss_fn(params):
+            return sql_value_loss(value_net.apply(params, batch.observations), target_q, hparams.alpha)
+
+        (v_loss, advantage), grads = jax.value_and_grad(value_loss_fn, has_aux=True)(state.value.params)
+        value = state.value.apply_gradients(grads=grads)
+        next_v = value_net.apply(value.params, batch.next_observations)
+        target = batch.rewards + discount * (1.0 - batch.terminals) * next_v
+
+        def critic_loss_fn(params):
+            q = critic_net.apply(params, batch.observations, batch.actions)
+            return critic_loss(q, target, jnp.ones_like(target))
+
+        q_loss, grads = jax.value_and_grad(critic_loss_fn)(state.critic.params)
+        critic = state.critic.apply_gradients(grads=grads)
+        critic_target_params = optax.incremental_update(critic.params, state.critic_target_params, tau)
+        metrics = {"value_loss": v_loss, "critic_loss": q_loss, "advantage_mean": advantage.mean()}
+        return SQLState(critic, critic_target_params, value), metrics
+
+    def train(runner: SQLRunner, source: Transitions, hparams: SQLHyperparams, num_steps: int):
+        def step(runner: SQLRunner, _):
+            rng, batch_key = jax.random.split(runner.rng)
+            indices = jax.random.randint(batch_key, (batch_size,), 0, source.rewards.shape[0])
+            state, metrics = update(runner.state, jax.tree.map(lambda x: x[indices], source), hparams)
+            return SQLRunner(state, rng), metrics
+
+        runner, metrics = jax.lax.scan(step, runner, None, length=num_steps)
+        return runner, jax.tree.map(jnp.mean, metrics)
+
+    return init, train
+
+
+# ---------------------------------------------------------------- stage 2: the scorer (as igdf_scorer.py)
+def make_scorer_train(hidden, repr_dim, lr, batch_size, obs_dim, act_dim):
+    """Returns init(rng) -> ScorerRunner and train(runner, data, num_steps) -> (runner, chunk metrics).
+
+    Pure functions of one seed; run as jax.jit(jax.vmap(...)) over seeds (dvdf.py runs a copy on one seed).
+    """
+    scorer_net = Scorer(hidden, repr_dim)
+
+    def init(rng) -> ScorerRunner:
+        rng, key = jax.random.split(rng)
+        obs, action = jnp.zeros((1, obs_dim)), jnp.zeros((1, act_dim))
+        params = scorer_net.init(key, obs, action, obs)
+        return ScorerRunner(TrainState.create(apply_fn=scorer_net.apply, params=params, tx=optax.adam(lr)), rng)
+
+    def step(runner: ScorerRunner, data: ScorerData):
+        rng, batch_key = jax.random.split(runner.rng)
+        target_key, source_key = jax.random.split(batch_key)
+        rows = jax.random.randint(target_key, (batch_size,), 0, data.target_observations.shape[0])
+        negatives = jax.random.randint(source_key, (batch_size - 1,), 0, data.source_next_observations.shape[0])
+        next_obs = jnp.concatenate([data.target_next_observations[rows], data.source_next_observations[negatives]])
+
+        def loss_fn(params):
+            sa_repr, next_repr = scorer_net.apply(params, data.target_observations[rows],
+                                                  data.target_actions[rows], next_obs)
+            return nce_loss(sa_repr, next_repr[:batch_size], next_repr[batch_size:])
+
+        (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(runner.state.params)
+        labels = jnp.zeros_like(logits).at[:, 0].set(1.0)
+        metrics = {"nce_loss": loss, "positive_logit": logits[:, 0].mean(), "negative_logit": logits[:, 1:].mean(),
+                   "nce_accuracy": ((logits > 0) == (labels > 0)).mean()}
+        return ScorerRunner(runner.state.apply_gradients(grads=grads), rng), metrics
+
+    def train(runner: ScorerRunner, data: ScorerData, num_steps: int):
+        """num_steps gradient steps in one lax.scan; metrics are their means over the chunk."""
+        runner, metrics = jax.lax.scan(lambda r, _: step(r, data), runner, None, length=num_steps)
+        return runner, jax.tree.map(jnp.mean, metrics)
+
+    return init, train
+
+
+def make_score_fn(hidden, repr_dim):
+    """score(params, obs, actions, next_obs) -> h [N]: the dynamics score of one seed's scorer."""
+    scorer_net = Scorer(hidden, repr_dim)
+
+    def score(params, obs, actions, next_obs):
+        return dynamics_score(*scorer_net.apply(params, obs, actions, next_obs))
+
+    return score
+
+
+def separation_auc(target_scores, source_scores) -> float:
+    """ROC AUC of h: the chance that a held-out target transition scores above a source one, ties counted half."""
+    sorted_source = np.sort(np.asarray(source_scores, dtype=np.float64))
+    target_scores = np.asarray(target_scores, dtype=np.float64)
+    below = np.searchsorted(sorted_source, target_scores, side="left")
+    not_above = np.searchsorted(sorted_source, target_scores, side="right")
+    return float((below + 0.5 * (not_above - below)).sum() / (len(target_scores) * len(sorted_source)))
+
+
+def held_out_separation(score, params, target_held, source_held) -> dict:
+    """Per seed: AUC of h between held-out target and source transitions, and the mean h of each.
+
+    params: stacked over S seeds; target_held: (obs, actions, next_obs) stacked [S, n, ...]; source_held: the
+    shared (obs, actions, next_obs) [m, ...].
+    """
+    batched = jax.jit(jax.vmap(score, in_axes=(0, 0, 0, 0)))
+    target_scores = np.asarray(batched(params, *target_held))
+    source_scores = np.asarray(jax.jit(jax.vmap(score, in_axes=(0, None, None, None)))(params, *source_held))
+    return {"auc": [separation_auc(t, s) for t, s in zip(target_scores, source_scores)],
+            "target_score_mean": target_scores.mean(1).astype(np.float64).tolist(),
+            "source_score_mean": source_scores.mean(1).astype(np.float64).tolist()}
+
+
+def holdout_split(size: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(training indices, held-out indices): a random `fraction` of `size` held out, at least 1, at most 10,000."""
+    held = min(max(1, int(round(fraction * size))), HOLDOUT_MAX)
+    if held >= size:
+        raise SystemExit(f"A dataset of {size} transitions is too small to hold out {held} of them for the "
+                         f"scorer's separation test; use more data or a smaller --holdout-fraction.")
+    permutation = np.random.default_rng(seed).permutation(size)
+    return np.sort(permutation[held:]), np.sort(permutation[:held])
+
+
+def held_out(dataset, indices) -> tuple:
+    return dataset.observations[indices], dataset.actions[indices], dataset.next_observations[indices]
+
+
+# ---------------------------------------------------------------- stage 3: filtered IQL
+def make_train(args: Args, obs_dim: int, act_dim: int, sql_hidden, scorer_hidden, repr_dim: int,
+               groups: tuple = ()):
+    """Returns init(rng) -> Runner and train(runner, data, frozen, hparams, num_steps) -> (runner, metrics).
+
+    Pure functions of one run; main() runs them as jax.jit(jax.vmap(...)) over the (lam, xi, seed) grid with data
+    and the frozen stages shared. groups: ((metadata key, number of values), ...) matching data.source_groups.
+    metrics = (mean losses over the chunk, summed filter statistics over the chunk).
+    """
+    actor_net = Actor(act_dim, args.hidden, gaussian=args.actor == "gaussian")
+    critic_net, value_net = TwinCritic(args.hidden), ValueNet(args.hidden)
+    sql_critic_net, sql_value_net = TwinCritic(tuple(sql_hidden)), ValueNet(tuple(sql_hidden))
+    scorer_net = Scorer(tuple(scorer_hidden), repr_dim)
+    source_size = args.batch_size // 2
+    target_size = args.batch_size - source_size
+
+    def init(rng) -> Runner:
+        rng, actor_key, critic_key, value_key = jax.random.split(rng, 4)
+        obs, action = jnp.zeros((1, obs_dim)), jnp.zeros((1, act_dim))
+        critic_params = critic_net.init(critic_key, obs, action)
+        state = IQLState(
+            actor=TrainState.create(apply_fn=actor_net.apply, params=actor_net.init(actor_key, obs),
+                                    tx=optax.adam(optax.cosine_decay_schedule(args.lr, args.steps))),
+            critic=TrainState.create(apply_fn=critic_net.apply, params=critic_params, tx=optax.adam(args.lr)),
+            critic_target_params=jax.tree.map(jnp.copy, critic_params),
+            value=TrainState.create(apply_fn=value_net.apply, params=value_net.init(value_key, obs),
+                                    tx=optax.adam(args.lr)),
+        )
+        return Runner(state, rng)
+
+    def filter_source(source_batch: Transitions, frozen: Frozen, hparams: Hyperparams):
+        """h, A, g and the keep mask of one source batch (DVDF steps 2-4); the frozen stages get no gradient."""
+        frozen = jax.lax.stop_gradient(frozen)
+        obs, actions = source_batch.observations, source_batch.actions
+        h = dynamics_score(*scorer_net.apply(frozen.scorer, obs, actions, source_batch.next_observations))
+        advantage = (sql_critic_net.apply(frozen.sql_critic, obs, actions).min(0)
+                     - sql_value_net.apply(frozen.sql_value, obs))  # online critics, not the target ones
+        score = filter_score(h, advantage, hparams.lam)
+        return h, advantage, score, keep_mask(score, hparams.keep_count)
+
+    def update(state: IQLState, source_batch: Transitions, target_batch: Transitions, labels: tuple,
+               frozen: Frozen, hparams: Hyperparams):
+        """Filter the source batch, then one IQL step on kept source + target (DVDF step 5)."""
+        h, sql_advantage, score, keep = filter_source(source_batch, frozen, hparams)
+        mask = jnp.concatenate([keep, jnp.ones(target_size)])
+        q_weight = q_weights(h, score, keep, target_size, args.weighting)
+        batch = jax.tree.map(lambda s, t: jnp.concatenate([s, t]), source_batch, target_batch)
+
+        # 1. value (unweighted): expectile regression towards the target critics' min
+        target_q = critic_net.apply(state.critic_target_params, batch.observations, batch.actions).min(0)
+
+        def value_loss_fn(params):
+            return value_loss(value_net.apply(params, batch.observations), target_q, hparams.expectile, mask)
+
+        (v_loss, advantage), grads = jax.value_and_grad(value_loss_fn, has_aux=True)(state.value.params)
+        value = state.value.apply_gradients(grads=grads)
+
+        # 2. critics, weighted: y = r + discount (1 - d) V(s') with the value just updated
+        next_v = value_net.apply(value.params, batch.next_observations)
+        target = batch.rewards + args.discount * (1.0 - batch.terminals) * next_v
+
+        def critic_loss_fn(params):
+            q = critic_net.apply(params, batch.observations, batch.actions)
+            return weighted_critic_loss(q, target, q_weight, mask), masked_mean(q.mean(0), mask)
+
+        (q_loss, q_mean), grads = jax.value_and_grad(critic_loss_fn, has_aux=True)(state.critic.params)
+        critic = state.critic.apply_gradients(grads=grads)
+
+        # 3. target critics
+        critic_target_params = optax.incremental_update(critic.params, state.critic_target_params, args.tau)
+
+        # 4. actor (no filter weight): advantage-weighted regression with the advantage of step 1
+        weight = advantage_weight(advantage, hparams.temperature, args.max_weight)
+
+        def actor_loss_fn(params):
+            mean, log_std = actor_net.apply(params, batch.observations)
+            if args.actor == "gaussian":
+                return gaussian_actor_loss(mean, log_std, batch.actions, weight, mask)
+            return deterministic_actor_loss(mean, batch.actions, weight, mask)
+
+        actor_loss, grads = jax.value_and_grad(actor_loss_fn)(state.actor.params)
+        actor = state.actor.apply_gradients(grads=grads)
+
+        losses = {"value_loss": v_loss, "critic_loss": q_loss, "actor_loss": actor_loss,
+                  "advantage_mean": masked_mean(advantage, mask), "q_mean": q_mean,
+                  "weight_mean": masked_mean(weight, mask)}
+        dropped = 1.0 - keep
+        sums = {"kept": keep.sum(), "dynamics_score_kept": (h * keep).sum(),
+                "dynamics_score_dropped": (h * dropped).sum(), "advantage_kept": (sql_advantage * keep).sum(),
+                "advantage_dropped": (sql_advantage * dropped).sum(), "filter_score_kept": (score * keep).sum(),
+                "filter_score_dropped": (score * dropped).sum(), "q_weight_kept": q_weight[:source_size].sum()}
+        for (key, size), label in zip(groups, labels):
+            one_hot = jax.nn.one_hot(label, size)
+            sums[f"seen_by_{key}"] = one_hot.sum(0)
+            sums[f"kept_by_{key}"] = (one_hot * keep[:, None]).sum(0)
+        return IQLState(actor, critic, critic_target_params, value), losses, sums
+
+    def train(runner: Runner, data: Data, frozen: Frozen, hparams: Hyperparams, num_steps: int):
+        """num_steps gradient steps in one lax.scan; losses are their means, filter statistics their sums."""
+
+        def step(runner: Runner, _):
+            rng, batch_key = jax.random.split(runner.rng)
+            source_key, target_key = jax.random.split(batch_key)
+            source_indices = jax.random.randint(source_key, (source_size,), 0, data.source.rewards.shape[0])
+            target_indices = jax.random.randint(target_key, (target_size,), 0, data.target.rewards.shape[1])
+            source_batch = jax.tree.map(lambda x: x[source_indices], data.source)
+            target_batch = jax.tree.map(lambda x: x[hparams.seed_index, target_indices], data.target)
+            labels = tuple(label[source_indices] for label in data.source_groups)
+            state, losses, sums = update(runner.state, source_batch, target_batch, labels, frozen, hparams)
+            return Runner(state, rng), (losses, sums)
+
+        runner, (losses, sums) = jax.lax.scan(step, runner, None, length=num_steps)
+        return runner, (jax.tree.map(jnp.mean, losses), jax.tree.map(lambda x: x.sum(0), sums))
+
+    return init, train
+
+
+def make_policy(args: Args, act_dim: int):
+    """The deterministic evaluation action tanh(mu(s)), for one run's actor parameters."""
+    actor_net = Actor(act_dim, args.hidden, gaussian=args.actor == "gaussian")
+
+    def policy(actor_params, obs):
+        return actor_net.apply(actor_params, obs)[0]
+
+    return policy
+
+
+def filter_diagnostics(sums: dict, group_names: dict, num_steps: int, source_size: int) -> dict:
+    """Per-run means of kept and dropped source samples from a chunk's summed statistics ([G] arrays); None where
+    nothing was kept or dropped."""
+    sums = {name: np.asarray(value, dtype=np.float64) for name, value in sums.items()}
+    kept = sums["kept"]
+    dropped = num_steps * source_size - kept
+
+    def ratio(numerator, denominator):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            values = np.where(denominator > 0, numerator / denominator, np.nan)
+        return [None if not np.isfinite(v) else float(v) for v in np.atleast_1d(values)]
+
+    diagnostics = {"kept_fraction": ratio(kept, kept + dropped)}
+    for name in ("dynamics_score", "advantage", "filter_score"):
+        diagnostics[f"{name}_kept"] = ratio(sums[f"{name}_kept"], kept)
+        diagnostics[f"{name}_dropped"] = ratio(sums[f"{name}_dropped"], dropped)
+    diagnostics["q_weight_kept"] = ratio(sums["q_weight_kept"], kept)
+    for share in ("kept_share", "batch_share", "keep_rate"):
+        diagnostics[share] = {}
+    for key, names in group_names.items():
+        kept_by, seen_by = sums[f"kept_by_{key}"], sums[f"seen_by_{key}"]  # [G, C]
+        diagnostics["kept_share"][key] = {n: ratio(kept_by[:, c], kept) for c, n in enumerate(names)}
+        diagnostics["batch_share"][key] = {n: ratio(seen_by[:, c], kept + dropped) for c, n in enumerate(names)}
+        diagnostics["keep_rate"][key] = {n: ratio(kept_by[:, c], seen_by[:, c]) for c, n in enumerate(names)}
+    return diagnostics
+
+
+# ---------------------------------------------------------------- data
+def check_args(args: Args) -> None:
+    """Exit with one sentence naming the flag and its valid range."""
+    check_domain(args.source, flag="--source")
+    check_domain(args.target, flag="--target")
+
+    def need(ok: bool, message: str):
+        if not ok:
+            raise SystemExit(message)
+
+    need(0.0 < args.target_fraction <= 1.0, f"--target-fraction must be in (0, 1], got {args.target_fraction}.")
+    need(args.target_size is None or args.target_size >= 1,
+         f"--target-size must be a positive number of transitions, got {args.target_size}.")
+    for flag in ("steps", "eval_every", "eval_episodes", "num_seeds", "sql_steps", "scorer_steps", "sql_batch_size",
+                 "repr_dim"):
+        need(getattr(args, flag) >= 1, f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}.")
+    need(args.seed >= 0, f"--seed must be 0 or more, got {args.seed}.")
+    need(args.batch_size >= 2 and args.batch_size % 2 == 0,
+         f"--batch-size must be even and at least 2 (half source, half target), got {args.batch_size}.")
+    need(args.scorer_batch_size >= 2, f"--scorer-batch-size must be at least 2 (one positive and one negative per "
+                                      f"row), got {args.scorer_batch_size}.")
+    need(len(args.hidden) >= 1 and min(args.hidden) >= 1,
+         f"--hidden must be one or more positive layer widths, got {args.hidden}.")
+    need(args.lr > 0, f"--lr must be positive, got {args.lr}.")
+    need(0.0 <= args.discount <= 1.0, f"--discount must be in [0, 1], got {args.discount}.")
+    need(0.0 < args.tau <= 1.0, f"--tau must be in (0, 1], got {args.tau}.")
+    need(0.0 < args.expectile < 1.0, f"--expectile must be in (0, 1), got {args.expectile}.")
+    need(args.temperature >= 0, f"--temperature must be 0 or more, got {args.temperature}.")
+    need(args.max_weight > 0, f"--max-weight must be positive, got {args.max_weight}.")
+    need(args.alpha is None or args.alpha > 0, f"--alpha must be positive, got {args.alpha}.")
+    need(0.0 < args.holdout_fraction <= 0.5, f"--holdout-fraction must be in (0, 0.5], got {args.holdout_fraction}.")
+    need(len(args.lam) >= 1 and all(0.0 <= lam <= 1.0 for lam in args.lam),
+         f"--lam must be one or more values in [0, 1], got {list(args.lam)}.")
+    need(len(args.xi) >= 1 and all(0.0 < xi <= 1.0 for xi in args.xi),
+         f"--xi must be one or more values in (0, 1], got {list(args.xi)}.")
+    need(min(keep_count(args.batch_size // 2, xi) for xi in args.xi) >= 1,
+         f"--xi {min(args.xi)} keeps no source sample of {args.batch_size // 2}; raise --xi or --batch-size.")
+    need(len(set(args.lam)) == len(args.lam) and len(set(args.xi)) == len(args.xi),
+         f"--lam and --xi must not repeat a value, got {list(args.lam)} and {list(args.xi)}.")
+
+
+def keep_count(source_size: int, xi: float) -> int:
+    """int(B xi), in float64 as the authors' Python computes it."""
+    return int(source_size * xi)
+
+
+def to_transitions(dataset) -> Transitions:
+    return Transitions(observations=dataset.observations, actions=dataset.actions, rewards=dataset.rewards,
+                       next_observations=dataset.next_observations, terminals=dataset.terminals)
+
+
+def fingerprint(transitions) -> str:
+    """A short sha256 of a dataset's arrays: artefacts and caches name the exact data they were trained on."""
+    digest = hashlib.sha256()
+    for array in transitions:
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def dataset_arrays(dataset) -> tuple:
+    """The fields a fingerprint covers, in a fixed order."""
+    return (dataset.observations, dataset.actions, dataset.rewards, dataset.next_observations, dataset.terminals)
+
+
+def episode_groups(dataset) -> dict:
+    """{metadata key: (value names, [N] int32 label of each transition)} for each key of GROUP_KEYS that the
+    dataset's per-episode metadata carries; episodes without the key are labelled "unknown"."""
+    groups = {}
+    if not dataset.episode_metadata or dataset.episode_ids.max() >= len(dataset.episode_metadata):
+        return groups
+    for key in GROUP_KEYS:
+        values = [episode.get(key) for episode in dataset.episode_metadata]
+        if all(value is None for value in values):
+            continue
+        names = sorted({str(value) for value in values if value is not None})
+        names += ["unknown"] * any(value is None for value in values)
+        per_episode = np.array([names.index("unknown" if value is None else str(value)) for value in values],
+                               dtype=np.int32)
+        groups[key] = (names, per_episode[dataset.episode_ids])
+    return groups
+
+
+def load_data(args: Args, seeds: list[int]):
+    """The source dataset, the full target dataset and one target subsample per seed (host objects)."""
+    target_full = load_dataset(args.target_dataset, domain=args.target,
+                               quality=None if args.target_dataset else args.quality)
+    source = load_dataset(args.source_dataset, domain=args.source,
+                          quality=None if args.source_dataset else args.quality)
+    if (source.obs_dim, source.act_dim) != (target_full.obs_dim, target_full.act_dim):
+        raise SystemExit(f"The source dataset has observation/action sizes {source.obs_dim}/{source.act_dim} "
+                         f"but the target has {target_full.obs_dim}/{target_full.act_dim}; pick domains of "
+                         f"the same task.")
+    size = {"count": args.target_size} if args.target_size else {"fraction": args.target_fraction}
+    targets = [subsample(target_full, **size, seed=seed) for seed in seeds]
+    return source, target_full, targets
+
+
+# ---------------------------------------------------------------- files
+def write_atomic(path: Path, content: bytes) -> None:
+    """Write to a temporary file next to `path`, then rename it over `path`: whole or not at all."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(content)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def package_versions() -> dict:
+    versions = {"python": platform.python_version()}
+    for name in ("jax", "jaxlib", "flax", "optax", "chex", "numpy", "gymnasium", "mujoco", "minari", "tyro"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def cache_key(inputs: dict) -> str:
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def read_artifact(path: str, kind: str, flag: str, obs_dim: int, act_dim: int) -> tuple[dict, dict]:
+    """(the first seed's parameters, the artefact's description) of a sql/scorer artefact, or one clear exit."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / f"{kind}.msgpack"
+    info_path = path.with_suffix(".json")
+    if not path.is_file() or not info_path.is_file():
+        raise SystemExit(f"{flag} {path} is not an artefact: give the {kind}.msgpack (with its {kind}.json beside it) "
+                         f"that algos/{'sql_pretrain' if kind == 'sql' else 'igdf_scorer'}.py wrote.")
+    info = json.loads(info_path.read_text())
+    if info.get("kind") != kind:
+        raise SystemExit(f"{flag} {path} holds a {info.get('kind')!r} artefact, not a {kind!r} one.")
+    if (info.get("obs_dim"), info.get("act_dim")) != (obs_dim, act_dim):
+        raise SystemExit(f"{flag} {path} was trained on observation/action sizes {info.get('obs_dim')}/"
+                         f"{info.get('act_dim')}, but the datasets here have {obs_dim}/{act_dim}.")
+    if not info.get("finished", False):
+        print(f"note: {flag} {path} is from step {info.get('step')} of {info.get('steps')}; its training did not "
+              f"finish.")
+    params = serialization.msgpack_restore(path.read_bytes())
+    return jax.tree.map(lambda x: x[0], params), info | {"path": str(path)}
+
+
+def run_stage(title: str, path: Path, runner, train, in_axes: tuple, inputs: tuple, steps: int):
+    """Train a pre-training stage for `steps` steps in chunks of STAGE_CHUNK with a progress bar.
+
+    train(runner, *inputs, num_steps) -> (runner, metrics) is the stage's train for one seed, run vmapped with
+    in_axes over a seed axis of 1, as the stage's own script runs it. After every chunk the runner is saved to
+    <path>.partial.msgpack (the path is keyed by all the stage depends on), so an interrupted stage resumes there.
+    """
+    partial_path = path.with_name(path.stem + ".partial.msgpack")
+    step = 0
+    if partial_path.exists():
+        saved = serialization.msgpack_restore(partial_path.read_bytes())
+        runner, step = serialization.from_state_dict(runner, saved["runner"]), int(saved["step"])
+        print(f"{title}: resuming from step {step} ({partial_path})")
+    compiled, metrics = {}, {}
+    pbar = tqdm(total=steps, initial=step, unit="step", dynamic_ncols=True, desc=title)
+    while step < steps:
+        num_steps = min(STAGE_CHUNK, steps - step)
+        if num_steps not in compiled:
+            chunk = jax.jit(jax.vmap(partial(train, num_steps=num_steps), in_axes=in_axes))
+            compiled[num_steps] = chunk.lower(runner, *inputs).compile()
+        runner, metrics = compiled[num_steps](runner, *inputs)
+        runner = jax.block_until_ready(runner)
+        step += num_steps
+        write_atomic(partial_path, serialization.msgpack_serialize(
+            {"runner": serialization.to_state_dict(jax.device_get(runner)), "step": step}))
+        pbar.update(num_steps)
+        pbar.set_postfix({name: f"{float(np.mean(value)):.3g}" for name, value in metrics.items()})
+    pbar.close()
+    return runner, {name: float(np.mean(value)) for name, value in metrics.items()}, partial_path
+
+
+def sql_stage(args: Args, source, obs_dim: int, act_dim: int) -> tuple[dict, dict]:
+    """Stage 1: the frozen SQL critics and value, from --sql-artifact, the cache, or trained now and cached."""
+    if args.sql_artifact:
+        params, info = read_artifact(args.sql_artifact, "sql", "--sql-artifact", obs_dim, act_dim)
+        if info.get("source_fingerprint") != fingerprint(dataset_arrays(source)):
+            print(f"note: --sql-artifact was trained on {info.get('source_dataset')}, not on this source dataset.")
+        return params, info | {"origin": "artifact"}
+    alpha = args.alpha if args.alpha is not None else default_alpha(args.source)
+    info = {"kind": "sql", "version": CACHE_VERSION, "source_fingerprint": fingerprint(dataset_arrays(source)),
+            "obs_dim": obs_dim, "act_dim": act_dim, "steps": args.sql_steps, "batch_size": args.sql_batch_size,
+            "alpha": alpha, "lr": args.lr, "hidden": list(args.hidden), "discount": args.discount, "tau": args.tau,
+            "seeds": [args.seed]}
+    path = Path(args.cache_dir) / f"sql-{cache_key(info)}.msgpack"
+    if path.is_file() and path.with_suffix(".json").is_file():
+        params, saved = read_artifact(str(path), "sql", "the cached SQL stage", obs_dim, act_dim)
+        return params, saved | {"origin": "cache"}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    init, train = make_sql_train(tuple(args.hidden), args.lr, args.sql_batch_size, args.discount, args.tau,
+                                 obs_dim, act_dim)
+    runner = jax.jit(jax.vmap(init))(jax.random.PRNGKey(args.seed)[None])
+    start = time.perf_counter()
+    runner, metrics, partial_path = run_stage(
+        f"stage 1/3: sql {args.source}", path, runner, train, (0, None, 0),
+        (jax.device_put(to_transitions(source)), SQLHyperparams(alpha=jnp.full(1, alpha, jnp.float32))),
+        args.sql_steps)
+    host_state = jax.device_get(runner.state)
+    artifact = {"critic": serialization.to_state_dict(host_state.critic.params),
+                "value": serialization.to_state_dict(host_state.value.params)}
+    info |= {"step": args.sql_steps, "finished": True, "source": args.source, "source_dataset": source.name,
+             "source_size": source.size, "final_losses": metrics, "train_seconds": time.perf_counter() - start}
+    write_atomic(path, serialization.msgpack_serialize(artifact))
+    write_atomic(path.with_suffix(".json"), json.dumps(info, indent=1).encode())
+    partial_path.unlink(missing_ok=True)
+    return jax.tree.map(lambda x: x[0], artifact), info | {"path": str(path), "origin": "trained"}
+
+
+def scorer_stage(args: Args, source, target, obs_dim: int, act_dim: int) -> tuple[dict, dict]:
+    """Stage 2: the frozen scorer, from --scorer-artifact, the cache, or trained now (on the first seed's target
+    subsample, as igdf_scorer.py's seed --seed) and cached; with its held-out separation."""
+    target_fingerprint = fingerprint(dataset_arrays(target))
+    if args.scorer_artifact:
+        params, info = read_artifact(args.scorer_artifact, "scorer", "--scorer-artifact", obs_dim, act_dim)
+        if info.get("source_fingerprint") != fingerprint(dataset_arrays(source)) or \
+                (info.get("target_fingerprints") or [None])[0] != target_fingerprint:
+            print("note: --scorer-artifact was trained on other source or target data than this run's first seed.")
+        return params, info | {"origin": "artifact"}
+    info = {"kind": "scorer", "version": CACHE_VERSION, "source_fingerprint": fingerprint(dataset_arrays(source)),
+            "target_fingerprints": [target_fingerprint], "obs_dim": obs_dim, "act_dim": act_dim,
+            "steps": args.scorer_steps, "batch_size": args.scorer_batch_size, "lr": args.lr,
+            "hidden": list(args.hidden), "repr_dim": args.repr_dim, "holdout_fraction": args.holdout_fraction,
+            "seeds": [args.seed]}
+    path = Path(args.cache_dir) / f"scorer-{cache_key(info)}.msgpack"
+    if path.is_file() and path.with_suffix(".json").is_file():
+        params, saved = read_artifact(str(path), "scorer", "the cached scorer stage", obs_dim, act_dim)
+        return params, saved | {"origin": "cache"}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    source_train, source_held = holdout_split(source.size, args.holdout_fraction, SOURCE_HOLDOUT_SEED)
+    target_train, target_held = holdout_split(target.size, args.holdout_fraction, args.seed)
+    data = ScorerData(target.observations[target_train][None], target.actions[target_train][None],
+                      target.next_observations[target_train][None], source.next_observations[source_train])
+    init, train = make_scorer_train(tuple(args.hidden), args.repr_dim, args.lr, args.scorer_batch_size,
+                                    obs_dim, act_dim)
+    runner = jax.jit(jax.vmap(init))(jax.random.PRNGKey(args.seed)[None])
+    start = time.perf_counter()
+    runner, metrics, partial_path = run_stage(
+        f"stage 2/3: scorer {args.source}->{args.target}", path, runner,
+        train, (0, ScorerData(0, 0, 0, None)), (jax.device_put(data),), args.scorer_steps)
+    separation = held_out_separation(make_score_fn(tuple(args.hidden), args.repr_dim), runner.state.params,
+                                     tuple(x[None] for x in held_out(target, target_held)),
+                                     held_out(source, source_held))
+    print(f"scorer: held-out AUC of h (target above source) {separation['auc'][0]:.3f}, mean h target "
+          f"{separation['target_score_mean'][0]:.3f} vs source {separation['source_score_mean'][0]:.3f}")
+    artifact = {"scorer": serialization.to_state_dict(jax.device_get(runner.state.params))}
+    info |= {"step": args.scorer_steps, "finished": True, "source": args.source, "target": args.target,
+             "source_dataset": source.name, "source_size": source.size, "target_size": target.size,
+             "source_held_out": len(source_held), "target_held_out": len(target_held), "separation": separation,
+             "final_losses": metrics, "train_seconds": time.perf_counter() - start}
+    write_atomic(path, serialization.msgpack_serialize(artifact))
+    write_atomic(path.with_suffix(".json"), json.dumps(info, indent=1).encode())
+    partial_path.unlink(missing_ok=True)
+    return jax.tree.map(lambda x: x[0], artifact), info | {"path": str(path), "origin": "trained"}
+
+
+# ---------------------------------------------------------------- main
+def algo_name(args: Args) -> str:
+    return "igdf" if set(args.lam) == {1.0} else "dvdf"
+
+
+def open_run(args: Args) -> tuple[Path, Optional[dict]]:
+    """The output folder, and the checkpoint to continue with --resume (whose flags must be this run's)."""
+    grid = f"lam{'-'.join(f'{v:g}' for v in args.lam)}_xi{'-'.join(f'{v:g}' for v in args.xi)}"
+    out = Path(args.out or f"runs/{algo_name(args)}/{args.source}_to_{args.target}-{args.quality}/{grid}/"
+                           f"seed{args.seed}")
+    checkpoint_path = out / "checkpoint.msgpack"
+    if args.resume and not checkpoint_path.exists():
+        raise SystemExit(f"--resume found no checkpoint at {checkpoint_path}; run without --resume to start.")
+    if not args.resume and checkpoint_path.exists():
+        raise SystemExit(f"{out} already holds a run; pass --resume to continue it or choose another --out.")
+    if not args.resume:
+        return out, None
+    saved = serialization.msgpack_restore(checkpoint_path.read_bytes())
+    saved_flags = json.loads(saved["flags"])
+    for name, value in run_flags(args).items():
+        if value != saved_flags.get(name):
+            raise SystemExit(f"--resume needs the interrupted run's flags, but --{name.replace('_', '-')} is "
+                             f"{value} here and {saved_flags.get(name)} in {checkpoint_path}.")
+    return out, saved
+
+
+def run_flags(args: Args) -> dict:
+    """The flags that define a run (all but --resume and --out), as JSON values."""
+    return json.loads(json.dumps({k: v for k, v in asdict(args).items() if k not in ("resume", "out")}))
+
+
+def evaluation_entry(step: int, returns, scores, settings: list, losses, filter_stats: dict) -> dict:
+    """One row of results.json: per-run return and score; per (lam, xi) setting their mean and std over seeds
+    (ddof 0); over all runs only when there is one setting (then it is the usual mean +- std over seeds); the
+    per-run losses and filter diagnostics of the chunk of steps that led here."""
+    returns, scores = np.asarray(returns, dtype=np.float64), np.asarray(scores, dtype=np.float64)
+    per_setting = [(r, s) for r, s in zip(returns.reshape(len(settings), -1), scores.reshape(len(settings), -1))]
+    one_setting = len(settings) == 1
+    return {"step": step, "returns": returns.tolist(), "scores": scores.tolist(),
+            "by_setting": [{"lam": lam, "xi": xi, "return_mean": float(r.mean()), "return_std": float(r.std()),
+                            "score_mean": float(s.mean()), "score_std": float(s.std())}
+                           for (lam, xi), (r, s) in zip(settings, per_setting)],
+            "return_mean": float(returns.mean()) if one_setting else None,
+            "return_std": float(returns.std()) if one_setting else None,
+            "score_mean": float(scores.mean()) if one_setting else None,
+            "score_std": float(scores.std()) if one_setting else None,
+            "losses": {name: np.asarray(value, dtype=np.float64).tolist() for name, value in losses.items()},
+            "filter": filter_stats}
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    args = tyro.cli(Args, args=argv)
+    check_args(args)
+    out, saved = open_run(args)
+    wall_start = time.perf_counter()
+    algo = algo_name(args)
+
+    seeds = [args.seed + k for k in range(args.num_seeds)]
+    source, target_full, targets = load_data(args, seeds)
+    ref_min, ref_max = reference_scores(args.target, target_full)  # exits with a sentence when unknown
+    obs_dim, act_dim = target_full.obs_dim, target_full.act_dim
+
+    # stages 1 and 2: frozen, shared by every run of the grid
+    start = time.perf_counter()
+    sql_params, sql_info = sql_stage(args, source, obs_dim, act_dim)
+    scorer_params, scorer_info = scorer_stage(args, source, targets[0], obs_dim, act_dim)
+    stage_seconds = time.perf_counter() - start
+    frozen = jax.device_put(Frozen(sql_params["critic"], sql_params["value"], scorer_params["scorer"]))
+
+    groups = episode_groups(source)
+    group_names = {key: names for key, (names, _) in groups.items()}
+    data = jax.device_put(Data(
+        source=to_transitions(source), source_groups=tuple(labels for _, labels in groups.values()),
+        target=Transitions(*(np.stack(fields) for fields in zip(*(to_transitions(t) for t in targets))))))
+    data_info = {"source_dataset": source.name, "source_size": source.size, "target_dataset": target_full.name,
+                 "target_full_size": target_full.size, "target_size": targets[0].size,
+                 "source_groups": group_names, "ref_min_score": ref_min, "ref_max_score": ref_max}
+
+    # the grid: lam outermost, then xi, then seed
+    source_size = args.batch_size // 2
+    settings = [(lam, xi) for lam in args.lam for xi in args.xi]
+    grid = [{"lam": lam, "xi": xi, "seed": seed, "keep_count": keep_count(source_size, xi)}
+            for lam, xi in settings for seed in seeds]
+    num_runs = len(grid)
+    hparams = Hyperparams(expectile=jnp.full(num_runs, args.expectile, jnp.float32),
+                          temperature=jnp.full(num_runs, args.temperature, jnp.float32),
+                          lam=jnp.array([run["lam"] for run in grid], jnp.float32),
+                          keep_count=jnp.array([run["keep_count"] for run in grid], jnp.int32),
+                          seed_index=jnp.array([seeds.index(run["seed"]) for run in grid], jnp.int32))
+    init, train = make_train(args, obs_dim, act_dim, sql_info["hidden"], scorer_info["hidden"],
+                             scorer_info["repr_dim"], tuple((key, len(names)) for key, names in group_names.items()))
+    policy = make_policy(args, act_dim)
+
+    start = time.perf_counter()
+    runner = jax.jit(jax.vmap(init))(jnp.stack([jax.random.PRNGKey(run["seed"]) for run in grid]))
+    runner = jax.block_until_ready(runner)
+    compile_seconds = time.perf_counter() - start
+    start_step, evaluations = 0, []
+    if saved is not None:
+        runner = serialization.from_state_dict(runner, saved["runner"])
+        start_step, evaluations = int(saved["step"]), json.loads(saved["evaluations"])
+
+    # One program per chunk length (--eval-every, and the remainder), compiled ahead of time: no chunk recompiles.
+    chunks = [min(args.eval_every, args.steps - step) for step in range(start_step, args.steps, args.eval_every)]
+    compiled = {}
+    for num_steps in sorted(set(chunks)):
+        start = time.perf_counter()
+        train_chunk = jax.jit(jax.vmap(partial(train, num_steps=num_steps), in_axes=(0, None, None, 0)))
+        compiled[num_steps] = train_chunk.lower(runner, data, frozen, hparams).compile()
+        compile_seconds += time.perf_counter() - start
+
+    def write_results(step: int, timing: Optional[dict]) -> dict:
+        final = evaluations[-1] if step == args.steps else None
+        results = {
+            "algo": algo, "finished": final is not None, "step": step, "args": asdict(args), "seeds": seeds,
+            "grid": grid, "settings": [{"lam": lam, "xi": xi} for lam, xi in settings],
+            "data": data_info, "stages": {"sql": sql_info, "scorer": scorer_info}, "evaluations": evaluations,
+            "final": None if final is None else {key: value for key, value in final.items()
+                                                 if key not in ("losses", "filter")},
+            "timing": timing, "versions": package_versions()}
+        write_atomic(out / "results.json", json.dumps(results, indent=1).encode())
+        return results
+
+    out.mkdir(parents=True, exist_ok=True)
+    step, train_seconds, eval_seconds = start_step, 0.0, 0.0
+    if not chunks:  # --resume of a finished run: results.json again from the checkpoint, with its last timing
+        previous = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {}
+        results = write_results(step, previous.get("timing"))
+    pbar = tqdm(total=args.steps, initial=start_step, unit="step", dynamic_ncols=True,
+                desc=f"stage 3/3: {algo} {args.target} x{num_runs}")
+    for num_steps in chunks:
+        start = time.perf_counter()
+        runner, (losses, sums) = jax.block_until_ready(compiled[num_steps](runner, data, frozen, hparams))
+        train_seconds += time.perf_counter() - start
+        step += num_steps
+
+        # one evaluation per (lam, xi) setting: seed k is evaluated on the episodes of a 1-seed run with seed + k,
+        # the same for every setting
+        start = time.perf_counter()
+        returns, scores = [], []
+        for index in range(len(settings)):
+            actor_params = jax.tree.map(lambda x: x[index * len(seeds):(index + 1) * len(seeds)],
+                                        runner.state.actor.params)
+            result = evaluate(policy, actor_params, args.target, num_episodes=args.eval_episodes,
+                              seed=args.seed + step, ref_scores=(ref_min, ref_max))
+            returns.append(result.mean_return)
+            scores.append(result.normalized_score)
+        eval_seconds += time.perf_counter() - start
+        evaluations.append(evaluation_entry(step, np.concatenate(returns), np.concatenate(scores), settings, losses,
+                                            filter_diagnostics(sums, group_names, num_steps, source_size)))
+
+        # checkpoint first: if killed before results.json is rewritten, --resume rewrites it
+        checkpoint = {"runner": serialization.to_state_dict(jax.device_get(runner)), "step": step,
+                      "evaluations": json.dumps(evaluations), "flags": json.dumps(run_flags(args))}
+        write_atomic(out / "checkpoint.msgpack", serialization.msgpack_serialize(checkpoint))
+        timed_steps = step - start_step
+        results = write_results(step, {
+            "steps_per_second": timed_steps / train_seconds,  # gradient steps, every run at once
+            "updates_per_second": timed_steps * num_runs / train_seconds,
+            "compile_seconds": compile_seconds, "train_seconds": train_seconds, "eval_seconds": eval_seconds,
+            "stage_seconds": stage_seconds, "wall_seconds": time.perf_counter() - wall_start,
+            "timed_steps": timed_steps, "resumed_from_step": start_step,
+            "device_kind": jax.devices()[0].device_kind, "platform": jax.default_backend()})
+
+        latest = evaluations[-1]
+        pbar.update(num_steps)
+        pbar.set_postfix(score=f"{max(entry['score_mean'] for entry in latest['by_setting']):.1f}")
+        kept_h = [v for v in latest["filter"]["dynamics_score_kept"] if v is not None]
+        tqdm.write(f"step {step}: " + ", ".join(
+            f"lam {entry['lam']:g} xi {entry['xi']:g} score {entry['score_mean']:.1f} +- {entry['score_std']:.1f}"
+            for entry in latest["by_setting"]) + f"; mean h of kept source {np.mean(kept_h):.3f}")
+    pbar.close()
+
+    print(f"{algo} {args.source} -> {args.target} ({args.quality}), seeds {seeds}, after {step} steps: " + ", ".join(
+        f"lam {entry['lam']:g} xi {entry['xi']:g} final score {entry['score_mean']:.1f} +- {entry['score_std']:.1f}"
+        for entry in results["final"]["by_setting"]) + f"; results in {out}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,556 @@
+"""Sparse Q-Learning (SQL) on the source dataset: the value pre-training of DVDF, and an offline RL algorithm.
+
+Xu et al., "Offline RL with No OOD Actions: In-Sample Learning via Implicit Value Regularization", ICLR 2023,
+arXiv:2303.15810, as DVDF (Qiao et al., arXiv:2512.02435) uses it: twin critics and a value network trained on the SOURCE
+dataset alone for 1M steps with batches of 128, alpha 0.1 (0.2 for Ant), no reward scaling. DVDF freezes the
+critics and value and reads the advantage A(s, a) = min(Q1, Q2)(s, a) - V(s) of the online critics; hand this
+file's artefact to `python algos/dvdf.py --sql-artifact <out>/sql.msgpack`. The released DVDF pre-training script
+is broken (it instantiates IQL, and its SQL class crashes): this is SQL as the paper describes it.
+
+    python algos/sql_pretrain.py --source halfcheetah-kinematic --quality medium
+
+Per step, on one batch (s, a, r, s', d) of the source dataset:
+    1. V: u = min(Q1', Q2')(s, a) - V(s) with the target critics;
+       loss = mean(1[1 + u / (2 alpha) > 0] (1 + u / (2 alpha))^2 + V(s) / alpha)   (SQL's sparse value objective)
+    2. Q: y = r + discount (1 - d) V(s') with the V just updated; the sum over the two critics of their mean squared
+       errors; then a Polyak update of the target critics.
+    3. Policy (`--policy`, on by default; `--no-policy` trains only what DVDF needs): behaviour cloning weighted by
+       clip(max(u, 0), 0, --max-weight) with the u of step 1, the deterministic tanh(mu(s)) regression of the
+       IGDF/DVDF authors' IQL (or `--actor gaussian`: a Gaussian log-likelihood, the original SQL's form).
+The policy is evaluated with the deterministic action tanh(mu(s)) in --eval-domain (default: --source, the domain
+the data comes from) for --eval-episodes episodes every --eval-every steps. Seed k of --num-seeds uses seed + k;
+all seeds run in one jitted program (`jax.jit(jax.vmap(train))`), and seed k of an N-seed run is the 1-seed run
+with --seed <seed + k>.
+
+Outputs in --out (default runs/sql/<source>-<quality>/seed<seed>), each written to a temporary file and renamed:
+    sql.msgpack         the artefact: {"critic": twin-critic params, "value": value params}, each stacked over the
+                        seeds (leading axis), rewritten after every chunk; dvdf.py uses the first seed's
+    sql.json            what the artefact was trained on (datasets, their fingerprints, flags, step, seeds)
+    results.json        flags, seeds, every evaluation (losses, and returns and scores with --policy), timing and
+                        package versions; "finished": false until the last step
+    checkpoint.msgpack  everything --resume needs; a resumed run ends bit for bit where an uninterrupted one would
+"""
+import hashlib
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass
+from functools import partial
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Literal, NamedTuple, Optional
+
+# `python algos/sql_pretrain.py` puts algos/ on the path, not the repository root that holds envs/.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tyro
+from flax import serialization
+from flax.training.train_state import TrainState
+from tqdm import tqdm
+
+from envs import check_domain, domain_info, evaluate, load_dataset, reference_scores
+
+Quality = Literal["random", "medium", "medium-replay", "medium-expert", "expert"]
+
+
+@dataclass
+class Args:
+    # --- experiment ---
+    seed: int = 0
+    """seed of the first run; seed k of --num-seeds uses seed + k"""
+    num_seeds: int = 1
+    """seeds trained at once, vmapped in one jitted program"""
+    out: Optional[str] = None
+    """output folder; default runs/sql/<source>-<quality>/seed<seed>"""
+    resume: bool = False
+    """continue the interrupted run in --out from its last checkpoint (same flags)"""
+    # --- data ---
+    source: str = "halfcheetah-kinematic"
+    """domain of the training (source) dataset (python -m envs list)"""
+    quality: Quality = "medium"
+    """quality of the generated source dataset"""
+    source_dataset: Optional[str] = None
+    """a Minari id or D4RL-format HDF5 path to use instead of the generated source dataset"""
+    eval_domain: Optional[str] = None
+    """domain the policy is evaluated in; default --source"""
+    # --- training and evaluation ---
+    steps: int = 1_000_000
+    """gradient steps"""
+    eval_every: int = 10_000
+    """gradient steps between evaluations (and checkpoints and artefact updates)"""
+    eval_episodes: int = 10
+    """episodes per evaluation and seed"""
+    policy: bool = True
+    """train and evaluate the SQL policy; --no-policy trains only the critics and value (all DVDF needs)"""
+    # --- optimisation ---
+    batch_size: int = 128
+    """transitions per gradient step (DVDF: 128; the original SQL: 256)"""
+    lr: float = 3e-4
+    """Adam learning rate of actor, critics and value; the actor's decays to 0 on a cosine"""
+    hidden: tuple[int, ...] = (256, 256)
+    """hidden layer widths of every network"""
+    # --- algorithm ---
+    discount: float = 0.99
+    tau: float = 0.005
+    """Polyak rate of the target critics"""
+    alpha: Optional[float] = None
+    """SQL's regularisation strength; default 0.1, or 0.2 when the source is an Ant domain (DVDF's configs)"""
+    max_weight: float = 100.0
+    """clip of the policy's weights max(Q - V, 0)"""
+    actor: Literal["deterministic", "gaussian"] = "deterministic"
+    """weighted squared error on tanh(mu(s)) (IGDF/DVDF authors), or weighted Gaussian log-likelihood (SQL)"""
+
+
+LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0  # the original IQL's state-independent log-std bounds
+
+
+def default_alpha(source: str) -> float:
+    """DVDF's configs: alpha 0.2 for Ant, 0.1 for HalfCheetah, Hopper and Walker2d."""
+    return 0.2 if domain_info(source).task == "ant" else 0.1
+
+
+# ---------------------------------------------------------------- networks
+class MLP(nn.Module):
+    hidden: tuple[int, ...]
+    out_dim: int
+
+    @nn.compact
+    def __call__(self, x):
+        for width in self.hidden:
+            x = nn.relu(nn.Dense(width)(x))
+        return nn.Dense(self.out_dim)(x)
+
+
+class TwinCritic(nn.Module):
+    """Two independent critics Q(s, a) evaluated as one batched network: output [2, batch]."""
+    hidden: tuple[int, ...]
+
+    @nn.compact
+    def __call__(self, obs, action):
+        twin = nn.vmap(MLP, variable_axes={"params": 0}, split_rngs={"params": True},
+                       in_axes=None, out_axes=0, axis_size=2)
+        return twin(self.hidden, 1)(jnp.concatenate([obs, action], axis=-1)).squeeze(-1)
+
+
+class ValueNet(nn.Module):
+    hidden: tuple[int, ...]
+
+    @nn.compact
+    def __call__(self, obs):
+        return MLP(self.hidden, 1)(obs).squeeze(-1)
+
+
+class Actor(nn.Module):
+    """obs -> (tanh(mu(s)), log_std): log_std is one learned vector for the Gaussian actor, None otherwise."""
+    act_dim: int
+    hidden: tuple[int, ...]
+    gaussian: bool = False
+
+    @nn.compact
+    def __call__(self, obs):
+        mean = jnp.tanh(MLP(self.hidden, self.act_dim)(obs))
+        if not self.gaussian:
+            return mean, None
+        log_std = self.param("log_std", nn.initializers.zeros, (self.act_dim,))
+        return mean, jnp.clip(log_std, LOG_STD_MIN, LOG_STD_MAX)
+
+
+# ---------------------------------------------------------------- train state
+class SQLState(NamedTuple):
+    actor: Optional[TrainState]  # None with --no-policy
+    critic: TrainState
+    critic_target_params: Any
+    value: TrainState
+
+
+class Runner(NamedTuple):
+    """One seed's whole training state; many seeds stack it along a leading axis."""
+    state: SQLState
+    rng: jax.Array
+
+
+class Transitions(NamedTuple):
+    observations: jax.Array  # [N, obs_dim]
+    actions: jax.Array  # [N, act_dim]
+    rewards: jax.Array  # [N]
+    next_observations: jax.Array  # [N, obs_dim]
+    terminals: jax.Array  # [N], 1.0 on true termination only (bootstrap through time limits)
+
+
+class Hyperparams(NamedTuple):
+    """Values a sweep may vary: traced, one per vmapped run."""
+    alpha: jax.Array
+
+
+# ---------------------------------------------------------------- losses
+def sql_value_loss(v, target_q, alpha):
+    """SQL's sparse value loss on u = min(Q1', Q2')(s, a) - V(s) with the target critics; returns (loss, u).
+
+    mean(1[1 + u / (2 alpha) > 0] (1 + u / (2 alpha))^2 + V(s) / alpha): the squared hinge pushes V up towards
+    the Q of in-sample actions, the linear term pushes it down; their balance is a sparse "max" over actions.
+    """
+    advantage = target_q - v
+    hinge = 1.0 + advantage / (2.0 * alpha)
+    return (jnp.where(hinge > 0, hinge**2, 0.0) + v / alpha).mean(), advantage
+
+
+def critic_loss(q, target, weight):
+    """Sum over the two critics of mean_i weight_i (Q_k(s_i, a_i) - y_i)^2 (IQL eq. 6).
+
+    q: [2, B]; target, weight: [B]. weight is 1 for plain IQL; DVDF/IGDF pass exp(h) per source sample.
+    """
+    per_sample = ((q - target) ** 2).sum(0)
+    chex.assert_equal_shape([weight, per_sample])  # a [B, 1] weight would broadcast to [B, B] (IGDF's bug)
+    return (weight * per_sample).mean()
+
+
+def sql_policy_weight(advantage, max_weight):
+    """clip(max(A, 0), 0, max_weight): SQL's policy weight, a constant for the actor."""
+    return jax.lax.stop_gradient(jnp.clip(jnp.maximum(advantage, 0.0), 0.0, max_weight))
+
+
+def deterministic_actor_loss(mean, actions, weight):
+    """Weighted behaviour cloning: mean over batch and action dims of weight * (tanh(mu(s)) - a)^2 (authors)."""
+    per_sample = ((mean - actions) ** 2).mean(-1)
+    chex.assert_equal_shape([weight, per_sample])
+    return (weight * per_sample).mean()
+
+
+def gaussian_actor_loss(mean, log_std, actions, weight):
+    """Weighted negative log-likelihood of a under N(tanh(mu(s)), exp(log_std)^2), summed over action dims
+    (the original IQL's policy extraction)."""
+    log_prob = (-0.5 * ((actions - mean) / jnp.exp(log_std)) ** 2 - log_std - 0.5 * jnp.log(2 * jnp.pi)).sum(-1)
+    chex.assert_equal_shape([weight, log_prob])
+    return -(weight * log_prob).mean()
+
+
+# ---------------------------------------------------------------- training
+def make_train(args: Args, obs_dim: int, act_dim: int):
+    """Returns init(rng) -> Runner and train(runner, source, hparams, num_steps) -> (runner, chunk metrics).
+
+    Both are pure functions of one seed; main() runs them as jax.jit(jax.vmap(...)) over seeds with the source
+    dataset shared. The rng is split exactly as dvdf.py's SQL stage splits it, so for one seed the critics and
+    value here equal the ones dvdf.py trains (the actor never touches them).
+    """
+    actor_net = Actor(act_dim, args.hidden, gaussian=args.actor == "gaussian")
+    critic_net, value_net = TwinCritic(args.hidden), ValueNet(args.hidden)
+
+    def init(rng) -> Runner:
+        rng, actor_key, critic_key, value_key = jax.random.split(rng, 4)
+        obs, action = jnp.zeros((1, obs_dim)), jnp.zeros((1, act_dim))
+        critic_params = critic_net.init(critic_key, obs, action)
+        actor = None
+        if args.policy:
+            actor = TrainState.create(apply_fn=actor_net.apply, params=actor_net.init(actor_key, obs),
+                                      tx=optax.adam(optax.cosine_decay_schedule(args.lr, args.steps)))
+        state = SQLState(
+            actor=actor,
+            critic=TrainState.create(apply_fn=critic_net.apply, params=critic_params, tx=optax.adam(args.lr)),
+            critic_target_params=jax.tree.map(jnp.copy, critic_params),
+            value=TrainState.create(apply_fn=value_net.apply, params=value_net.init(value_key, obs),
+                                    tx=optax.adam(args.lr)),
+        )
+        return Runner(state, rng)
+
+    def update(state: SQLState, batch: Transitions, hparams: Hyperparams):
+        """One SQL step: V, then Q against the new V, then the target critics, then (with --policy) the actor."""
+        # 1. value: SQL's sparse objective against the target critics' min
+        target_q = critic_net.apply(state.critic_target_params, batch.observations, batch.actions).min(0)
+
+        def value_loss_fn(params):
+            return sql_value_loss(value_net.apply(params, batch.observations), target_q, hparams.alpha)
+
+        (v_loss, advantage), grads = jax.value_and_grad(value_loss_fn, has_aux=True)(state.value.params)
+        value = state.value.apply_gradients(grads=grads)
+
+        # 2. critics: y = r + discount (1 - d) V(s') with the value just updated
+        next_v = value_net.apply(value.params, batch.next_observations)
+        target = batch.rewards + args.discount * (1.0 - batch.terminals) * next_v
+
+        def critic_loss_fn(params):
+            q = critic_net.apply(params, batch.observations, batch.actions)
+            return critic_loss(q, target, jnp.ones_like(target)), q.mean()
+
+        (q_loss, q_mean), grads = jax.value_and_grad(critic_loss_fn, has_aux=True)(state.critic.params)
+        critic = state.critic.apply_gradients(grads=grads)
+
+        # 3. target critics
+        critic_target_params = optax.incremental_update(critic.params, state.critic_target_params, args.tau)
+
+        metrics = {"value_loss": v_loss, "critic_loss": q_loss, "advantage_mean": advantage.mean(), "q_mean": q_mean}
+        actor = state.actor
+        if args.policy:
+            # 4. actor: behaviour cloning weighted by SQL's clip(max(A, 0)), with the advantage of step 1
+            weight = sql_policy_weight(advantage, args.max_weight)
+
+            def actor_loss_fn(params):
+                mean, log_std = actor_net.apply(params, batch.observations)
+                if args.actor == "gaussian":
+                    return gaussian_actor_loss(mean, log_std, batch.actions, weight)
+                return deterministic_actor_loss(mean, batch.actions, weight)
+
+            actor_loss, grads = jax.value_and_grad(actor_loss_fn)(actor.params)
+            actor = actor.apply_gradients(grads=grads)
+            metrics |= {"actor_loss": actor_loss, "weight_mean": weight.mean()}
+        return SQLState(actor, critic, critic_target_params, value), metrics
+
+    def sample(key, transitions: Transitions, size: int) -> Transitions:
+        indices = jax.random.randint(key, (size,), 0, transitions.rewards.shape[0])
+        return jax.tree.map(lambda x: x[indices], transitions)
+
+    def train(runner: Runner, source: Transitions, hparams: Hyperparams, num_steps: int):
+        """num_steps gradient steps in one lax.scan; metrics are their means over the chunk."""
+
+        def step(runner: Runner, _):
+            rng, batch_key = jax.random.split(runner.rng)
+            state, metrics = update(runner.state, sample(batch_key, source, args.batch_size), hparams)
+            return Runner(state, rng), metrics
+
+        runner, metrics = jax.lax.scan(step, runner, None, length=num_steps)
+        return runner, jax.tree.map(jnp.mean, metrics)
+
+    return init, train
+
+
+def make_policy(args: Args, act_dim: int):
+    """The deterministic evaluation action tanh(mu(s)), for one seed's actor parameters."""
+    actor_net = Actor(act_dim, args.hidden, gaussian=args.actor == "gaussian")
+
+    def policy(actor_params, obs):
+        return actor_net.apply(actor_params, obs)[0]
+
+    return policy
+
+
+# ---------------------------------------------------------------- data
+def check_args(args: Args) -> None:
+    """Exit with one sentence naming the flag and its valid range."""
+    check_domain(args.source, flag="--source")
+    if args.eval_domain is not None:
+        check_domain(args.eval_domain, flag="--eval-domain")
+
+    def need(ok: bool, message: str):
+        if not ok:
+            raise SystemExit(message)
+
+    for flag in ("steps", "eval_every", "eval_episodes", "num_seeds"):
+        need(getattr(args, flag) >= 1, f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}.")
+    need(args.seed >= 0, f"--seed must be 0 or more, got {args.seed}.")
+    need(args.batch_size >= 1, f"--batch-size must be at least 1, got {args.batch_size}.")
+    need(len(args.hidden) >= 1 and min(args.hidden) >= 1,
+         f"--hidden must be one or more positive layer widths, got {args.hidden}.")
+    need(args.lr > 0, f"--lr must be positive, got {args.lr}.")
+    need(0.0 <= args.discount <= 1.0, f"--discount must be in [0, 1], got {args.discount}.")
+    need(0.0 < args.tau <= 1.0, f"--tau must be in (0, 1], got {args.tau}.")
+    need(args.alpha is None or args.alpha > 0, f"--alpha must be positive, got {args.alpha}.")
+    need(args.max_weight > 0, f"--max-weight must be positive, got {args.max_weight}.")
+
+
+def to_transitions(dataset) -> Transitions:
+    return Transitions(observations=dataset.observations, actions=dataset.actions, rewards=dataset.rewards,
+                       next_observations=dataset.next_observations, terminals=dataset.terminals)
+
+
+def fingerprint(transitions) -> str:
+    """A short sha256 of a dataset's arrays: artefacts and caches name the exact data they were trained on."""
+    digest = hashlib.sha256()
+    for array in transitions:
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def dataset_arrays(dataset) -> tuple:
+    """The fields a fingerprint covers, in a fixed order."""
+    return (dataset.observations, dataset.actions, dataset.rewards, dataset.next_observations, dataset.terminals)
+
+
+# ---------------------------------------------------------------- files
+def write_atomic(path: Path, content: bytes) -> None:
+    """Write to a temporary file next to `path`, then rename it over `path`: whole or not at all."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(content)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def package_versions() -> dict:
+    versions = {"python": platform.python_version()}
+    for name in ("jax", "jaxlib", "flax", "optax", "chex", "numpy", "gymnasium", "mujoco", "minari", "tyro"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def evaluation_entry(step: int, result, metrics) -> dict:
+    """One row of results.json: per-seed return and normalised score, their mean and std over seeds (ddof 0),
+    and the per-seed losses averaged over the chunk of steps that led here."""
+    returns = np.asarray(result.mean_return, dtype=np.float64)
+    scores = np.asarray(result.normalized_score, dtype=np.float64)
+    return {"step": step, "returns": returns.tolist(), "scores": scores.tolist(),
+            "return_mean": float(returns.mean()), "return_std": float(returns.std()),
+            "score_mean": float(scores.mean()), "score_std": float(scores.std()),
+            "losses": {name: np.asarray(value, dtype=np.float64).tolist() for name, value in metrics.items()}}
+
+
+# ---------------------------------------------------------------- main
+def open_run(args: Args) -> tuple[Path, Optional[dict]]:
+    """The output folder, and the checkpoint to continue with --resume (whose flags must be this run's)."""
+    out = Path(args.out or f"runs/sql/{args.source}-{args.quality}/seed{args.seed}")
+    checkpoint_path = out / "checkpoint.msgpack"
+    if args.resume and not checkpoint_path.exists():
+        raise SystemExit(f"--resume found no checkpoint at {checkpoint_path}; run without --resume to start.")
+    if not args.resume and checkpoint_path.exists():
+        raise SystemExit(f"{out} already holds a run; pass --resume to continue it or choose another --out.")
+    if not args.resume:
+        return out, None
+    saved = serialization.msgpack_restore(checkpoint_path.read_bytes())
+    saved_flags = json.loads(saved["flags"])
+    for name, value in run_flags(args).items():
+        if value != saved_flags.get(name):
+            raise SystemExit(f"--resume needs the interrupted run's flags, but --{name.replace('_', '-')} is "
+                             f"{value} here and {saved_flags.get(name)} in {checkpoint_path}.")
+    return out, saved
+
+
+def run_flags(args: Args) -> dict:
+    """The flags that define a run (all but --resume and --out), as JSON values."""
+    return json.loads(json.dumps({k: v for k, v in asdict(args).items() if k not in ("resume", "out")}))
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    args = tyro.cli(Args, args=argv)
+    check_args(args)
+    out, saved = open_run(args)
+    wall_start = time.perf_counter()
+    alpha = args.alpha if args.alpha is not None else default_alpha(args.source)
+    eval_domain = args.eval_domain or args.source
+
+    seeds = [args.seed + k for k in range(args.num_seeds)]
+    source_dataset = load_dataset(args.source_dataset, domain=args.source,
+                                  quality=None if args.source_dataset else args.quality)
+    obs_dim, act_dim = source_dataset.obs_dim, source_dataset.act_dim
+    if (obs_dim, act_dim) != (domain_info(eval_domain).obs_dim, domain_info(eval_domain).act_dim):
+        raise SystemExit(f"--eval-domain {eval_domain} has other observation/action sizes than the source dataset; "
+                         f"pick a domain of the same task.")
+    ref_min = ref_max = None
+    if args.policy:  # exits with a sentence when the evaluation domain has no known references
+        ref_min, ref_max = reference_scores(eval_domain, source_dataset if eval_domain == args.source else None)
+    source = jax.device_put(to_transitions(source_dataset))
+    data_info = {"source_dataset": source_dataset.name, "source_size": source_dataset.size,
+                 "source_fingerprint": fingerprint(dataset_arrays(source_dataset)), "eval_domain": eval_domain,
+                 "ref_min_score": ref_min, "ref_max_score": ref_max}
+    init, train = make_train(args, obs_dim, act_dim)
+    policy = make_policy(args, act_dim)
+    hparams = Hyperparams(alpha=jnp.full(args.num_seeds, alpha, jnp.float32))
+
+    start = time.perf_counter()
+    runner = jax.jit(jax.vmap(init))(jnp.stack([jax.random.PRNGKey(seed) for seed in seeds]))
+    runner = jax.block_until_ready(runner)
+    compile_seconds = time.perf_counter() - start
+    start_step, evaluations = 0, []
+    if saved is not None:
+        runner = serialization.from_state_dict(runner, saved["runner"])
+        start_step, evaluations = int(saved["step"]), json.loads(saved["evaluations"])
+
+    # One program per chunk length (--eval-every, and the remainder), compiled ahead of time: no chunk recompiles.
+    chunks = [min(args.eval_every, args.steps - step) for step in range(start_step, args.steps, args.eval_every)]
+    compiled = {}
+    for num_steps in sorted(set(chunks)):
+        start = time.perf_counter()
+        train_chunk = jax.jit(jax.vmap(partial(train, num_steps=num_steps), in_axes=(0, None, 0)))
+        compiled[num_steps] = train_chunk.lower(runner, source, hparams).compile()
+        compile_seconds += time.perf_counter() - start
+
+    def write_artifact(step: int) -> None:
+        """The critics and value of every seed, and what they were trained on."""
+        state = jax.device_get(runner.state)
+        artifact = {"critic": serialization.to_state_dict(state.critic.params),
+                    "value": serialization.to_state_dict(state.value.params)}
+        info = {"kind": "sql", "step": step, "steps": args.steps, "finished": step == args.steps, "seeds": seeds,
+                "source": args.source, "quality": None if args.source_dataset else args.quality,
+                "source_dataset": source_dataset.name, "source_size": source_dataset.size,
+                "source_fingerprint": data_info["source_fingerprint"], "obs_dim": obs_dim, "act_dim": act_dim,
+                "hidden": list(args.hidden), "alpha": alpha, "batch_size": args.batch_size, "lr": args.lr,
+                "discount": args.discount, "tau": args.tau}
+        write_atomic(out / "sql.msgpack", serialization.msgpack_serialize(artifact))
+        write_atomic(out / "sql.json", json.dumps(info, indent=1).encode())
+
+    def write_results(step: int, timing: Optional[dict]) -> dict:
+        final = evaluations[-1] if step == args.steps and args.policy else None
+        results = {
+            "algo": "sql", "finished": step == args.steps, "step": step, "args": asdict(args), "alpha": alpha,
+            "seeds": seeds, "data": data_info, "artifact": str(out / "sql.msgpack"), "evaluations": evaluations,
+            "final": None if final is None else {key: value for key, value in final.items() if key != "losses"},
+            "timing": timing, "versions": package_versions()}
+        write_atomic(out / "results.json", json.dumps(results, indent=1).encode())
+        return results
+
+    out.mkdir(parents=True, exist_ok=True)
+    step, train_seconds, eval_seconds = start_step, 0.0, 0.0
+    if not chunks:  # --resume of a finished run: results.json again from the checkpoint, with its last timing
+        previous = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {}
+        results = write_results(step, previous.get("timing"))
+    pbar = tqdm(total=args.steps, initial=start_step, unit="step", dynamic_ncols=True,
+                desc=f"sql {args.source} x{args.num_seeds}")
+    pbar.set_postfix(score=f"{evaluations[-1]['score_mean']:.1f}" if evaluations and args.policy else "-")
+    for num_steps in chunks:
+        start = time.perf_counter()
+        runner, metrics = jax.block_until_ready(compiled[num_steps](runner, source, hparams))
+        train_seconds += time.perf_counter() - start
+        step += num_steps
+
+        if args.policy:
+            start = time.perf_counter()
+            result = evaluate(policy, runner.state.actor.params, eval_domain, num_episodes=args.eval_episodes,
+                              seed=args.seed + step, ref_scores=(ref_min, ref_max))
+            eval_seconds += time.perf_counter() - start
+            evaluations.append(evaluation_entry(step, result, metrics))
+        else:
+            evaluations.append({"step": step, "losses": {name: np.asarray(value, dtype=np.float64).tolist()
+                                                         for name, value in metrics.items()}})
+
+        # artefact and checkpoint first: if killed before results.json is rewritten, --resume rewrites it
+        write_artifact(step)
+        checkpoint = {"runner": serialization.to_state_dict(jax.device_get(runner)), "step": step,
+                      "evaluations": json.dumps(evaluations), "flags": json.dumps(run_flags(args))}
+        write_atomic(out / "checkpoint.msgpack", serialization.msgpack_serialize(checkpoint))
+        timed_steps = step - start_step
+        results = write_results(step, {
+            "steps_per_second": timed_steps / train_seconds,  # gradient steps, every seed at once
+            "updates_per_second": timed_steps * args.num_seeds / train_seconds,
+            "compile_seconds": compile_seconds, "train_seconds": train_seconds, "eval_seconds": eval_seconds,
+            "wall_seconds": time.perf_counter() - wall_start, "timed_steps": timed_steps,
+            "resumed_from_step": start_step, "device_kind": jax.devices()[0].device_kind,
+            "platform": jax.default_backend()})
+
+        latest = evaluations[-1]
+        pbar.update(num_steps)
+        message = f"step {step}: value loss {np.mean(metrics['value_loss']):.3g}, critic loss " \
+                  f"{np.mean(metrics['critic_loss']):.3g}, advantage {np.mean(metrics['advantage_mean']):.3g}"
+        if args.policy:
+            pbar.set_postfix(score=f"{latest['score_mean']:.1f}")
+            message += f", score {latest['score_mean']:.1f} +- {latest['score_std']:.1f}"
+        tqdm.write(message)
+    pbar.close()
+
+    score = f"final score {results['final']['score_mean']:.1f} +- {results['final']['score_std']:.1f}, " \
+        if args.policy else ""
+    print(f"sql {args.source} ({args.quality}, alpha {alpha}), seeds {seeds}: {score}{step} steps; critics and value "
+          f"in {out / 'sql.msgpack'}, results in {out}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1624 @@
+"""V2A: DVDF for heterogeneous source data, with a modality-aware advantage from trajectory representations.
+
+"Unifying Value Alignment and Assignment in Cross-Domain Offline Reinforcement Learning with Heterogeneous
+Datasets" (V2A, ICML 2026), built on DVDF (arXiv:2512.02435), IGDF (Wen et al., ICML 2024, arXiv:2405.06192), SQL
+(Xu et al., ICLR 2023) and IQL (Kostrikov et al., ICLR 2022). When the source dataset mixes several shifted domains
+and behaviour policies, DVDF's value signal A(s, a) averages over all of them ("value misassignment"); V2A
+conditions it on a representation z of the trajectory a transition came from. The whole pipeline in one file:
+    1. Trajectory encoder (stage 1/4). q(z | trajectory): a one-layer GRU (--gru-hidden 256) over the steps
+       [s_t, a_t, s_{t+1} - s_t]; its state after the last valid step feeds linear heads for the mean and log-std
+       (clamped to [-5, 2]) of z (--z-dim 128). Decoder: an ensemble of --ensemble-size 3 MLPs on [s, a, z] that
+       predict s' - s. Loss: reconstruction MSE (mean over ensemble members and state dims, masked mean over the
+       valid steps of the batch) + --kl-weight 1e-3 KL(q || N(0, I)) (summed over z dims, mean over windows).
+       Each step draws --encoder-batch-size 16 trajectories uniformly, and from each a window of min(length,
+       --window 200) consecutive steps at a uniform random start (shorter trajectories: all of it, padded and
+       masked); then, on the same batch, an encoder step with the decoder frozen (z = mean + std * noise), and a
+       decoder step with the encoder frozen and z = the (just updated) encoder mean. Adam --lr, gradient norm
+       clipped at --grad-clip 10, --encoder-steps 100,000.
+    2. Relabel. One z per source trajectory, the encoder mean, given to every transition of it. By default each
+       FULL trajectory is encoded in one masked pass (trajectories padded to the longest one, so a 1000-step
+       episode runs the GRU for 1000 steps although it was trained on windows of at most 200); with
+       `--relabel-window W` a trajectory is cut into consecutive windows of W steps and its z is the
+       length-weighted mean of their encoder means (the encoder never sees more steps than it was trained on).
+       Trajectories are the runs of equal episode_ids of the source dataset.
+    3. SQL with z (stage 2/4): SQL's critics Q1, Q2(s, a, z) and value V(s, z) (z concatenated to s), alpha 0.2,
+       batch 256, --sqlz-steps 5,000; the Q target r + discount (1 - d) V(s', z) uses the same trajectory's z; the
+       target critics take a Polyak step (--tau) every --sqlz-target-every 2 steps. The modality-aware advantage
+       is A(s, a, z) = min(Q1, Q2)(s, a, z) - V(s, z) with the online critics.
+    4. IGDF's contrastive dynamics scorer (stage 3/4), exactly as in dvdf.py (and so sharing its cache).
+    5. Filtered IQL (stage 4/4), exactly DVDF's with A(s, a, z) in place of A(s, a): per step B source and B target
+       transitions; g = lam h + (1 - lam) Norm(A(s, a, z)); keep the top int(B xi) source samples; IQL on kept
+       source + target with Q-loss weights exp(h) clamped at 100 on kept source samples (`--weighting
+       g_indicator`: g instead) and 1 on target. lam 0.6, xi 0.5. The final Q, V and policy do not take z.
+
+    python algos/v2a.py --source-dataset <heterogeneous source.hdf5> --source halfcheetah-morph --target halfcheetah
+    python algos/v2a.py ... --lam 0.4 0.6 1 --xi 0.3 0.5    # a lam x xi x seed grid in one program
+
+The grid, exactly as dvdf.py: --lam and --xi accept several values; every (lam, xi, seed) is one run of the same
+jitted program (lam outermost, seed innermost); lam and the kept count int(B xi) are traced values, the top-k is a
+rank mask and dropped samples are masked out of every loss. --source names the source's domain only for the output
+folder (a heterogeneous source mixes several); the episode_metadata of the source dataset says which domain and
+quality each trajectory came from.
+
+Stages 1-3 are frozen inputs of stage 4, trained once with the first seed (--seed) and shared by every run of the
+grid. They are cached under --cache-dir as `<stage>-<sha of its inputs>.msgpack` (+ `.json`), keyed by the
+fingerprints of the datasets (and, for the encoder, of the episode boundaries), the stage's flags and the seed;
+the SQL-with-z stage's key includes the encoder's key and --relabel-window. An interrupted stage resumes from
+`<stage>-<sha>.partial.msgpack`. The scorer stage is dvdf.py's, with the same key: a DVDF run and a V2A run on the
+same data share it. --scorer-artifact takes an artefact of algos/igdf_scorer.py instead.
+
+Diagnostics of the representation (results.json "representation", and z_projection.png in --out): a linear
+probe on the trajectories' z predicts each trajectory's episode_metadata "domain" (and "quality"): a multinomial
+logistic regression on standardised z fitted on the probe's training trajectories, its accuracy measured on
+--probe-fraction of each class's trajectories held out (a split by trajectory; the encoder itself is unsupervised
+and sees all of them), next to the chance level (always the majority class) and a nearest-centroid probe's
+accuracy; and a 2-D PCA projection of the trajectories' z coloured by domain (marker by quality). Filter
+diagnostics per evaluation and run, as dvdf.py: mean h, A(s, a, z) and g of kept and dropped samples, the Q weight
+of kept ones, and per domain and quality their share of the kept samples (kept_share), of the drawn samples
+(batch_share) and the fraction of drawn ones kept (keep_rate).
+
+Outputs in --out (default runs/v2a/<source>_to_<target>-<quality>/lam<lams>_xi<xis>/seed<seed>), written
+atomically:
+    results.json        flags, the grid, the stages, the representation diagnostics, every evaluation (per-run
+                        return and score, per-setting mean and std over seeds, losses, filter diagnostics), the
+                        final scores, timing and package versions
+    z_projection.png    the PCA of the trajectories' z, coloured by domain
+    checkpoint.msgpack  everything --resume needs; a resumed run ends bit for bit where an uninterrupted one would
+"""
+import hashlib
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass
+from functools import partial
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Literal, NamedTuple, Optional
+
+# `python algos/v2a.py` puts algos/ on the path, not the repository root that holds envs/.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tyro
+from flax import serialization
+from flax.training.train_state import TrainState
+from tqdm import tqdm
+
+from envs import check_domain, evaluate, load_dataset, reference_scores, subsample
+
+Quality = Literal["random", "medium", "medium-replay", "medium-expert", "expert"]
+
+
+@dataclass
+class Args:
+    # --- experiment ---
+    seed: int = 0
+    """seed of the first run; seed k of --num-seeds uses seed + k; the stages are trained with --seed"""
+    num_seeds: int = 1
+    """seeds per (lam, xi) setting, all vmapped in one jitted program"""
+    out: Optional[str] = None
+    """output folder; default runs/v2a/<source>_to_<target>-<quality>/lam<lams>_xi<xis>/seed<seed>"""
+    resume: bool = False
+    """continue the interrupted run in --out from its last checkpoint (same flags)"""
+    cache_dir: str = "runs/cache"
+    """where the pre-training stages are cached, keyed by everything they depend on"""
+    # --- data ---
+    source: str = "halfcheetah-kinematic"
+    """source domain (python -m envs list); with a heterogeneous --source-dataset only the output folder's name"""
+    target: str = "halfcheetah"
+    """target domain: the target dataset's domain and where the policy is evaluated"""
+    quality: Quality = "medium"
+    """quality of the generated source and target datasets"""
+    target_fraction: float = 0.1
+    """fraction of the target dataset kept, in (0, 1]"""
+    target_size: Optional[int] = None
+    """keep exactly this many target transitions instead of --target-fraction (the papers' low-data 5000)"""
+    source_dataset: Optional[str] = None
+    """a Minari id or D4RL-format HDF5 path to use instead of the generated source dataset (whole trajectories)"""
+    target_dataset: Optional[str] = None
+    """a Minari id or D4RL-format HDF5 path to use instead of the generated target dataset"""
+    # --- training and evaluation ---
+    steps: int = 1_000_000
+    """gradient steps of the filtered IQL"""
+    eval_every: int = 10_000
+    """gradient steps between evaluations (and checkpoints)"""
+    eval_episodes: int = 10
+    """episodes per evaluation and run"""
+    # --- optimisation ---
+    batch_size: int = 256
+    """source + target transitions drawn per step, half each (the authors' 128 + 128); the filter keeps
+    int(batch_size / 2 * xi) of the source half"""
+    lr: float = 3e-4
+    """Adam learning rate of every network (all stages included); the actor's decays to 0 on a cosine"""
+    hidden: tuple[int, ...] = (256, 256)
+    """hidden layer widths of every MLP (IQL, SQL with z, the scorer's encoders, the delta-state decoders)"""
+    # --- IQL ---
+    discount: float = 0.99
+    """discount of IQL and of the SQL-with-z stage"""
+    tau: float = 0.005
+    """Polyak rate of the target critics (IQL and the SQL-with-z stage)"""
+    expectile: float = 0.7
+    """expectile of the value loss, in (0, 1)"""
+    temperature: float = 3.0
+    """inverse temperature of the actor's advantage weights exp(temperature * A)"""
+    max_weight: float = 100.0
+    """clip of the actor's advantage weights"""
+    actor: Literal["deterministic", "gaussian"] = "deterministic"
+    """weighted squared error on tanh(mu(s)) (authors), or weighted Gaussian log-likelihood (original IQL)"""
+    # --- the filter ---
+    lam: tuple[float, ...] = (0.6,)
+    """weight of the dynamics score in g = lam h + (1 - lam) Norm(A(s, a, z)), in [0, 1]; several values run as
+    one grid"""
+    xi: tuple[float, ...] = (0.5,)
+    """fraction of each source batch kept (the top by g), in (0, 1]; several values run as one grid"""
+    weighting: Literal["exp_h", "g_indicator"] = "exp_h"
+    """Q-loss weight of a kept source sample: exp(h) (authors' code) or g (the paper's indicator times g), clamped
+    at 100"""
+    # --- stage 1: the trajectory encoder ---
+    encoder_steps: int = 100_000
+    """gradient steps of the encoder (each an encoder step and a decoder step on the same batch)"""
+    encoder_batch_size: int = 16
+    """trajectories per encoder step, one window of each"""
+    window: int = 200
+    """steps of a training window at most"""
+    gru_hidden: int = 256
+    """hidden units of the encoder's GRU"""
+    z_dim: int = 128
+    """size of the trajectory representation z"""
+    ensemble_size: int = 3
+    """delta-state decoders in the ensemble"""
+    kl_weight: float = 1e-3
+    """weight of KL(q(z | trajectory) || N(0, I)) against the reconstruction MSE"""
+    grad_clip: float = 10.0
+    """global gradient-norm clip of the encoder and the decoders"""
+    relabel_window: Optional[int] = None
+    """encode each whole trajectory in one pass (default), or average the encoder means of its consecutive windows
+    of this many steps (weighted by their lengths)"""
+    probe_fraction: float = 0.3
+    """fraction of each domain's (quality's) trajectories held out of the probe's fit to measure its accuracy, in
+    (0, 0.5]"""
+    # --- stage 2: SQL with z on the source dataset ---
+    sqlz_steps: int = 5_000
+    """gradient steps of SQL with z"""
+    sqlz_batch_size: int = 256
+    """source transitions per SQL step"""
+    alpha: float = 0.2
+    """SQL's regularisation strength"""
+    sqlz_target_every: int = 2
+    """gradient steps between two Polyak updates of SQL's target critics"""
+    # --- stage 3: the contrastive dynamics scorer ---
+    scorer_steps: int = 7_000
+    """gradient steps of the scorer"""
+    scorer_batch_size: int = 128
+    """B of the binary NCE: B target transitions and B - 1 shared source next states per step"""
+    repr_dim: int = 64
+    """size of the representations phi(s, a) and psi(s')"""
+    holdout_fraction: float = 0.1
+    """fraction of each dataset (at most 10,000 transitions) held out of the scorer's training to measure how
+    well it separates target from source, in (0, 0.5]"""
+    scorer_artifact: Optional[str] = None
+    """use these encoders (scorer.msgpack of algos/igdf_scorer.py, its first seed) instead of stage 3"""
+
+
+LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0  # the original IQL's log-std bounds, and V2A's bounds of the encoder's log-std
+HOLDOUT_MAX = 10_000  # held-out transitions per dataset at most: enough for a precise AUC, cheap to score
+SOURCE_HOLDOUT_SEED = 0  # the source hold-out is the same for every seed, so seed k equals a 1-seed run
+GROUP_KEYS = ("quality", "domain")  # per-episode metadata whose share among kept samples is reported
+STAGE_CHUNK = 10_000  # steps between two saves of an unfinished pre-training stage
+CACHE_VERSION = 1  # part of every stage's cache key: bump it when a stage's computation changes
+FILTER_WEIGHT_MAX = 100.0  # V2A clamps the Q-loss weights of kept source samples (exp(h) <= e: a safeguard)
+RELABEL_CHUNK = 256  # trajectories (or windows) encoded per call when relabelling
+PROBE_STEPS, PROBE_LR, PROBE_L2 = 2_000, 0.5, 1e-3  # the linear probe's gradient descent on standardised z
+
+
+# ---------------------------------------------------------------- networks
+class MLP(nn.Module):
+    hidden: tuple[int, ...]
+    out_dim: int
+
+    @nn.compact
+    def __call__(self, x):
+        for width in self.hidden:
+            x = nn.relu(nn.Dense(width)(x))
+        return nn.Dense(self.out_dim)(x)
+
+
+class TwinCritic(nn.Module):
+    """Two independent critics Q(s, a) evaluated as one batched network: output [2, batch]."""
+    hidden: tuple[int, ...]
+
+    @nn.compact
+    def __call__(self, obs, action):
+        twin = nn.vmap(MLP, variable_axes={"params": 0}, split_rngs={"params": True},
+                       in_axes=None, out_axes=0, axis_size=2)
+        return twin(self.hidden, 1)(jnp.concatenate([obs, action], axis=-1)).squeeze(-1)
+
+
+class ValueNet(nn.Module):
+    hidden: tuple[int, ...]
+
+    @nn.compact
+    def __call__(self, obs):
+        return MLP(self.hidden, 1)(obs).squeeze(-1)
+
+
+class Actor(nn.Module):
+    """obs -> (tanh(mu(s)), log_std): log_std is one learned vector for the Gaussian actor, None otherwise."""
+    act_dim: int
+    hidden: tuple[int, ...]
+    gaussian: bool = False
+
+    @nn.compact
+    def __call__(self, obs):
+        mean = jnp.tanh(MLP(self.hidden, self.act_dim)(obs))
+        if not self.gaussian:
+            return mean, None
+        log_std = self.param("log_std", nn.initializers.zeros, (self.act_dim,))
+        return mean, jnp.clip(log_std, LOG_STD_MIN, LOG_STD_MAX)
+
+
+class Scorer(nn.Module):
+    """IGDF's two encoders: phi(s, a) and psi(s'), no output activation. next_obs may have another batch size."""
+    hidden: tuple[int, ...]
+    repr_dim: int
+
+    @nn.compact
+    def __call__(self, obs, action, next_obs):
+        sa_repr = MLP(self.hidden, self.repr_dim, name="phi")(jnp.concatenate([obs, action], axis=-1))
+        next_repr = MLP(self.hidden, self.repr_dim, name="psi")(next_obs)
+        return sa_repr, next_repr
+
+
+class MaskedGRUStep(nn.Module):
+    """One GRU step over a batch; where valid is 0 (padding) the carried state passes through unchanged."""
+    hidden: int
+
+    @nn.compact
+    def __call__(self, carry, inputs):
+        step, valid = inputs  # [B, F], [B]
+        new_carry, _ = nn.GRUCell(self.hidden, name="cell")(carry, step)
+        return jnp.where(valid[:, None] > 0, new_carry, carry), None
+
+
+class TrajectoryEncoder(nn.Module):
+    """q(z | window): a GRU over the steps [s, a, s' - s]; its state after the last valid step (padded steps do not
+    update it) feeds linear heads for the mean and the log-std (clamped) of z. steps [B, T, F], mask [B, T]."""
+    gru_hidden: int
+    z_dim: int
+
+    @nn.compact
+    def __call__(self, steps, mask):
+        gru = nn.scan(MaskedGRUStep, variable_broadcast="params", split_rngs={"params": False}, in_axes=1)
+        last, _ = gru(self.gru_hidden, name="gru")(jnp.zeros((steps.shape[0], self.gru_hidden), steps.dtype),
+                                                   (steps, mask))
+        mean = nn.Dense(self.z_dim, name="mean")(last)
+        log_std = jnp.clip(nn.Dense(self.z_dim, name="log_std")(last), LOG_STD_MIN, LOG_STD_MAX)
+        return mean, log_std
+
+
+class DeltaDecoder(nn.Module):
+    """An ensemble of MLPs on [s, a, z] predicting s' - s, evaluated as one batched network: [ensemble, ..., obs]."""
+    hidden: tuple[int, ...]
+    obs_dim: int
+    ensemble_size: int
+
+    @nn.compact
+    def __call__(self, obs, actions, z):
+        ensemble = nn.vmap(MLP, variable_axes={"params": 0}, split_rngs={"params": True},
+                           in_axes=None, out_axes=0, axis_size=self.ensemble_size)
+        return ensemble(self.hidden, self.obs_dim)(jnp.concatenate([obs, actions, z], axis=-1))
+
+
+# ---------------------------------------------------------------- train states and data
+class IQLState(NamedTuple):
+    actor: TrainState
+    critic: TrainState
+    critic_target_params: Any
+    value: TrainState
+
+
+class Runner(NamedTuple):
+    """One run's whole training state; the runs of the grid stack it along a leading axis."""
+    state: IQLState
+    rng: jax.Array
+
+
+class Transitions(NamedTuple):
+    observations: jax.Array  # [N, obs_dim]
+    actions: jax.Array  # [N, act_dim]
+    rewards: jax.Array  # [N]
+    next_observations: jax.Array  # [N, obs_dim]
+    terminals: jax.Array  # [N], 1.0 on true termination only (bootstrap through time limits)
+
+
+class Data(NamedTuple):
+    source: Transitions  # shared by every run
+    source_trajectory: jax.Array  # [N_source] int32: which trajectory each source transition belongs to
+    trajectory_z: jax.Array  # [E, z_dim]: the representation of each source trajectory (the encoder mean)
+    source_groups: tuple  # per key of GROUP_KEYS the dataset has: [N_source] int32 label of each transition
+    target: Transitions  # one subsample per seed, stacked along a leading seed axis; runs index it by seed_index
+
+
+class Frozen(NamedTuple):
+    """The pre-trained stages, shared by every run and never trained here."""
+    sql_critic: Any  # Q1, Q2(s, a, z)
+    sql_value: Any  # V(s, z)
+    scorer: Any
+
+
+class Hyperparams(NamedTuple):
+    """Values a sweep may vary: traced, one per vmapped run."""
+    expectile: jax.Array
+    temperature: jax.Array
+    lam: jax.Array  # float32
+    keep_count: jax.Array  # int32, int(B xi) computed on the host
+    seed_index: jax.Array  # int32, which seed's target subsample the run trains on
+
+
+class EncoderState(NamedTuple):
+    encoder: TrainState
+    decoder: TrainState
+
+
+class EncoderRunner(NamedTuple):
+    state: EncoderState
+    rng: jax.Array
+
+
+class EncoderData(NamedTuple):
+    steps: jax.Array  # [N, 2 obs_dim + act_dim]: [s, a, s' - s] of every source transition, in dataset order
+    starts: jax.Array  # [E] int32: index of each trajectory's first transition
+    lengths: jax.Array  # [E] int32: its number of transitions
+
+
+class SQLState(NamedTuple):
+    critic: TrainState
+    critic_target_params: Any
+    value: TrainState
+
+
+class SQLRunner(NamedTuple):
+    state: SQLState
+    rng: jax.Array
+
+
+class SQLHyperparams(NamedTuple):
+    alpha: jax.Array
+
+
+class SQLZData(NamedTuple):
+    source: Transitions
+    source_trajectory: jax.Array  # [N] int32
+    trajectory_z: jax.Array  # [E, z_dim]
+
+
+class ScorerRunner(NamedTuple):
+    """One seed's whole scorer training state; many seeds stack it along a leading axis."""
+    state: TrainState
+    rng: jax.Array
+
+
+class ScorerData(NamedTuple):
+    target_observations: jax.Array  # [N_t, obs_dim] target transitions: the positives and the rows
+    target_actions: jax.Array  # [N_t, act_dim]
+    target_next_observations: jax.Array  # [N_t, obs_dim]
+    source_next_observations: jax.Array  # [N_s, obs_dim] source next states: the shared negatives
+
+
+# ---------------------------------------------------------------- stage 1: the trajectory encoder
+def gaussian_kl(mean, log_std):
+    """KL(N(mean, exp(log_std)^2) || N(0, I)) per row, summed over the last axis."""
+    return 0.5 * (jnp.exp(2.0 * log_std) + mean**2 - 1.0 - 2.0 * log_std).sum(-1)
+
+
+def encoder_decoder_loss(prediction, delta, mask, mean, log_std, kl_weight):
+    """Reconstruction MSE + kl_weight KL(q || N(0, I)); returns (loss, (reconstruction, kl)).
+
+    prediction: [K, B, T, D] of the K decoders; delta: [B, T, D] the true s' - s; mask: [B, T], 1 on valid steps.
+    The squared error is a mean over decoders and state dims, then a mean over the valid steps of the batch (padded
+    steps add nothing and are not counted); the KL is summed over z dims and averaged over the B windows.
+    """
+    per_step = ((prediction - delta) ** 2).mean(axis=(0, -1))
+    reconstruction = masked_mean(per_step, mask)
+    kl = gaussian_kl(mean, log_std).mean()
+    return reconstruction + kl_weight * kl, (reconstruction, kl)
+
+
+def make_window_loss(gru_hidden, z_dim, hidden, ensemble_size, kl_weight, obs_dim, act_dim):
+    """loss(encoder_params, decoder_params, steps [B, T, F], mask [B, T], noise [B, z_dim] or None) ->
+    (loss, (reconstruction, kl)); z = mean + std * noise (reparameterisation), or the mean when noise is None."""
+    encoder_net, decoder_net = TrajectoryEncoder(gru_hidden, z_dim), DeltaDecoder(hidden, obs_dim, ensemble_size)
+
+    def loss(encoder_params, decoder_params, steps, mask, noise):
+        mean, log_std = encoder_net.apply(encoder_params, steps, mask)
+        z = mean if noise is None else mean + jnp.exp(log_std) * noise
+        obs, actions = steps[..., :obs_dim], steps[..., obs_dim:obs_dim + act_dim]
+        delta = steps[..., obs_dim + act_dim:]
+        z_per_step = jnp.broadcast_to(z[:, None, :], (*steps.shape[:2], z_dim))  # one z for the whole window
+        prediction = decoder_net.apply(decoder_params, obs, actions, z_per_step)
+        return encoder_decoder_loss(prediction, delta, mask, mean, log_std, kl_weight)
+
+    return loss
+
+
+def sample_windows(key, data: EncoderData, batch_size: int, window: int):
+    """batch_size trajectories drawn uniformly, and from each min(length, window) consecutive steps at a uniform
+    random start: (steps [B, window, F], mask [B, window]); padded steps are zeros with mask 0."""
+    trajectory_key, start_key = jax.random.split(key)
+    trajectory = jax.random.randint(trajectory_key, (batch_size,), 0, data.starts.shape[0])
+    length = data.lengths[trajectory]
+    valid_length = jnp.minimum(length, window)
+    offset = jax.random.randint(start_key, (batch_size,), 0, length - valid_length + 1)
+    position = jnp.arange(window)
+    mask = position[None, :] < valid_length[:, None]
+    index = jnp.where(mask, data.starts[trajectory][:, None] + offset[:, None] + position[None, :], 0)
+    return jnp.where(mask[..., None], data.steps[index], 0.0), mask.astype(data.steps.dtype)
+
+
+def make_encoder_train(gru_hidden, z_dim, hidden, ensemble_size, kl_weight, lr, grad_clip, batch_size, window,
+                       obs_dim, act_dim):
+    """init(rng) -> EncoderRunner and train(runner, data, num_steps) -> (runner, chunk metrics), for one seed.
+
+    One step: an encoder step with the decoders frozen (z by reparameterisation), then a decoder step on the same
+    batch with the just-updated encoder frozen and z = its mean.
+    """
+    encoder_net, decoder_net = TrajectoryEncoder(gru_hidden, z_dim), DeltaDecoder(hidden, obs_dim, ensemble_size)
+    window_loss = make_window_loss(gru_hidden, z_dim, hidden, ensemble_size, kl_weight, obs_dim, act_dim)
+    step_dim = 2 * obs_dim + act_dim
+
+    def optimiser():
+        return optax.chain(optax.clip_by_global_norm(grad_clip), optax.adam(lr))
+
+    def init(rng) -> EncoderRunner:
+        rng, encoder_key, decoder_key = jax.random.split(rng, 3)
+        encoder_params = encoder_net.init(encoder_key, jnp.zeros((1, 1, step_dim)), jnp.ones((1, 1)))
+        decoder_params = decoder_net.init(decoder_key, jnp.zeros((1, obs_dim)), jnp.zeros((1, act_dim)),
+                                          jnp.zeros((1, z_dim)))
+        return EncoderRunner(EncoderState(
+            encoder=TrainState.create(apply_fn=encoder_net.apply, params=encoder_params, tx=optimiser()),
+            decoder=TrainState.create(apply_fn=decoder_net.apply, params=decoder_params, tx=optimiser())), rng)
+
+    def step(runner: EncoderRunner, data: EncoderData):
+        rng, window_key, noise_key = jax.random.split(runner.rng, 3)
+        steps, mask = sample_windows(window_key, data, batch_size, window)
+        noise = jax.random.normal(noise_key, (batch_size, z_dim))
+        state = runner.state
+
+        decoder_params = jax.lax.stop_gradient(state.decoder.params)
+        (loss, (reconstruction, kl)), grads = jax.value_and_grad(
+            lambda params: window_loss(params, decoder_params, steps, mask, noise), has_aux=True)(state.encoder.params)
+        encoder = state.encoder.apply_gradients(grads=grads)
+
+        encoder_params = jax.lax.stop_gradient(encoder.params)
+        (_, (decoder_reconstruction, _)), grads = jax.value_and_grad(
+            lambda params: window_loss(encoder_params, params, steps, mask, None), has_aux=True)(state.decoder.params)
+        decoder = state.decoder.apply_gradients(grads=grads)
+        metrics = {"loss": loss, "reconstruction": reconstruction, "kl": kl,
+                   "decoder_reconstruction": decoder_reconstruction, "window_length": mask.sum(1).mean()}
+        return EncoderRunner(EncoderState(encoder, decoder), rng), metrics
+
+    def train(runner: EncoderRunner, data: EncoderData, num_steps: int):
+        """num_steps gradient steps in one lax.scan; metrics are their means over the chunk."""
+        runner, metrics = jax.lax.scan(lambda r, _: step(r, data), runner, None, length=num_steps)
+        return runner, jax.tree.map(jnp.mean, metrics)
+
+    return init, train
+
+
+def trajectory_bounds(dataset) -> tuple[np.ndarray, np.ndarray]:
+    """(starts, lengths) of the trajectories: the runs of equal episode_ids (non-decreasing) in dataset order."""
+    boundaries = np.flatnonzero(np.diff(dataset.episode_ids) != 0) + 1
+    starts = np.concatenate([[0], boundaries]).astype(np.int32)
+    return starts, np.diff(np.append(starts, dataset.size)).astype(np.int32)
+
+
+def encoder_steps(dataset) -> np.ndarray:
+    """[N, 2 obs_dim + act_dim]: the encoder's input [s, a, s' - s] of every transition."""
+    return np.concatenate([dataset.observations, dataset.actions,
+                           dataset.next_observations - dataset.observations], axis=1).astype(np.float32)
+
+
+def relabel_rows(starts, lengths, window: Optional[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(row starts, row lengths, owner trajectory of each row): one row per trajectory (window None), or its
+    consecutive windows of `window` steps (the last one shorter)."""
+    if window is None:
+        return starts, lengths, np.arange(len(starts))
+    per_trajectory = -(-lengths // window)  # ceil
+    owner = np.repeat(np.arange(len(starts)), per_trajectory)
+    first_row = np.cumsum(per_trajectory) - per_trajectory
+    offset = (np.arange(owner.size) - first_row[owner]) * window
+    row_lengths = np.minimum(window, lengths[owner] - offset)
+    return (starts[owner] + offset).astype(np.int32), row_lengths.astype(np.int32), owner
+
+
+def make_encode_fn(gru_hidden, z_dim):
+    """encode(params, steps [N, F], row_starts [R], row_lengths [R], width) -> encoder means [R, z_dim] of the rows,
+    each padded to `width` steps and masked."""
+    encoder_net = TrajectoryEncoder(gru_hidden, z_dim)
+
+    @partial(jax.jit, static_argnames="width")
+    def encode(params, steps, row_starts, row_lengths, width: int):
+        position = jnp.arange(width)
+        mask = position[None, :] < row_lengths[:, None]
+        index = jnp.where(mask, row_starts[:, None] + position[None, :], 0)
+        window_steps = jnp.where(mask[..., None], steps[index], 0.0)
+        return encoder_net.apply(params, window_steps, mask.astype(steps.dtype))[0]
+
+    return encode
+
+
+def relabel(encoder_params, dataset, gru_hidden: int, z_dim: int, window: Optional[int]):
+    """One z per trajectory, the encoder mean (see the module docstring): returns (trajectory index of each
+    transition [N] int32, z of each trajectory [E, z_dim] float32)."""
+    starts, lengths = trajectory_bounds(dataset)
+    row_starts, row_lengths, owner = relabel_rows(starts, lengths, window)
+    width = int(row_lengths.max())
+    encode, steps = make_encode_fn(gru_hidden, z_dim), jax.device_put(encoder_steps(dataset))
+    means = []
+    chunks = tqdm(range(0, len(row_starts), RELABEL_CHUNK), unit="chunk", dynamic_ncols=True,
+                  desc=f"relabel: z of {len(starts)} source trajectories")
+    for first in chunks:  # fixed-size chunks: one compilation
+        chunk = slice(first, first + RELABEL_CHUNK)
+        pad = RELABEL_CHUNK - len(row_starts[chunk])
+        chunk_starts = np.pad(row_starts[chunk], (0, pad))
+        chunk_lengths = np.pad(row_lengths[chunk], (0, pad), constant_values=1)
+        chunk_means = encode(encoder_params, steps, chunk_starts, chunk_lengths, width)
+        means.append(np.asarray(chunk_means)[:RELABEL_CHUNK - pad])
+    means = np.concatenate(means).astype(np.float64)
+    trajectory_z = np.zeros((len(starts), z_dim))
+    np.add.at(trajectory_z, owner, means * row_lengths[:, None])  # length-weighted mean of a trajectory's windows
+    trajectory_z /= lengths[:, None]
+    return np.repeat(np.arange(len(starts), dtype=np.int32), lengths), trajectory_z.astype(np.float32)
+
+
+# ---------------------------------------------------------------- stage 2: SQL with z
+def sql_value_loss(v, target_q, alpha):
+    """SQL's sparse value loss on u = min(Q1', Q2')(s, a) - V(s) with the target critics; returns (loss, u).
+
+    mean(1[1 + u / (2 alpha) > 0] (1 + u / (2 alpha))^2 + V(s) / alpha): the squared hinge pushes V up towards
+    the Q of in-sample actions, the linear term pushes it down; their balance is a sparse "max" over actions.
+    """
+    advantage = target_q - v
+    hinge = 1.0 + advantage / (2.0 * alpha)
+    return (jnp.where(hinge > 0, hinge**2, 0.0) + v / alpha).mean(), advantage
+
+
+def critic_loss(q, target, weight):
+    """Sum over the two critics of mean_i weight_i (Q_k(s_i, a_i) - y_i)^2 (IQL eq. 6).
+
+    q: [2, B]; target, weight: [B]. weight is 1 for plain IQL; DVDF/IGDF pass exp(h) per source sample.
+    """
+    per_sample = ((q - target) ** 2).sum(0)
+    chex.assert_equal_shape([weight, per_sample])  # a [B, 1] weight would broadcast to [B, B] (IGDF's bug)
+    return (weight * per_sample).mean()
+
+
+def with_z(obs, z):
+    """The input [s, z] of V(s, z), and of Q(s, a, z) with a."""
+    return jnp.concatenate([obs, z], axis=-1)
+
+
+def make_sqlz_losses(hidden, discount):
+    """(value_loss, critic_loss, advantage) of SQL with z, pure functions of the parameters:
+
+    value_loss(value_params, critic_target_params, batch, z, alpha) -> (SQL's V loss on u = min(Q1', Q2')(s, a, z)
+        - V(s, z), u)
+    critic_loss(critic_params, value_params, batch, z) -> sum over both critics of the MSE to r + discount (1 - d)
+        V(s', z): s' belongs to the same trajectory, so it gets the same z
+    advantage(critic_params, value_params, obs, actions, z) -> A(s, a, z) = min(Q1, Q2)(s, a, z) - V(s, z)
+    """
+    critic_net, value_net = TwinCritic(hidden), ValueNet(hidden)
+
+    def value_loss(value_params, critic_target_params, batch: Transitions, z, alpha):
+        obs_z = with_z(batch.observations, z)
+        target_q = critic_net.apply(critic_target_params, obs_z, batch.actions).min(0)
+        return sql_value_loss(value_net.apply(value_params, obs_z), target_q, alpha)
+
+    def sqlz_critic_loss(critic_params, value_params, batch: Transitions, z):
+        next_v = value_net.apply(value_params, with_z(batch.next_observations, z))
+        target = batch.rewards + discount * (1.0 - batch.terminals) * next_v
+        q = critic_net.apply(critic_params, with_z(batch.observations, z), batch.actions)
+        return critic_loss(q, target, jnp.ones_like(target))
+
+    def advantage(critic_params, value_params, obs, actions, z):
+        obs_z = with_z(obs, z)
+        return critic_net.apply(critic_params, obs_z, actions).min(0) - value_net.apply(value_params, obs_z)
+
+    return value_loss, sqlz_critic_loss, advantage
+
+
+def make_sqlz_train(hidden, lr, batch_size, discount, tau, target_every, obs_dim, act_dim, z_dim):
+    """init(rng) -> SQLRunner and train(runner, data, hparams, num_steps): SQL's critics and value (as dvdf.py's
+    stage 1) on [s, z], with the target critics updated every target_every steps."""
+    critic_net, value_net = TwinCritic(hidden), ValueNet(hidden)
+    value_loss, sqlz_critic_loss, _ = make_sqlz_losses(hidden, discount)
+
+    def init(rng) -> SQLRunner:
+        rng, _actor_key, critic_key, value_key = jax.random.split(rng, 4)  # sql_pretrain.py's split
+        obs_z, action = jnp.zeros((1, obs_dim + z_dim)), jnp.zeros((1, act_dim))
+        critic_params = critic_net.init(critic_key, obs_z, action)
+        state = SQLState(
+            critic=TrainState.create(apply_fn=critic_net.apply, params=critic_params, tx=optax.adam(lr)),
+            critic_target_params=jax.tree.map(jnp.copy, critic_params),
+            value=TrainState.create(apply_fn=value_net.apply, params=value_net.init(value_key, obs_z),
+                                    tx=optax.adam(lr)))
+        return SQLRunner(state, rng)
+
+    def update(state: SQLState, batch: Transitions, z, hparams: SQLHyperparams):
+        (v_loss, advantage), grads = jax.value_and_grad(value_loss, has_aux=True)(
+            state.value.params, state.critic_target_params, batch, z, hparams.alpha)
+        value = state.value.apply_gradients(grads=grads)
+        q_loss, grads = jax.value_and_grad(sqlz_critic_loss)(state.critic.params, value.params, batch, z)
+        critic = state.critic.apply_gradients(grads=grads)
+        polyak = optax.incremental_update(critic.params, state.critic_target_params, tau)
+        due = critic.step % target_every == 0  # critic.step counts the steps taken, this one included
+        critic_target_params = jax.tree.map(lambda new, old: jnp.where(due, new, old), polyak,
+                                            state.critic_target_params)
+        metrics = {"value_loss": v_loss, "critic_loss": q_loss, "advantage_mean": advantage.mean()}
+        return SQLState(critic, critic_target_params, value), metrics
+
+    def train(runner: SQLRunner, data: SQLZData, hparams: SQLHyperparams, num_steps: int):
+        def step(runner: SQLRunner, _):
+            rng, batch_key = jax.random.split(runner.rng)
+            indices = jax.random.randint(batch_key, (batch_size,), 0, data.source.rewards.shape[0])
+            batch = jax.tree.map(lambda x: x[indices], data.source)
+            z = data.trajectory_z[data.source_trajectory[indices]]
+            state, metrics = update(runner.state, batch, z, hparams)
+            return SQLRunner(state, rng), metrics
+
+        runner, metrics = jax.lax.scan(step, runner, None, length=num_steps)
+        return runner, jax.tree.map(jnp.mean, metrics)
+
+    return init, train
+
+
+# ---------------------------------------------------------------- stage 3: the scorer (as igdf_scorer.py)
+def nce_loss(sa_repr, target_next_repr, source_next_repr):
+    """IGDF's binary NCE; returns (loss, logits [B, B]).
+
+    sa_repr, target_next_repr: [B, D] from B target transitions; source_next_repr: [B - 1, D], the negatives
+    shared by every row. logits_i0 = phi_i . psi(s'_i) (label 1), logits_ij = phi_i . psi(source s'_j) (label 0);
+    the loss is the mean over all B x B entries of the binary cross-entropy with logits.
+    """
+    batch, dim = sa_repr.shape
+    chex.assert_shape([target_next_repr], (batch, dim))
+    chex.assert_shape([source_next_repr], (batch - 1, dim))
+    positive = (sa_repr * target_next_repr).sum(-1, keepdims=True)
+    negatives = sa_repr @ source_next_repr.T
+    logits = jnp.concatenate([positive, negatives], axis=1)
+    labels = jnp.zeros_like(logits).at[:, 0].set(1.0)
+    return optax.sigmoid_binary_cross_entropy(logits, labels).mean(), logits
+
+
+def dynamics_score(sa_repr, next_repr, eps=1e-8):
+    """h(s, a, s') = cos(phi(s, a), psi(s')) in [-1, 1], per transition (torch's cosine_similarity, eps 1e-8)."""
+    norms = jnp.linalg.norm(sa_repr, axis=-1) * jnp.linalg.norm(next_repr, axis=-1)
+    return (sa_repr * next_repr).sum(-1) / jnp.maximum(norms, eps)
+
+
+def make_scorer_train(hidden, repr_dim, lr, batch_size, obs_dim, act_dim):
+    """Returns init(rng) -> ScorerRunner and train(runner, data, num_steps) -> (runner, chunk metrics).
+
+    Pure functions of one seed; run as jax.jit(jax.vmap(...)) over seeds (dvdf.py runs a copy on one seed).
+    """
+    scorer_net = Scorer(hidden, repr_dim)
+
+    def init(rng) -> ScorerRunner:
+        rng, key = jax.random.split(rng)
+        obs, action = jnp.zeros((1, obs_dim)), jnp.zeros((1, act_dim))
+        params = scorer_net.init(key, obs, action, obs)
+        return ScorerRunner(TrainState.create(apply_fn=scorer_net.apply, params=params, tx=optax.adam(lr)), rng)
+
+    def step(runner: ScorerRunner, data: ScorerData):
+        rng, batch_key = jax.random.split(runner.rng)
+        target_key, source_key = jax.random.split(batch_key)
+        rows = jax.random.randint(target_key, (batch_size,), 0, data.target_observations.shape[0])
+        negatives = jax.random.randint(source_key, (batch_size - 1,), 0, data.source_next_observations.shape[0])
+        next_obs = jnp.concatenate([data.target_next_observations[rows], data.source_next_observations[negatives]])
+
+        def loss_fn(params):
+            sa_repr, next_repr = scorer_net.apply(params, data.target_observations[rows],
+                                                  data.target_actions[rows], next_obs)
+            return nce_loss(sa_repr, next_repr[:batch_size], next_repr[batch_size:])
+
+        (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(runner.state.params)
+        labels = jnp.zeros_like(logits).at[:, 0].set(1.0)
+        metrics = {"nce_loss": loss, "positive_logit": logits[:, 0].mean(), "negative_logit": logits[:, 1:].mean(),
+                   "nce_accuracy": ((logits > 0) == (labels > 0)).mean()}
+        return ScorerRunner(runner.state.apply_gradients(grads=grads), rng), metrics
+
+    def train(runner: ScorerRunner, data: ScorerData, num_steps: int):
+        """num_steps gradient steps in one lax.scan; metrics are their means over the chunk."""
+        runner, metrics = jax.lax.scan(lambda r, _: step(r, data), runner, None, length=num_steps)
+        return runner, jax.tree.map(jnp.mean, metrics)
+
+    return init, train
+
+
+def make_score_fn(hidden, repr_dim):
+    """score(params, obs, actions, next_obs) -> h [N]: the dynamics score of one seed's scorer."""
+    scorer_net = Scorer(hidden, repr_dim)
+
+    def score(params, obs, actions, next_obs):
+        return dynamics_score(*scorer_net.apply(params, obs, actions, next_obs))
+
+    return score
+
+
+def separation_auc(target_scores, source_scores) -> float:
+    """ROC AUC of h: the chance that a held-out target transition scores above a source one, ties counted half."""
+    sorted_source = np.sort(np.asarray(source_scores, dtype=np.float64))
+    target_scores = np.asarray(target_scores, dtype=np.float64)
+    below = np.searchsorted(sorted_source, target_scores, side="left")
+    not_above = np.searchsorted(sorted_source, target_scores, side="right")
+    return float((below + 0.5 * (not_above - below)).sum() / (len(target_scores) * len(sorted_source)))
+
+
+def held_out_separation(score, params, target_held, source_held) -> dict:
+    """Per seed: AUC of h between held-out target and source transitions, and the mean h of each.
+
+    params: stacked over S seeds; target_held: (obs, actions, next_obs) stacked [S, n, ...]; source_held: the
+    shared (obs, actions, next_obs) [m, ...].
+    """
+    batched = jax.jit(jax.vmap(score, in_axes=(0, 0, 0, 0)))
+    target_scores = np.asarray(batched(params, *target_held))
+    source_scores = np.asarray(jax.jit(jax.vmap(score, in_axes=(0, None, None, None)))(params, *source_held))
+    return {"auc": [separation_auc(t, s) for t, s in zip(target_scores, source_scores)],
+            "target_score_mean": target_scores.mean(1).astype(np.float64).tolist(),
+            "source_score_mean": source_scores.mean(1).astype(np.float64).tolist()}
+
+
+def holdout_split(size: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(training indices, held-out indices): a random `fraction` of `size` held out, at least 1, at most 10,000."""
+    held = min(max(1, int(round(fraction * size))), HOLDOUT_MAX)
+    if held >= size:
+        raise SystemExit(f"A dataset of {size} transitions is too small to hold out {held} of them for the "
+                         f"scorer's separation test; use more data or a smaller --holdout-fraction.")
+    permutation = np.random.default_rng(seed).permutation(size)
+    return np.sort(permutation[held:]), np.sort(permutation[:held])
+
+
+def held_out(dataset, indices) -> tuple:
+    return dataset.observations[indices], dataset.actions[indices], dataset.next_observations[indices]
+
+
+# ---------------------------------------------------------------- the filter
+def normalise_advantage(advantage):
+    """Norm(A) = (A - min_batch A) / (max_batch A - min_batch A + 1e-8), in [0, 1) over the source batch."""
+    low, high = advantage.min(), advantage.max()
+    return (advantage - low) / (high - low + 1e-8)
+
+
+def filter_score(dynamics_score, advantage, lam):
+    """g = lam h + (1 - lam) Norm(A) (DVDF): lam = 1 ranks by the dynamics score alone (IGDF), lam = 0 by A."""
+    return lam * dynamics_score + (1.0 - lam) * normalise_advantage(advantage)
+
+
+def keep_mask(score, keep_count):
+    """1.0 on the keep_count samples with the highest score, 0.0 elsewhere: exactly keep_count ones.
+
+    The rank of sample i is the number of samples with a higher score plus those with an equal score and a lower
+    index (lax.top_k's tie rule); keep rank < keep_count. A mask instead of a gather keeps shapes static, so
+    keep_count can be a traced (vmapped) value.
+    """
+    index = jnp.arange(score.shape[0])
+    ahead = (score[None, :] > score[:, None]) | ((score[None, :] == score[:, None]) & (index[None, :] < index[:, None]))
+    return (ahead.sum(1) < keep_count).astype(score.dtype)
+
+
+def q_weights(dynamics_score, score, keep, target_size: int, weighting: str):
+    """Per-sample Q-loss weights of [source batch, target batch]: exp(h) (or g) clamped at 100 on kept source
+    samples, 0 on dropped ones (masked out anyway), 1 on target samples."""
+    source_weight = jnp.minimum(jnp.exp(dynamics_score) if weighting == "exp_h" else score, FILTER_WEIGHT_MAX)
+    return jnp.concatenate([keep * source_weight, jnp.ones(target_size, keep.dtype)])
+
+
+# ---------------------------------------------------------------- IQL losses over kept source + target samples
+def masked_mean(values, mask):
+    """Mean of values over the samples where mask is 1: over the concatenation of kept source and target samples,
+    exactly (a dropped sample adds nothing to the sum and is not counted)."""
+    chex.assert_equal_shape([values, mask])
+    return (values * mask).sum() / mask.sum()
+
+
+def expectile_loss(diff, expectile):
+    """Per-sample asymmetric squared error |expectile - 1[diff < 0]| * diff^2 (IQL eq. 5)."""
+    return jnp.where(diff < 0, 1.0 - expectile, expectile) * diff**2
+
+
+def value_loss(v, target_q, expectile, mask):
+    """Unweighted IQL V loss on u = min(Q1', Q2')(s, a) - V(s) with the target critics; returns (loss, u)."""
+    advantage = target_q - v
+    return masked_mean(expectile_loss(advantage, expectile), mask), advantage
+
+
+def weighted_critic_loss(q, target, weight, mask):
+    """Sum over the two critics of the masked mean of weight_i (Q_k(s_i, a_i) - y_i)^2. q: [2, B]; the rest [B]."""
+    per_sample = ((q - target) ** 2).sum(0)
+    chex.assert_equal_shape([weight, per_sample])  # a [B, 1] weight would broadcast to [B, B] (IGDF's bug)
+    return masked_mean(weight * per_sample, mask)
+
+
+def advantage_weight(advantage, temperature, max_weight):
+    """min(exp(temperature * A), max_weight) (IQL eq. 7), a constant for the actor."""
+    return jax.lax.stop_gradient(jnp.minimum(jnp.exp(temperature * advantage), max_weight))
+
+
+def deterministic_actor_loss(mean, actions, weight, mask):
+    """Weighted behaviour cloning: masked mean over samples, mean over action dims, of weight (tanh(mu(s)) - a)^2."""
+    per_sample = ((mean - actions) ** 2).mean(-1)
+    chex.assert_equal_shape([weight, per_sample])
+    return masked_mean(weight * per_sample, mask)
+
+
+def gaussian_actor_loss(mean, log_std, actions, weight, mask):
+    """Weighted negative log-likelihood of a under N(tanh(mu(s)), exp(log_std)^2), summed over action dims."""
+    log_prob = (-0.5 * ((actions - mean) / jnp.exp(log_std)) ** 2 - log_std - 0.5 * jnp.log(2 * jnp.pi)).sum(-1)
+    chex.assert_equal_shape([weight, log_prob])
+    return -masked_mean(weight * log_prob, mask)
+
+
+# ---------------------------------------------------------------- stage 4: filtered IQL
+def make_train(args: Args, obs_dim: int, act_dim: int, sql_hidden, scorer_hidden, repr_dim: int,
+               groups: tuple = ()):
+    """Returns init(rng) -> Runner and train(runner, data, frozen, hparams, num_steps) -> (runner, metrics).
+
+    dvdf.py's make_train with the modality-aware advantage A(s, a, z): each source sample brings its trajectory's
+    z to the frozen SQL-with-z critics and value; the IQL networks do not see z. Pure functions of one run, run as
+    jax.jit(jax.vmap(...)) over the (lam, xi, seed) grid. metrics = (mean losses, summed filter statistics).
+    """
+    actor_net = Actor(act_dim, args.hidden, gaussian=args.actor == "gaussian")
+    critic_net, value_net = TwinCritic(args.hidden), ValueNet(args.hidden)
+    _, _, modality_advantage = make_sqlz_losses(tuple(sql_hidden), args.discount)
+    scorer_net = Scorer(tuple(scorer_hidden), repr_dim)
+    source_size = args.batch_size // 2
+    target_size = args.batch_size - source_size
+
+    def init(rng) -> Runner:
+        rng, actor_key, critic_key, value_key = jax.random.split(rng, 4)
+        obs, action = jnp.zeros((1, obs_dim)), jnp.zeros((1, act_dim))
+        critic_params = critic_net.init(critic_key, obs, action)
+        state = IQLState(
+            actor=TrainState.create(apply_fn=actor_net.apply, params=actor_net.init(actor_key, obs),
+                                    tx=optax.adam(optax.cosine_decay_schedule(args.lr, args.steps))),
+            critic=TrainState.create(apply_fn=critic_net.apply, params=critic_params, tx=optax.adam(args.lr)),
+            critic_target_params=jax.tree.map(jnp.copy, critic_params),
+            value=TrainState.create(apply_fn=value_net.apply, params=value_net.init(value_key, obs),
+                                    tx=optax.adam(args.lr)),
+        )
+        return Runner(state, rng)
+
+    def filter_source(source_batch: Transitions, z, frozen: Frozen, hparams: Hyperparams):
+        """h, A(s, a, z), g and the keep mask of one source batch; the frozen stages get no gradient."""
+        frozen = jax.lax.stop_gradient(frozen)
+        obs, actions = source_batch.observations, source_batch.actions
+        h = dynamics_score(*scorer_net.apply(frozen.scorer, obs, actions, source_batch.next_observations))
+        advantage = modality_advantage(frozen.sql_critic, frozen.sql_value, obs, actions, z)  # online critics
+        score = filter_score(h, advantage, hparams.lam)
+        return h, advantage, score, keep_mask(score, hparams.keep_count)
+
+    def update(state: IQLState, source_batch: Transitions, source_z, target_batch: Transitions, labels: tuple,
+               frozen: Frozen, hparams: Hyperparams):
+        """Filter the source batch, then one IQL step on kept source + target (no z from here on)."""
+        h, sql_advantage, score, keep = filter_source(source_batch, source_z, frozen, hparams)
+        mask = jnp.concatenate([keep, jnp.ones(target_size)])
+        q_weight = q_weights(h, score, keep, target_size, args.weighting)
+        batch = jax.tree.map(lambda s, t: jnp.concatenate([s, t]), source_batch, target_batch)
+
+        # 1. value (unweighted): expectile regression towards the target critics' min
+        target_q = critic_net.apply(state.critic_target_params, batch.observations, batch.actions).min(0)
+
+        def value_loss_fn(params):
+            return value_loss(value_net.apply(params, batch.observations), target_q, hparams.expectile, mask)
+
+        (v_loss, advantage), grads = jax.value_and_grad(value_loss_fn, has_aux=True)(state.value.params)
+        value = state.value.apply_gradients(grads=grads)
+
+        # 2. critics, weighted: y = r + discount (1 - d) V(s') with the value just updated
+        next_v = value_net.apply(value.params, batch.next_observations)
+        target = batch.rewards + args.discount * (1.0 - batch.terminals) * next_v
+
+        def critic_loss_fn(params):
+            q = critic_net.apply(params, batch.observations, batch.actions)
+            return weighted_critic_loss(q, target, q_weight, mask), masked_mean(q.mean(0), mask)
+
+        (q_loss, q_mean), grads = jax.value_and_grad(critic_loss_fn, has_aux=True)(state.critic.params)
+        critic = state.critic.apply_gradients(grads=grads)
+
+        # 3. target critics
+        critic_target_params = optax.incremental_update(critic.params, state.critic_target_params, args.tau)
+
+        # 4. actor (no filter weight): advantage-weighted regression with the advantage of step 1
+        weight = advantage_weight(advantage, hparams.temperature, args.max_weight)
+
+        def actor_loss_fn(params):
+            mean, log_std = actor_net.apply(params, batch.observations)
+            if args.actor == "gaussian":
+                return gaussian_actor_loss(mean, log_std, batch.actions, weight, mask)
+            return deterministic_actor_loss(mean, batch.actions, weight, mask)
+
+        actor_loss, grads = jax.value_and_grad(actor_loss_fn)(state.actor.params)
+        actor = state.actor.apply_gradients(grads=grads)
+
+        losses = {"value_loss": v_loss, "critic_loss": q_loss, "actor_loss": actor_loss,
+                  "advantage_mean": masked_mean(advantage, mask), "q_mean": q_mean,
+                  "weight_mean": masked_mean(weight, mask)}
+        dropped = 1.0 - keep
+        sums = {"kept": keep.sum(), "dynamics_score_kept": (h * keep).sum(),
+                "dynamics_score_dropped": (h * dropped).sum(), "advantage_kept": (sql_advantage * keep).sum(),
+                "advantage_dropped": (sql_advantage * dropped).sum(), "filter_score_kept": (score * keep).sum(),
+                "filter_score_dropped": (score * dropped).sum(), "q_weight_kept": q_weight[:source_size].sum()}
+        for (key, size), label in zip(groups, labels):
+            one_hot = jax.nn.one_hot(label, size)
+            sums[f"seen_by_{key}"] = one_hot.sum(0)
+            sums[f"kept_by_{key}"] = (one_hot * keep[:, None]).sum(0)
+        return IQLState(actor, critic, critic_target_params, value), losses, sums
+
+    def train(runner: Runner, data: Data, frozen: Frozen, hparams: Hyperparams, num_steps: int):
+        """num_steps gradient steps in one lax.scan; losses are their means, filter statistics their sums."""
+
+        def step(runner: Runner, _):
+            rng, batch_key = jax.random.split(runner.rng)
+            source_key, target_key = jax.random.split(batch_key)
+            source_indices = jax.random.randint(source_key, (source_size,), 0, data.source.rewards.shape[0])
+            target_indices = jax.random.randint(target_key, (target_size,), 0, data.target.rewards.shape[1])
+            source_batch = jax.tree.map(lambda x: x[source_indices], data.source)
+            source_z = data.trajectory_z[data.source_trajectory[source_indices]]
+            target_batch = jax.tree.map(lambda x: x[hparams.seed_index, target_indices], data.target)
+            labels = tuple(label[source_indices] for label in data.source_groups)
+            state, losses, sums = update(runner.state, source_batch, source_z, target_batch, labels, frozen,
+                                         hparams)
+            return Runner(state, rng), (losses, sums)
+
+        runner, (losses, sums) = jax.lax.scan(step, runner, None, length=num_steps)
+        return runner, (jax.tree.map(jnp.mean, losses), jax.tree.map(lambda x: x.sum(0), sums))
+
+    return init, train
+
+
+def make_policy(args: Args, act_dim: int):
+    """The deterministic evaluation action tanh(mu(s)), for one run's actor parameters."""
+    actor_net = Actor(act_dim, args.hidden, gaussian=args.actor == "gaussian")
+
+    def policy(actor_params, obs):
+        return actor_net.apply(actor_params, obs)[0]
+
+    return policy
+
+
+def filter_diagnostics(sums: dict, group_names: dict, num_steps: int, source_size: int) -> dict:
+    """Per-run means of kept and dropped source samples from a chunk's summed statistics ([G] arrays); None where
+    nothing was kept or dropped."""
+    sums = {name: np.asarray(value, dtype=np.float64) for name, value in sums.items()}
+    kept = sums["kept"]
+    dropped = num_steps * source_size - kept
+
+    def ratio(numerator, denominator):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            values = np.where(denominator > 0, numerator / denominator, np.nan)
+        return [None if not np.isfinite(v) else float(v) for v in np.atleast_1d(values)]
+
+    diagnostics = {"kept_fraction": ratio(kept, kept + dropped)}
+    for name in ("dynamics_score", "advantage", "filter_score"):
+        diagnostics[f"{name}_kept"] = ratio(sums[f"{name}_kept"], kept)
+        diagnostics[f"{name}_dropped"] = ratio(sums[f"{name}_dropped"], dropped)
+    diagnostics["q_weight_kept"] = ratio(sums["q_weight_kept"], kept)
+    for share in ("kept_share", "batch_share", "keep_rate"):
+        diagnostics[share] = {}
+    for key, names in group_names.items():
+        kept_by, seen_by = sums[f"kept_by_{key}"], sums[f"seen_by_{key}"]  # [G, C]
+        diagnostics["kept_share"][key] = {n: ratio(kept_by[:, c], kept) for c, n in enumerate(names)}
+        diagnostics["batch_share"][key] = {n: ratio(seen_by[:, c], kept + dropped) for c, n in enumerate(names)}
+        diagnostics["keep_rate"][key] = {n: ratio(kept_by[:, c], seen_by[:, c]) for c, n in enumerate(names)}
+    return diagnostics
+
+
+# ---------------------------------------------------------------- diagnostics of the representation
+def probe_split(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """A held-out mask over trajectories: `fraction` (at least 1) of each class with 2 or more trajectories."""
+    rng, held = np.random.default_rng(seed), np.zeros(len(labels), dtype=bool)
+    for label in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        if len(members) >= 2:
+            held[members[:max(1, int(round(fraction * len(members))))]] = True
+    return held
+
+
+def nearest_centroid_probe(z: np.ndarray, labels: np.ndarray, held: np.ndarray) -> dict:
+    """Accuracy on the held-out trajectories of the nearest class centroid (Euclidean, centroids of the others),
+    and the chance level: the accuracy of always answering the most common class of the others."""
+    train_classes = np.unique(labels[~held])
+    centroids = np.stack([z[~held & (labels == label)].mean(0) for label in train_classes])
+    distances = ((z[held][:, None, :] - centroids[None]) ** 2).sum(-1)
+    predicted = train_classes[distances.argmin(1)]
+    majority = train_classes[np.argmax([(labels[~held] == label).sum() for label in train_classes])]
+    return {"accuracy": float((predicted == labels[held]).mean()), "chance": float((labels[held] == majority).mean()),
+            "train_trajectories": int((~held).sum()), "test_trajectories": int(held.sum())}
+
+
+def linear_probe_accuracy(z: np.ndarray, labels: np.ndarray, held: np.ndarray) -> float:
+    """Accuracy on the held-out trajectories of a multinomial logistic regression fitted on the others: z
+    standardised with the training trajectories' mean and std, PROBE_STEPS full-batch gradient steps from zero
+    weights with an L2 penalty (deterministic). Unlike centroids it finds a domain that is one direction of z
+    when each domain is itself several clusters (one per behaviour policy)."""
+    mean, std = z[~held].mean(0), z[~held].std(0) + 1e-8
+    features, classes = (z - mean) / std, labels.max() + 1
+    train_features, train_targets = features[~held], np.eye(classes)[labels[~held]]
+    weights, bias = np.zeros((z.shape[1], classes)), np.zeros(classes)
+    for _ in range(PROBE_STEPS):
+        logits = train_features @ weights + bias
+        probabilities = np.exp(logits - logits.max(1, keepdims=True))
+        probabilities /= probabilities.sum(1, keepdims=True)
+        error = (probabilities - train_targets) / len(train_features)
+        weights -= PROBE_LR * (train_features.T @ error + PROBE_L2 * weights)
+        bias -= PROBE_LR * error.sum(0)
+    return float(((features[held] @ weights + bias).argmax(1) == labels[held]).mean())
+
+
+def representation_diagnostics(trajectory_z: np.ndarray, trajectory_labels: dict, fraction: float, seed: int) -> dict:
+    """The probes for each metadata key with two or more values (None where no trajectory can be held out), and
+    the PCA of z. trajectory_labels: {key: (value names, [E] label of each trajectory)}."""
+    z = trajectory_z.astype(np.float64)
+    probes = {}
+    for key, (names, labels) in trajectory_labels.items():
+        if len(np.unique(labels)) < 2:
+            continue
+        held = probe_split(labels, fraction, seed)
+        if not held.any():
+            probes[key] = None
+            continue
+        centroid = nearest_centroid_probe(z, labels, held)
+        probes[key] = {"accuracy": linear_probe_accuracy(z, labels, held), "chance": centroid["chance"],
+                       "nearest_centroid_accuracy": centroid["accuracy"],
+                       "train_trajectories": centroid["train_trajectories"],
+                       "test_trajectories": centroid["test_trajectories"],
+                       "classes": [names[label] for label in np.unique(labels)]}
+    centred = z - z.mean(0)
+    _, singular, components = np.linalg.svd(centred, full_matrices=False)
+    projection = np.zeros((len(z), 2))
+    projection[:, :min(2, len(singular))] = centred @ components[:2].T
+    variance = singular**2
+    explained = (variance[:2] / variance.sum()).tolist() if variance.sum() > 0 else [0.0] * min(2, len(singular))
+    return {"trajectories": len(z), "z_dim": z.shape[1], "probe": probes,
+            "z_norm_mean": float(np.linalg.norm(z, axis=1).mean()), "pca_explained_variance": explained,
+            "projection": projection}
+
+
+def plot_projection(path: Path, projection: np.ndarray, trajectory_labels: dict, title: str) -> None:
+    """The 2-D PCA of the trajectories' z as a PNG: colour by domain, marker by quality (where known)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    count = len(projection)
+    domain_names, domains = trajectory_labels.get("domain", (["all"], np.zeros(count, dtype=np.int32)))
+    quality_names, qualities = trajectory_labels.get("quality", ([None], np.zeros(count, dtype=np.int32)))
+    markers, colours = "o^sDvP*Xh<>", plt.get_cmap("tab10")
+    figure, axis = plt.subplots(figsize=(6.5, 5))
+    for d, domain in enumerate(domain_names):
+        for q, quality in enumerate(quality_names):
+            chosen = (domains == d) & (qualities == q)
+            if chosen.any():
+                axis.scatter(projection[chosen, 0], projection[chosen, 1], s=14, alpha=0.75, color=colours(d % 10),
+                             marker=markers[q % len(markers)],
+                             label=domain if quality is None else f"{domain}, {quality}")
+    axis.set_xlabel("principal component 1 of z")
+    axis.set_ylabel("principal component 2 of z")
+    axis.set_title(title, fontsize=9)
+    axis.legend(fontsize=7, loc="best")
+    figure.tight_layout()
+    tmp = path.with_name(path.name + ".tmp")
+    figure.savefig(tmp, format="png", dpi=120)
+    plt.close(figure)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- data
+def check_args(args: Args) -> None:
+    """Exit with one sentence naming the flag and its valid range."""
+    check_domain(args.source, flag="--source")
+    check_domain(args.target, flag="--target")
+
+    def need(ok: bool, message: str):
+        if not ok:
+            raise SystemExit(message)
+
+    need(0.0 < args.target_fraction <= 1.0, f"--target-fraction must be in (0, 1], got {args.target_fraction}.")
+    need(args.target_size is None or args.target_size >= 1,
+         f"--target-size must be a positive number of transitions, got {args.target_size}.")
+    for flag in ("steps", "eval_every", "eval_episodes", "num_seeds", "encoder_steps", "encoder_batch_size", "window",
+                 "gru_hidden", "z_dim", "ensemble_size", "sqlz_steps", "sqlz_batch_size", "sqlz_target_every",
+                 "scorer_steps", "repr_dim"):
+        need(getattr(args, flag) >= 1, f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}.")
+    need(args.relabel_window is None or args.relabel_window >= 1,
+         f"--relabel-window must be at least 1 step, got {args.relabel_window}.")
+    need(args.seed >= 0, f"--seed must be 0 or more, got {args.seed}.")
+    need(args.batch_size >= 2 and args.batch_size % 2 == 0,
+         f"--batch-size must be even and at least 2 (half source, half target), got {args.batch_size}.")
+    need(args.scorer_batch_size >= 2, f"--scorer-batch-size must be at least 2 (one positive and one negative per "
+                                      f"row), got {args.scorer_batch_size}.")
+    need(len(args.hidden) >= 1 and min(args.hidden) >= 1,
+         f"--hidden must be one or more positive layer widths, got {args.hidden}.")
+    need(args.lr > 0, f"--lr must be positive, got {args.lr}.")
+    need(0.0 <= args.discount <= 1.0, f"--discount must be in [0, 1], got {args.discount}.")
+    need(0.0 < args.tau <= 1.0, f"--tau must be in (0, 1], got {args.tau}.")
+    need(0.0 < args.expectile < 1.0, f"--expectile must be in (0, 1), got {args.expectile}.")
+    need(args.temperature >= 0, f"--temperature must be 0 or more, got {args.temperature}.")
+    need(args.max_weight > 0, f"--max-weight must be positive, got {args.max_weight}.")
+    need(args.alpha > 0, f"--alpha must be positive, got {args.alpha}.")
+    need(args.kl_weight >= 0, f"--kl-weight must be 0 or more, got {args.kl_weight}.")
+    need(args.grad_clip > 0, f"--grad-clip must be positive, got {args.grad_clip}.")
+    need(0.0 < args.holdout_fraction <= 0.5, f"--holdout-fraction must be in (0, 0.5], got {args.holdout_fraction}.")
+    need(0.0 < args.probe_fraction <= 0.5, f"--probe-fraction must be in (0, 0.5], got {args.probe_fraction}.")
+    need(len(args.lam) >= 1 and all(0.0 <= lam <= 1.0 for lam in args.lam),
+         f"--lam must be one or more values in [0, 1], got {list(args.lam)}.")
+    need(len(args.xi) >= 1 and all(0.0 < xi <= 1.0 for xi in args.xi),
+         f"--xi must be one or more values in (0, 1], got {list(args.xi)}.")
+    need(min(keep_count(args.batch_size // 2, xi) for xi in args.xi) >= 1,
+         f"--xi {min(args.xi)} keeps no source sample of {args.batch_size // 2}; raise --xi or --batch-size.")
+    need(len(set(args.lam)) == len(args.lam) and len(set(args.xi)) == len(args.xi),
+         f"--lam and --xi must not repeat a value, got {list(args.lam)} and {list(args.xi)}.")
+
+
+def keep_count(source_size: int, xi: float) -> int:
+    """int(B xi), in float64 as the authors' Python computes it."""
+    return int(source_size * xi)
+
+
+def to_transitions(dataset) -> Transitions:
+    return Transitions(observations=dataset.observations, actions=dataset.actions, rewards=dataset.rewards,
+                       next_observations=dataset.next_observations, terminals=dataset.terminals)
+
+
+def fingerprint(transitions) -> str:
+    """A short sha256 of a dataset's arrays: artefacts and caches name the exact data they were trained on."""
+    digest = hashlib.sha256()
+    for array in transitions:
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def dataset_arrays(dataset) -> tuple:
+    """The fields a fingerprint covers, in a fixed order."""
+    return (dataset.observations, dataset.actions, dataset.rewards, dataset.next_observations, dataset.terminals)
+
+
+def episode_groups(dataset) -> dict:
+    """{metadata key: (value names, [N] int32 label of each transition)} for each key of GROUP_KEYS that the
+    dataset's per-episode metadata carries; episodes without the key are labelled "unknown"."""
+    groups = {}
+    if not dataset.episode_metadata or dataset.episode_ids.max() >= len(dataset.episode_metadata):
+        return groups
+    for key in GROUP_KEYS:
+        values = [episode.get(key) for episode in dataset.episode_metadata]
+        if all(value is None for value in values):
+            continue
+        names = sorted({str(value) for value in values if value is not None})
+        names += ["unknown"] * any(value is None for value in values)
+        per_episode = np.array([names.index("unknown" if value is None else str(value)) for value in values],
+                               dtype=np.int32)
+        groups[key] = (names, per_episode[dataset.episode_ids])
+    return groups
+
+
+def trajectory_groups(groups: dict, starts: np.ndarray) -> dict:
+    """{metadata key: (value names, [E] label of each trajectory)} from the per-transition labels of
+    episode_groups (a trajectory's transitions share its episode's label)."""
+    return {key: (names, labels[starts]) for key, (names, labels) in groups.items()}
+
+
+def load_data(args: Args, seeds: list[int]):
+    """The source dataset, the full target dataset and one target subsample per seed (host objects)."""
+    target_full = load_dataset(args.target_dataset, domain=args.target,
+                               quality=None if args.target_dataset else args.quality)
+    source = load_dataset(args.source_dataset, domain=args.source,
+                          quality=None if args.source_dataset else args.quality)
+    if (source.obs_dim, source.act_dim) != (target_full.obs_dim, target_full.act_dim):
+        raise SystemExit(f"The source dataset has observation/action sizes {source.obs_dim}/{source.act_dim} "
+                         f"but the target has {target_full.obs_dim}/{target_full.act_dim}; pick domains of "
+                         f"the same task.")
+    size = {"count": args.target_size} if args.target_size else {"fraction": args.target_fraction}
+    targets = [subsample(target_full, **size, seed=seed) for seed in seeds]
+    return source, target_full, targets
+
+
+# ---------------------------------------------------------------- files
+def write_atomic(path: Path, content: bytes) -> None:
+    """Write to a temporary file next to `path`, then rename it over `path`: whole or not at all."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(content)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def package_versions() -> dict:
+    versions = {"python": platform.python_version()}
+    for name in ("jax", "jaxlib", "flax", "optax", "chex", "numpy", "gymnasium", "mujoco", "minari", "tyro"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def cache_key(inputs: dict) -> str:
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def read_artifact(path: str, kind: str, flag: str, obs_dim: int, act_dim: int) -> tuple[dict, dict]:
+    """(the first seed's parameters, the artefact's description) of a sql/scorer artefact, or one clear exit."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / f"{kind}.msgpack"
+    info_path = path.with_suffix(".json")
+    if not path.is_file() or not info_path.is_file():
+        raise SystemExit(f"{flag} {path} is not an artefact: give the {kind}.msgpack (with its {kind}.json beside it) "
+                         f"that algos/{'sql_pretrain' if kind == 'sql' else 'igdf_scorer'}.py wrote.")
+    info = json.loads(info_path.read_text())
+    if info.get("kind") != kind:
+        raise SystemExit(f"{flag} {path} holds a {info.get('kind')!r} artefact, not a {kind!r} one.")
+    if (info.get("obs_dim"), info.get("act_dim")) != (obs_dim, act_dim):
+        raise SystemExit(f"{flag} {path} was trained on observation/action sizes {info.get('obs_dim')}/"
+                         f"{info.get('act_dim')}, but the datasets here have {obs_dim}/{act_dim}.")
+    if not info.get("finished", False):
+        print(f"note: {flag} {path} is from step {info.get('step')} of {info.get('steps')}; its training did not "
+              f"finish.")
+    params = serialization.msgpack_restore(path.read_bytes())
+    return jax.tree.map(lambda x: x[0], params), info | {"path": str(path)}
+
+
+def run_stage(title: str, path: Path, runner, train, in_axes: tuple, inputs: tuple, steps: int):
+    """Train a pre-training stage for `steps` steps in chunks of STAGE_CHUNK with a progress bar.
+
+    train(runner, *inputs, num_steps) -> (runner, metrics) is the stage's train for one seed, run vmapped with
+    in_axes over a seed axis of 1, as the stage's own script runs it. After every chunk the runner is saved to
+    <path>.partial.msgpack (the path is keyed by all the stage depends on), so an interrupted stage resumes there.
+    """
+    partial_path = path.with_name(path.stem + ".partial.msgpack")
+    step = 0
+    if partial_path.exists():
+        saved = serialization.msgpack_restore(partial_path.read_bytes())
+        runner, step = serialization.from_state_dict(runner, saved["runner"]), int(saved["step"])
+        print(f"{title}: resuming from step {step} ({partial_path})")
+    compiled, metrics = {}, {}
+    pbar = tqdm(total=steps, initial=step, unit="step", dynamic_ncols=True, desc=title)
+    while step < steps:
+        num_steps = min(STAGE_CHUNK, steps - step)
+        if num_steps not in compiled:
+            chunk = jax.jit(jax.vmap(partial(train, num_steps=num_steps), in_axes=in_axes))
+            compiled[num_steps] = chunk.lower(runner, *inputs).compile()
+        runner, metrics = compiled[num_steps](runner, *inputs)
+        runner = jax.block_until_ready(runner)
+        step += num_steps
+        write_atomic(partial_path, serialization.msgpack_serialize(
+            {"runner": serialization.to_state_dict(jax.device_get(runner)), "step": step}))
+        pbar.update(num_steps)
+        pbar.set_postfix({name: f"{float(np.mean(value)):.3g}" for name, value in metrics.items()})
+    pbar.close()
+    return runner, {name: float(np.mean(value)) for name, value in metrics.items()}, partial_path
+
+
+def cached_stage(args: Args, kind: str, info: dict, obs_dim: int, act_dim: int):
+    """(the stage's cache path, its first seed's parameters and description if cached there, else None)."""
+    path = Path(args.cache_dir) / f"{kind}-{cache_key(info)}.msgpack"
+    if path.is_file() and path.with_suffix(".json").is_file():
+        params, saved = read_artifact(str(path), kind, f"the cached {kind} stage", obs_dim, act_dim)
+        return path, (params, saved | {"origin": "cache"})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path, None
+
+
+def save_stage(path: Path, partial_path: Path, artifact: dict, info: dict) -> tuple[dict, dict]:
+    """Write a trained stage's artefact (seed axis of 1) and description; returns its first seed's parameters."""
+    write_atomic(path, serialization.msgpack_serialize(artifact))
+    write_atomic(path.with_suffix(".json"), json.dumps(info, indent=1).encode())
+    partial_path.unlink(missing_ok=True)
+    return jax.tree.map(lambda x: x[0], artifact), info | {"path": str(path), "origin": "trained"}
+
+
+def encoder_stage(args: Args, source, obs_dim: int, act_dim: int) -> tuple[dict, dict]:
+    """Stage 1: the trajectory encoder and its decoders, from the cache or trained now and cached."""
+    starts, lengths = trajectory_bounds(source)
+    info = {"kind": "encoder", "version": CACHE_VERSION, "source_fingerprint": fingerprint(dataset_arrays(source)),
+            "episodes_fingerprint": fingerprint((source.episode_ids,)), "obs_dim": obs_dim, "act_dim": act_dim,
+            "steps": args.encoder_steps, "batch_size": args.encoder_batch_size, "window": args.window,
+            "gru_hidden": args.gru_hidden, "z_dim": args.z_dim, "hidden": list(args.hidden),
+            "ensemble_size": args.ensemble_size, "kl_weight": args.kl_weight, "lr": args.lr,
+            "grad_clip": args.grad_clip, "seeds": [args.seed]}
+    path, cached = cached_stage(args, "encoder", info, obs_dim, act_dim)
+    if cached is not None:
+        return cached
+    init, train = make_encoder_train(args.gru_hidden, args.z_dim, tuple(args.hidden), args.ensemble_size,
+                                     args.kl_weight, args.lr, args.grad_clip, args.encoder_batch_size, args.window,
+                                     obs_dim, act_dim)
+    runner = jax.jit(jax.vmap(init))(jax.random.PRNGKey(args.seed)[None])
+    data = jax.device_put(EncoderData(encoder_steps(source), starts, lengths))
+    start = time.perf_counter()
+    runner, metrics, partial_path = run_stage(f"stage 1/4: trajectory encoder ({len(starts)} trajectories)", path,
+                                              runner, train, (0, None), (data,), args.encoder_steps)
+    host_state = jax.device_get(runner.state)
+    artifact = {"encoder": serialization.to_state_dict(host_state.encoder.params),
+                "decoder": serialization.to_state_dict(host_state.decoder.params)}
+    info |= {"step": args.encoder_steps, "finished": True, "source": args.source, "source_dataset": source.name,
+             "source_size": source.size, "trajectories": len(starts), "trajectory_length_min": int(lengths.min()),
+             "trajectory_length_max": int(lengths.max()), "final_losses": metrics,
+             "train_seconds": time.perf_counter() - start}
+    return save_stage(path, partial_path, artifact, info)
+
+
+def sqlz_stage(args: Args, source, source_trajectory, trajectory_z, encoder_info: dict, obs_dim: int,
+               act_dim: int) -> tuple[dict, dict]:
+    """Stage 2: the frozen SQL-with-z critics and value, from the cache or trained now and cached."""
+    info = {"kind": "sqlz", "version": CACHE_VERSION, "source_fingerprint": fingerprint(dataset_arrays(source)),
+            "encoder": Path(encoder_info["path"]).stem, "relabel_window": args.relabel_window, "obs_dim": obs_dim,
+            "act_dim": act_dim, "z_dim": int(trajectory_z.shape[1]), "steps": args.sqlz_steps,
+            "batch_size": args.sqlz_batch_size, "alpha": args.alpha, "target_every": args.sqlz_target_every,
+            "lr": args.lr, "hidden": list(args.hidden), "discount": args.discount, "tau": args.tau,
+            "seeds": [args.seed]}
+    path, cached = cached_stage(args, "sqlz", info, obs_dim, act_dim)
+    if cached is not None:
+        return cached
+    init, train = make_sqlz_train(tuple(args.hidden), args.lr, args.sqlz_batch_size, args.discount, args.tau,
+                                  args.sqlz_target_every, obs_dim, act_dim, int(trajectory_z.shape[1]))
+    runner = jax.jit(jax.vmap(init))(jax.random.PRNGKey(args.seed)[None])
+    data = jax.device_put(SQLZData(to_transitions(source), source_trajectory, trajectory_z))
+    start = time.perf_counter()
+    runner, metrics, partial_path = run_stage(
+        "stage 2/4: sql with z", path, runner, train, (0, None, 0),
+        (data, SQLHyperparams(alpha=jnp.full(1, args.alpha, jnp.float32))), args.sqlz_steps)
+    host_state = jax.device_get(runner.state)
+    artifact = {"critic": serialization.to_state_dict(host_state.critic.params),
+                "value": serialization.to_state_dict(host_state.value.params)}
+    info |= {"step": args.sqlz_steps, "finished": True, "source": args.source, "source_dataset": source.name,
+             "source_size": source.size, "final_losses": metrics, "train_seconds": time.perf_counter() - start}
+    return save_stage(path, partial_path, artifact, info)
+
+
+def scorer_stage(args: Args, source, target, obs_dim: int, act_dim: int) -> tuple[dict, dict]:
+    """Stage 3: the frozen scorer, from --scorer-artifact, the cache, or trained now (on the first seed's target
+    subsample, as igdf_scorer.py's seed --seed) and cached; with its held-out separation. dvdf.py's scorer_stage:
+    the same cache key, so DVDF and V2A runs on the same data share it."""
+    target_fingerprint = fingerprint(dataset_arrays(target))
+    if args.scorer_artifact:
+        params, info = read_artifact(args.scorer_artifact, "scorer", "--scorer-artifact", obs_dim, act_dim)
+        if info.get("source_fingerprint") != fingerprint(dataset_arrays(source)) or \
+                (info.get("target_fingerprints") or [None])[0] != target_fingerprint:
+            print("note: --scorer-artifact was trained on other source or target data than this run's first seed.")
+        return params, info | {"origin": "artifact"}
+    info = {"kind": "scorer", "version": CACHE_VERSION, "source_fingerprint": fingerprint(dataset_arrays(source)),
+            "target_fingerprints": [target_fingerprint], "obs_dim": obs_dim, "act_dim": act_dim,
+            "steps": args.scorer_steps, "batch_size": args.scorer_batch_size, "lr": args.lr,
+            "hidden": list(args.hidden), "repr_dim": args.repr_dim, "holdout_fraction": args.holdout_fraction,
+            "seeds": [args.seed]}
+    path, cached = cached_stage(args, "scorer", info, obs_dim, act_dim)
+    if cached is not None:
+        return cached
+    source_train, source_held = holdout_split(source.size, args.holdout_fraction, SOURCE_HOLDOUT_SEED)
+    target_train, target_held = holdout_split(target.size, args.holdout_fraction, args.seed)
+    data = ScorerData(target.observations[target_train][None], target.actions[target_train][None],
+                      target.next_observations[target_train][None], source.next_observations[source_train])
+    init, train = make_scorer_train(tuple(args.hidden), args.repr_dim, args.lr, args.scorer_batch_size,
+                                    obs_dim, act_dim)
+    runner = jax.jit(jax.vmap(init))(jax.random.PRNGKey(args.seed)[None])
+    start = time.perf_counter()
+    runner, metrics, partial_path = run_stage(
+        f"stage 3/4: scorer {args.source}->{args.target}", path, runner,
+        train, (0, ScorerData(0, 0, 0, None)), (jax.device_put(data),), args.scorer_steps)
+    separation = held_out_separation(make_score_fn(tuple(args.hidden), args.repr_dim), runner.state.params,
+                                     tuple(x[None] for x in held_out(target, target_held)),
+                                     held_out(source, source_held))
+    print(f"scorer: held-out AUC of h (target above source) {separation['auc'][0]:.3f}, mean h target "
+          f"{separation['target_score_mean'][0]:.3f} vs source {separation['source_score_mean'][0]:.3f}")
+    artifact = {"scorer": serialization.to_state_dict(jax.device_get(runner.state.params))}
+    info |= {"step": args.scorer_steps, "finished": True, "source": args.source, "target": args.target,
+             "source_dataset": source.name, "source_size": source.size, "target_size": target.size,
+             "source_held_out": len(source_held), "target_held_out": len(target_held), "separation": separation,
+             "final_losses": metrics, "train_seconds": time.perf_counter() - start}
+    return save_stage(path, partial_path, artifact, info)
+
+
+# ---------------------------------------------------------------- main
+def open_run(args: Args) -> tuple[Path, Optional[dict]]:
+    """The output folder, and the checkpoint to continue with --resume (whose flags must be this run's)."""
+    grid = f"lam{'-'.join(f'{v:g}' for v in args.lam)}_xi{'-'.join(f'{v:g}' for v in args.xi)}"
+    out = Path(args.out or f"runs/v2a/{args.source}_to_{args.target}-{args.quality}/{grid}/seed{args.seed}")
+    checkpoint_path = out / "checkpoint.msgpack"
+    if args.resume and not checkpoint_path.exists():
+        raise SystemExit(f"--resume found no checkpoint at {checkpoint_path}; run without --resume to start.")
+    if not args.resume and checkpoint_path.exists():
+        raise SystemExit(f"{out} already holds a run; pass --resume to continue it or choose another --out.")
+    if not args.resume:
+        return out, None
+    saved = serialization.msgpack_restore(checkpoint_path.read_bytes())
+    saved_flags = json.loads(saved["flags"])
+    for name, value in run_flags(args).items():
+        if value != saved_flags.get(name):
+            raise SystemExit(f"--resume needs the interrupted run's flags, but --{name.replace('_', '-')} is "
+                             f"{value} here and {saved_flags.get(name)} in {checkpoint_path}.")
+    return out, saved
+
+
+def run_flags(args: Args) -> dict:
+    """The flags that define a run (all but --resume and --out), as JSON values."""
+    return json.loads(json.dumps({k: v for k, v in asdict(args).items() if k not in ("resume", "out")}))
+
+
+def evaluation_entry(step: int, returns, scores, settings: list, losses, filter_stats: dict) -> dict:
+    """One row of results.json: per-run return and score; per (lam, xi) setting their mean and std over seeds
+    (ddof 0); over all runs only when there is one setting (then it is the usual mean +- std over seeds); the
+    per-run losses and filter diagnostics of the chunk of steps that led here."""
+    returns, scores = np.asarray(returns, dtype=np.float64), np.asarray(scores, dtype=np.float64)
+    per_setting = [(r, s) for r, s in zip(returns.reshape(len(settings), -1), scores.reshape(len(settings), -1))]
+    one_setting = len(settings) == 1
+    return {"step": step, "returns": returns.tolist(), "scores": scores.tolist(),
+            "by_setting": [{"lam": lam, "xi": xi, "return_mean": float(r.mean()), "return_std": float(r.std()),
+                            "score_mean": float(s.mean()), "score_std": float(s.std())}
+                           for (lam, xi), (r, s) in zip(settings, per_setting)],
+            "return_mean": float(returns.mean()) if one_setting else None,
+            "return_std": float(returns.std()) if one_setting else None,
+            "score_mean": float(scores.mean()) if one_setting else None,
+            "score_std": float(scores.std()) if one_setting else None,
+            "losses": {name: np.asarray(value, dtype=np.float64).tolist() for name, value in losses.items()},
+            "filter": filter_stats}
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    args = tyro.cli(Args, args=argv)
+    check_args(args)
+    out, saved = open_run(args)
+    wall_start = time.perf_counter()
+
+    seeds = [args.seed + k for k in range(args.num_seeds)]
+    source, target_full, targets = load_data(args, seeds)
+    ref_min, ref_max = reference_scores(args.target, target_full)  # exits with a sentence when unknown
+    obs_dim, act_dim = target_full.obs_dim, target_full.act_dim
+
+    # stages 1-3, and the relabelling: frozen, shared by every run of the grid
+    start = time.perf_counter()
+    encoder_params, encoder_info = encoder_stage(args, source, obs_dim, act_dim)
+    source_trajectory, trajectory_z = relabel(encoder_params["encoder"], source, args.gru_hidden, args.z_dim,
+                                              args.relabel_window)
+    sqlz_params, sqlz_info = sqlz_stage(args, source, source_trajectory, trajectory_z, encoder_info, obs_dim, act_dim)
+    scorer_params, scorer_info = scorer_stage(args, source, targets[0], obs_dim, act_dim)
+    stage_seconds = time.perf_counter() - start
+    frozen = jax.device_put(Frozen(sqlz_params["critic"], sqlz_params["value"], scorer_params["scorer"]))
+
+    # how well z separates the source's domains (and qualities)
+    groups = episode_groups(source)
+    group_names = {key: names for key, (names, _) in groups.items()}
+    per_trajectory = trajectory_groups(groups, trajectory_bounds(source)[0])
+    representation = representation_diagnostics(trajectory_z, per_trajectory, args.probe_fraction, args.seed)
+    projection = representation.pop("projection")
+    probes = representation["probe"]
+    summary = ", ".join(f"{key} {probes[key]['accuracy']:.2f} (chance {probes[key]['chance']:.2f})"
+                        for key in ("domain", "quality") if probes.get(key) is not None)
+    out.mkdir(parents=True, exist_ok=True)
+    plot_projection(out / "z_projection.png", projection, per_trajectory,
+                    f"z of {len(trajectory_z)} source trajectories, PCA\nlinear probe accuracy on held-out "
+                    f"trajectories: {summary or 'n/a'}")
+    representation |= {"relabel_window": args.relabel_window, "projection_png": "z_projection.png"}
+    print(f"representation: linear probe accuracy on held-out trajectories: {summary or 'n/a'}")
+
+    data = jax.device_put(Data(
+        source=to_transitions(source), source_trajectory=source_trajectory, trajectory_z=trajectory_z,
+        source_groups=tuple(labels for _, labels in groups.values()),
+        target=Transitions(*(np.stack(fields) for fields in zip(*(to_transitions(t) for t in targets))))))
+    data_info = {"source_dataset": source.name, "source_size": source.size, "target_dataset": target_full.name,
+                 "target_full_size": target_full.size, "target_size": targets[0].size,
+                 "source_trajectories": len(trajectory_z), "source_groups": group_names, "ref_min_score": ref_min,
+                 "ref_max_score": ref_max}
+
+    # the grid: lam outermost, then xi, then seed
+    source_size = args.batch_size // 2
+    settings = [(lam, xi) for lam in args.lam for xi in args.xi]
+    grid = [{"lam": lam, "xi": xi, "seed": seed, "keep_count": keep_count(source_size, xi)}
+            for lam, xi in settings for seed in seeds]
+    num_runs = len(grid)
+    hparams = Hyperparams(expectile=jnp.full(num_runs, args.expectile, jnp.float32),
+                          temperature=jnp.full(num_runs, args.temperature, jnp.float32),
+                          lam=jnp.array([run["lam"] for run in grid], jnp.float32),
+                          keep_count=jnp.array([run["keep_count"] for run in grid], jnp.int32),
+                          seed_index=jnp.array([seeds.index(run["seed"]) for run in grid], jnp.int32))
+    init, train = make_train(args, obs_dim, act_dim, sqlz_info["hidden"], scorer_info["hidden"],
+                             scorer_info["repr_dim"], tuple((key, len(names)) for key, names in group_names.items()))
+    policy = make_policy(args, act_dim)
+
+    start = time.perf_counter()
+    runner = jax.jit(jax.vmap(init))(jnp.stack([jax.random.PRNGKey(run["seed"]) for run in grid]))
+    runner = jax.block_until_ready(runner)
+    compile_seconds = time.perf_counter() - start
+    start_step, evaluations = 0, []
+    if saved is not None:
+        runner = serialization.from_state_dict(runner, saved["runner"])
+        start_step, evaluations = int(saved["step"]), json.loads(saved["evaluations"])
+
+    # One program per chunk length (--eval-every, and the remainder), compiled ahead of time: no chunk recompiles.
+    chunks = [min(args.eval_every, args.steps - step) for step in range(start_step, args.steps, args.eval_every)]
+    compiled = {}
+    for num_steps in sorted(set(chunks)):
+        start = time.perf_counter()
+        train_chunk = jax.jit(jax.vmap(partial(train, num_steps=num_steps), in_axes=(0, None, None, 0)))
+        compiled[num_steps] = train_chunk.lower(runner, data, frozen, hparams).compile()
+        compile_seconds += time.perf_counter() - start
+
+    def write_results(step: int, timing: Optional[dict]) -> dict:
+        final = evaluations[-1] if step == args.steps else None
+        results = {
+            "algo": "v2a", "finished": final is not None, "step": step, "args": asdict(args), "seeds": seeds,
+            "grid": grid, "settings": [{"lam": lam, "xi": xi} for lam, xi in settings], "data": data_info,
+            "stages": {"encoder": encoder_info, "sqlz": sqlz_info, "scorer": scorer_info},
+            "representation": representation, "evaluations": evaluations,
+            "final": None if final is None else {key: value for key, value in final.items()
+                                                 if key not in ("losses", "filter")},
+            "timing": timing, "versions": package_versions()}
+        write_atomic(out / "results.json", json.dumps(results, indent=1).encode())
+        return results
+
+    step, train_seconds, eval_seconds = start_step, 0.0, 0.0
+    if not chunks:  # --resume of a finished run: results.json again from the checkpoint, with its last timing
+        previous = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {}
+        results = write_results(step, previous.get("timing"))
+    pbar = tqdm(total=args.steps, initial=start_step, unit="step", dynamic_ncols=True,
+                desc=f"stage 4/4: v2a {args.target} x{num_runs}")
+    for num_steps in chunks:
+        start = time.perf_counter()
+        runner, (losses, sums) = jax.block_until_ready(compiled[num_steps](runner, data, frozen, hparams))
+        train_seconds += time.perf_counter() - start
+        step += num_steps
+
+        # one evaluation per (lam, xi) setting: seed k is evaluated on the episodes of a 1-seed run with seed + k,
+        # the same for every setting
+        start = time.perf_counter()
+        returns, scores = [], []
+        for index in range(len(settings)):
+            actor_params = jax.tree.map(lambda x: x[index * len(seeds):(index + 1) * len(seeds)],
+                                        runner.state.actor.params)
+            result = evaluate(policy, actor_params, args.target, num_episodes=args.eval_episodes,
+                              seed=args.seed + step, ref_scores=(ref_min, ref_max))
+            returns.append(result.mean_return)
+            scores.append(result.normalized_score)
+        eval_seconds += time.perf_counter() - start
+        evaluations.append(evaluation_entry(step, np.concatenate(returns), np.concatenate(scores), settings, losses,
+                                            filter_diagnostics(sums, group_names, num_steps, source_size)))
+
+        # checkpoint first: if killed before results.json is rewritten, --resume rewrites it
+        checkpoint = {"runner": serialization.to_state_dict(jax.device_get(runner)), "step": step,
+                      "evaluations": json.dumps(evaluations), "flags": json.dumps(run_flags(args))}
+        write_atomic(out / "checkpoint.msgpack", serialization.msgpack_serialize(checkpoint))
+        timed_steps = step - start_step
+        results = write_results(step, {
+            "steps_per_second": timed_steps / train_seconds,  # gradient steps, every run at once
+            "updates_per_second": timed_steps * num_runs / train_seconds,
+            "compile_seconds": compile_seconds, "train_seconds": train_seconds, "eval_seconds": eval_seconds,
+            "stage_seconds": stage_seconds, "wall_seconds": time.perf_counter() - wall_start,
+            "timed_steps": timed_steps, "resumed_from_step": start_step,
+            "device_kind": jax.devices()[0].device_kind, "platform": jax.default_backend()})
+
+        latest = evaluations[-1]
+        pbar.update(num_steps)
+        pbar.set_postfix(score=f"{max(entry['score_mean'] for entry in latest['by_setting']):.1f}")
+        shares = latest["filter"]["kept_share"].get("domain", {})
+        tqdm.write(f"step {step}: " + ", ".join(
+            f"lam {entry['lam']:g} xi {entry['xi']:g} score {entry['score_mean']:.1f} +- {entry['score_std']:.1f}"
+            for entry in latest["by_setting"]) + "".join(
+            f"; kept share of {name} {np.mean([v for v in values if v is not None] or [np.nan]):.2f}"
+            for name, values in shares.items()))
+    pbar.close()
+
+    print(f"v2a {args.source} -> {args.target} ({args.quality}), seeds {seeds}, after {step} steps: " + ", ".join(
+        f"lam {entry['lam']:g} xi {entry['xi']:g} final score {entry['score_mean']:.1f} +- {entry['score_std']:.1f}"
+        for entry in results["final"]["by_setting"]) + f"; results in {out}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
