@@ -190,14 +190,13 @@ def _find_generator():
 
 def _load_generated(domain: str, quality: str) -> Dataset:
     dataset_id = generated_dataset_id(domain, quality)
+    generator = _find_generator()
+    if generator is not None:  # makes it when missing, or again when the policy zoo changed
+        generator.ensure_dataset(domain, quality)
     if not _minari_exists(dataset_id):
-        generator = _find_generator()
-        if generator is not None:
-            generator.ensure_dataset(domain, quality)
-        if not _minari_exists(dataset_id):
-            _fail(f"The generated dataset {dataset_id} is not in the local Minari store "
-                  f"({_minari_path(dataset_id)}); make it with the dataset generator (envs/generate.py, "
-                  f"ensure_dataset({domain!r}, {quality!r})) or pass a Minari id or HDF5 path instead.")
+        _fail(f"The generated dataset {dataset_id} is not in the local Minari store "
+              f"({_minari_path(dataset_id)}); make it with the dataset generator (envs/generate.py, "
+              f"ensure_dataset({domain!r}, {quality!r})) or pass a Minari id or HDF5 path instead.")
     return _load_minari(dataset_id, download=False)
 
 

@@ -22,6 +22,7 @@ Dataset ids: crossdomain/<domain>/<quality>-v0 (envs.generated_dataset_id).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -182,6 +183,16 @@ def plan(domain: str, quality: str, size: int) -> list[tuple[Policy, int, str]]:
     return pieces
 
 
+def zoo_fingerprint(pieces) -> str:
+    """Hash of the policy files a dataset is made from: a cached dataset of an older zoo is made again."""
+    digest = hashlib.sha256()
+    for policy, count, label in pieces:
+        digest.update(f"{policy.name}:{count}:{label}".encode())
+        for w, b in policy.layers or []:
+            digest.update(w.tobytes()), digest.update(b.tobytes())
+    return digest.hexdigest()[:16]
+
+
 def generate(domain: str, quality: str, size: int | None = None, seed: int = 0, dataset_id: str | None = None,
              force: bool = False):
     """Make the dataset and store it in the local Minari store; returns the Minari dataset."""
@@ -195,11 +206,17 @@ def generate(domain: str, quality: str, size: int | None = None, seed: int = 0, 
     if size < 1:
         raise SystemExit(f"--size must be a positive number of transitions, got {size}.")
     dataset_id = dataset_id or generated_dataset_id(domain, quality)
-    if dataset_id in minari.list_local_datasets():
-        if not force:
-            return minari.load_dataset(dataset_id)
-        minari.delete_dataset(dataset_id)
     pieces = plan(domain, quality, size)
+    fingerprint = zoo_fingerprint(pieces)
+    if dataset_id in minari.list_local_datasets():
+        existing = minari.load_dataset(dataset_id)
+        same = (existing.storage.metadata.get("zoo_fingerprint") == fingerprint
+                and existing.storage.metadata.get("seed") == seed and existing.total_steps == size)
+        if same and not force:
+            return existing
+        print(f"Replacing {dataset_id}: " + ("--force given." if same else "it was made from other policies, "
+                                             "another seed or size."), flush=True)
+        minari.delete_dataset(dataset_id)
     ref_min, ref_max = reference_returns(domain)
     rng = np.random.default_rng(seed)
     episodes = []
@@ -218,19 +235,28 @@ def generate(domain: str, quality: str, size: int | None = None, seed: int = 0, 
         author="crossdomain", author_email="none")
     dataset.storage.update_metadata({
         "episode_metadata": json.dumps([e["metadata"] for e in episodes]),
-        "domain": domain, "quality": quality, "seed": seed})
+        "domain": domain, "quality": quality, "seed": seed, "zoo_fingerprint": fingerprint})
     return dataset
 
 
 def ensure_dataset(domain: str, quality: str) -> None:
-    """Hook called by envs.load_dataset for a generated dataset missing from the local store."""
+    """Hook called by envs.load_dataset: make the generated dataset if it is missing or was made from another
+    version of the zoo (its fingerprint differs); a dataset this zoo cannot remake is left as it is."""
     import minari
 
-    if generated_dataset_id(domain, quality) in minari.list_local_datasets():
+    dataset_id = generated_dataset_id(domain, quality)
+    exists = dataset_id in minari.list_local_datasets()
+    try:
+        size = default_size(domain, quality)
+        fingerprint = zoo_fingerprint(plan(domain, quality, size))
+    except SystemExit:
+        if exists:
+            return
+        raise
+    if exists and minari.load_dataset(dataset_id).storage.metadata.get("zoo_fingerprint") == fingerprint:
         return
-    size = default_size(domain, quality)
-    print(f"Generating {generated_dataset_id(domain, quality)} ({size:,} transitions) from the policy zoo; "
-          f"about {size / 4000 / 60:.0f} min on one CPU core, cached afterwards.", flush=True)
+    print(f"Generating {dataset_id} ({size:,} transitions) from the policy zoo; about "
+          f"{size / 4000 / 60:.0f} min on one CPU core, cached afterwards.", flush=True)
     start = time.time()
     generate(domain, quality)
     print(f"Generated in {time.time() - start:.0f} s.", flush=True)

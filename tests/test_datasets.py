@@ -141,16 +141,18 @@ def test_generated_dataset_by_domain_and_quality(store, monkeypatch):
 
     class FakeGenerator:  # stands in for envs/generate.py
         @staticmethod
-        def ensure_dataset(domain, quality):
+        def ensure_dataset(domain, quality):  # the real one also remakes a dataset of an older zoo
             calls.append((domain, quality))
-            write_minari(generated_dataset_id(domain, quality), make_episodes())
+            if generated_dataset_id(domain, quality) not in minari.list_local_datasets():
+                write_minari(generated_dataset_id(domain, quality), make_episodes())
 
     monkeypatch.setattr(datasets, "_find_generator", lambda: FakeGenerator)
     data = load_dataset(domain="halfcheetah", quality="medium")
     assert calls == [("halfcheetah", "medium")] and data.name == "crossdomain/halfcheetah/medium-v0"
     assert data.size == N
-    load_dataset(domain="halfcheetah", quality="medium")  # already there: no second generation
-    assert calls == [("halfcheetah", "medium")]
+    again = load_dataset(domain="halfcheetah", quality="medium")  # the generator is asked, and keeps it
+    assert calls == [("halfcheetah", "medium")] * 2
+    np.testing.assert_array_equal(again.observations, data.observations)
 
 
 def test_missing_datasets_end_in_one_sentence(store, monkeypatch):

@@ -103,3 +103,15 @@ def test_bad_input_is_one_sentence(zoo):
         generate.generate("hopper-kinematic", "good")
     with pytest.raises(SystemExit, match="No expert policy for hopper-morph"):
         generate.generate("hopper-morph", "expert", size=10)
+
+
+def test_cached_dataset_is_remade_when_the_zoo_changes(zoo, capsys):
+    info = domain_info("hopper-kinematic")
+    first = load_dataset(domain="hopper-kinematic", quality="medium-replay")
+    again = load_dataset(domain="hopper-kinematic", quality="medium-replay")
+    np.testing.assert_array_equal(first.actions, again.actions)
+    assert capsys.readouterr().out.count("Generating") == 1  # cached the second time
+    _fake_actor(zoo / "replay" / "actor_2000.npz", info.obs_dim, info.act_dim, 99, 2000)  # retrained snapshot
+    remade = load_dataset(domain="hopper-kinematic", quality="medium-replay")
+    assert "Generating" in capsys.readouterr().out
+    assert not np.array_equal(first.actions, remade.actions)
