@@ -85,7 +85,8 @@ def render(table: dict) -> str:
     lines = ["# Behaviour-policy zoo", "",
              "Made by `python benchmarks/policy_zoo.py --domains <domains>` from `python algos/sac.py --env <domain>` "
              "runs. Return over 10 episodes, actions sampled from the policy (as in the datasets); % is the "
-             "normalised score 100 (J - J_random) / (J_expert - J_random).", "",
+             "normalised score 100 (J - J_random) / (J_expert - J_random). SAC step: the snapshot's training step "
+             "(the runs are meant to go to 1M; a row whose expert is below the issue's bar is provisional).", "",
              "| domain | policy | SAC step | return (mean +- std) | % |", "|---|---|---|---|---|"]
     for domain, entry in sorted(table.items()):
         lo, hi = entry["random"]["mean"], entry["expert"]["mean"]
