@@ -183,9 +183,10 @@ def plan(domain: str, quality: str, size: int) -> list[tuple[Policy, int, str]]:
     return pieces
 
 
-def zoo_fingerprint(pieces) -> str:
-    """Hash of the policy files a dataset is made from: a cached dataset of an older zoo is made again."""
-    digest = hashlib.sha256()
+def zoo_fingerprint(pieces, references: tuple[float, float]) -> str:
+    """Hash of the policies a dataset is made from and of its reference returns: a cached dataset of an older
+    zoo is made again."""
+    digest = hashlib.sha256(repr(references).encode())
     for policy, count, label in pieces:
         digest.update(f"{policy.name}:{count}:{label}".encode())
         for w, b in policy.layers or []:
@@ -207,7 +208,7 @@ def generate(domain: str, quality: str, size: int | None = None, seed: int = 0, 
         raise SystemExit(f"--size must be a positive number of transitions, got {size}.")
     dataset_id = dataset_id or generated_dataset_id(domain, quality)
     pieces = plan(domain, quality, size)
-    fingerprint = zoo_fingerprint(pieces)
+    fingerprint = zoo_fingerprint(pieces, reference_returns(domain))
     if dataset_id in minari.list_local_datasets():
         existing = minari.load_dataset(dataset_id)
         same = (existing.storage.metadata.get("zoo_fingerprint") == fingerprint
@@ -248,7 +249,7 @@ def ensure_dataset(domain: str, quality: str) -> None:
     exists = dataset_id in minari.list_local_datasets()
     try:
         size = default_size(domain, quality)
-        fingerprint = zoo_fingerprint(plan(domain, quality, size))
+        fingerprint = zoo_fingerprint(plan(domain, quality, size), reference_returns(domain))
     except SystemExit:
         if exists:
             return
