@@ -6,7 +6,6 @@ import json
 import math
 from pathlib import Path
 
-import h5py
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,6 +13,7 @@ import pytest
 from jax.experimental.compilation_cache import compilation_cache
 
 from envs import load_dataset, subsample
+from synthetic import write_d4rl
 
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("iql", ROOT / "algos" / "iql.py")
@@ -133,18 +133,6 @@ def test_seed_k_of_vmapped_run_equals_single_seed_run(actor):
 
 
 # ---------------------------------------------------------------- end to end through main()
-def _write_d4rl(path: Path, rng, n: int, episode_length: int, ref=None):
-    observations = rng.normal(size=(n, OBS_DIM)).astype(np.float32)
-    with h5py.File(path, "w") as file:
-        file["observations"] = observations
-        file["actions"] = rng.uniform(-1, 1, (n, ACT_DIM)).astype(np.float32)
-        file["rewards"] = rng.normal(size=n).astype(np.float32)
-        file["next_observations"] = observations + 0.1 * rng.normal(size=(n, OBS_DIM)).astype(np.float32)
-        file["terminals"] = np.zeros(n, dtype=bool)
-        file["timeouts"] = (np.arange(n) % episode_length == episode_length - 1)
-        if ref is not None:
-            file.attrs["ref_min_score"], file.attrs["ref_max_score"] = ref
-    return str(path)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -167,8 +155,8 @@ def compile_once(tmp_path_factory):
 @pytest.fixture(scope="module")
 def datasets(tmp_path_factory):
     folder, rng = tmp_path_factory.mktemp("iql_data"), np.random.default_rng(0)
-    return {"source": _write_d4rl(folder / "source.hdf5", rng, 2000, 100),
-            "target": _write_d4rl(folder / "target.hdf5", rng, 1000, 100, ref=(REF_MIN, REF_MAX))}
+    return {"source": write_d4rl(folder / "source.hdf5", rng, 2000, 100),
+            "target": write_d4rl(folder / "target.hdf5", rng, 1000, 100, ref=(REF_MIN, REF_MAX))}
 
 
 def _flags(datasets, out, *extra):

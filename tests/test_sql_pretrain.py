@@ -6,11 +6,11 @@ import json
 import math
 from pathlib import Path
 
-import h5py
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from synthetic import write_d4rl
 
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("sql_pretrain", ROOT / "algos" / "sql_pretrain.py")
@@ -87,23 +87,11 @@ def test_seed_k_of_vmapped_run_equals_single_seed_run():
 
 
 # ---------------------------------------------------------------- end to end through main()
-def _write_d4rl(path: Path, rng, n: int, episode_length: int, ref=None):
-    observations = rng.normal(size=(n, OBS_DIM)).astype(np.float32)
-    with h5py.File(path, "w") as file:
-        file["observations"] = observations
-        file["actions"] = rng.uniform(-1, 1, (n, ACT_DIM)).astype(np.float32)
-        file["rewards"] = rng.normal(size=n).astype(np.float32)
-        file["next_observations"] = observations + 0.1 * rng.normal(size=(n, OBS_DIM)).astype(np.float32)
-        file["terminals"] = np.zeros(n, dtype=bool)
-        file["timeouts"] = (np.arange(n) % episode_length == episode_length - 1)
-        if ref is not None:
-            file.attrs["ref_min_score"], file.attrs["ref_max_score"] = ref
-    return str(path)
 
 
 @pytest.fixture(scope="module")
 def source_file(tmp_path_factory):
-    return _write_d4rl(tmp_path_factory.mktemp("sql_data") / "source.hdf5", np.random.default_rng(0), 2000, 100,
+    return write_d4rl(tmp_path_factory.mktemp("sql_data") / "source.hdf5", np.random.default_rng(0), 2000, 100,
                        ref=(REF_MIN, REF_MAX))
 
 

@@ -1,0 +1,20 @@
+"""Small synthetic datasets shared by the algorithm tests (HalfCheetah's shapes unless told otherwise)."""
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+
+def write_d4rl(path: Path, rng, n: int, episode_length: int, ref=None, obs_dim: int = 17, act_dim: int = 6) -> str:
+    """A D4RL-format HDF5 file of n random transitions in episodes of `episode_length` ended by time limits."""
+    observations = rng.normal(size=(n, obs_dim)).astype(np.float32)
+    with h5py.File(path, "w") as file:
+        file["observations"] = observations
+        file["actions"] = rng.uniform(-1, 1, (n, act_dim)).astype(np.float32)
+        file["rewards"] = rng.normal(size=n).astype(np.float32)
+        file["next_observations"] = observations + 0.1 * rng.normal(size=(n, obs_dim)).astype(np.float32)
+        file["terminals"] = np.zeros(n, dtype=bool)
+        file["timeouts"] = (np.arange(n) % episode_length == episode_length - 1)
+        if ref is not None:
+            file.attrs["ref_min_score"], file.attrs["ref_max_score"] = ref
+    return str(path)
