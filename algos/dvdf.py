@@ -20,8 +20,9 @@ The whole pipeline in one file, in three stages:
     python algos/dvdf.py ... --lam 0 0.3 0.7 1 --xi 0.3 0.5    # a lam x xi x seed grid in one program
 
 The grid. --lam and --xi accept several values; every (lam, xi, seed) is one run of the same jitted program
-(`jax.jit(jax.vmap(train))` over a flat axis, lam outermost, seed innermost); results.json lists the grid. lam and
-the kept count int(B xi) are traced values, so the grid compiles once. The top-k is a rank mask, not a gather: the
+(`jax.jit(jax.vmap(train))` over a flat axis, lam outermost, seed innermost, sharded across the accelerators when
+there are several); results.json lists the grid. lam and the kept count int(B xi) are traced values, so the grid
+compiles once. The top-k is a rank mask, not a gather: the
 rank of each source sample in the batch (how many samples have a higher g, ties going to the lower index) is
 compared with the kept count, and dropped samples are masked out of every loss, which is a mean over the
 kept source and target samples (sum over the mask / number kept). This is exactly the authors' concatenate-and-mean,
@@ -822,6 +823,19 @@ def load_data(args: Args, seeds: list[int]):
     return source, target_full, targets
 
 
+# ---------------------------------------------------------------- devices
+def run_shardings(num_runs: int):
+    """(per-run, shared) shardings that spread the leading run axis (the vmapped seeds) over every accelerator
+    and copy shared data to each, so one jitted program runs each device's share of the runs; None on a single
+    device, or when the runs do not divide evenly among the devices (then everything runs on the first)."""
+    devices = jax.devices()
+    if len(devices) < 2 or num_runs % len(devices):
+        return None
+    mesh = jax.sharding.Mesh(np.array(devices), ("runs",))
+    return (jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("runs")),
+            jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+
+
 # ---------------------------------------------------------------- files
 def write_atomic(path: Path, content: bytes) -> None:
     """Write to a temporary file next to `path`, then rename it over `path`: whole or not at all."""
@@ -1084,6 +1098,13 @@ def main(argv: Optional[list[str]] = None) -> dict:
     if saved is not None:
         runner = serialization.from_state_dict(runner, saved["runner"])
         start_step, evaluations = int(saved["step"]), json.loads(saved["evaluations"])
+    shardings = run_shardings(num_runs)
+    if shardings is not None:  # several accelerators: each trains its share of the runs
+        per_run, shared = shardings
+        runner, hparams = jax.device_put((runner, hparams), per_run)
+        data, frozen = jax.device_put((data, frozen), shared)
+    elif jax.device_count() > 1:
+        print(f"{num_runs} runs do not divide among {jax.device_count()} devices: all run on the first.")
 
     # One program per chunk length (--eval-every, and the remainder), compiled ahead of time: no chunk recompiles.
     chunks = [min(args.eval_every, args.steps - step) for step in range(start_step, args.steps, args.eval_every)]
@@ -1145,7 +1166,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
             "compile_seconds": compile_seconds, "train_seconds": train_seconds, "eval_seconds": eval_seconds,
             "stage_seconds": stage_seconds, "wall_seconds": time.perf_counter() - wall_start,
             "timed_steps": timed_steps, "resumed_from_step": start_step,
-            "device_kind": jax.devices()[0].device_kind, "platform": jax.default_backend()})
+            "device_kind": jax.devices()[0].device_kind, "platform": jax.default_backend(),
+            "devices": jax.device_count() if shardings else 1})
 
         latest = evaluations[-1]
         pbar.update(num_steps)

@@ -17,7 +17,8 @@ training: the source hold-out is fixed (drawn with seed 0, the same for every se
 from each seed's subsample with that seed. Every --eval-every steps the scorer is asked how well h separates the
 held-out target transitions from the held-out source ones: the ROC AUC (the chance that a target transition scores
 above a source one; 0.5 is no separation) and the mean h of each, printed and saved. Many seeds run in one jitted
-program (`jax.jit(jax.vmap(train))`); seed k of an N-seed run is the 1-seed run with --seed <seed + k>.
+program (`jax.jit(jax.vmap(train))`, sharded across accelerators when there are several); seed k of an N-seed run is
+the 1-seed run with --seed <seed + k>.
 
 Outputs in --out (default runs/igdf_scorer/<source>_to_<target>-<quality>/seed<seed>), written atomically:
     scorer.msgpack      the artefact: {"scorer": encoder params, stacked over seeds}; dvdf.py uses the first seed's
@@ -320,6 +321,19 @@ def load_data(args: Args, seeds: list[int]):
     return jax.device_put(data), (target_held, held_out(source, source_held)), info
 
 
+# ---------------------------------------------------------------- devices
+def run_shardings(num_runs: int):
+    """(per-run, shared) shardings that spread the leading run axis (the vmapped seeds) over every accelerator
+    and copy shared data to each, so one jitted program runs each device's share of the runs; None on a single
+    device, or when the runs do not divide evenly among the devices (then everything runs on the first)."""
+    devices = jax.devices()
+    if len(devices) < 2 or num_runs % len(devices):
+        return None
+    mesh = jax.sharding.Mesh(np.array(devices), ("runs",))
+    return (jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("runs")),
+            jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+
+
 # ---------------------------------------------------------------- files
 def write_atomic(path: Path, content: bytes) -> None:
     """Write to a temporary file next to `path`, then rename it over `path`: whole or not at all."""
@@ -385,6 +399,13 @@ def main(argv: Optional[list[str]] = None) -> dict:
     if saved is not None:
         runner = serialization.from_state_dict(runner, saved["runner"])
         start_step, evaluations = int(saved["step"]), json.loads(saved["evaluations"])
+    shardings = run_shardings(args.num_seeds)
+    if shardings is not None:  # several accelerators: each trains its share of the seeds
+        per_run, shared = shardings
+        runner = jax.device_put(runner, per_run)
+        data = ScorerData(*jax.device_put(tuple(data[:3]), per_run), jax.device_put(data[3], shared))
+    elif jax.device_count() > 1:
+        print(f"{args.num_seeds} seeds do not divide among {jax.device_count()} devices: all run on the first.")
 
     # One program per chunk length (--eval-every, and the remainder), compiled ahead of time: no chunk recompiles.
     chunks = [min(args.eval_every, args.steps - step) for step in range(start_step, args.steps, args.eval_every)]
@@ -449,7 +470,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
             "compile_seconds": compile_seconds, "train_seconds": train_seconds,
             "wall_seconds": time.perf_counter() - wall_start, "timed_steps": timed_steps,
             "resumed_from_step": start_step, "device_kind": jax.devices()[0].device_kind,
-            "platform": jax.default_backend()})
+            "platform": jax.default_backend(),
+            "devices": jax.device_count() if shardings else 1})
 
         auc = np.asarray(separation["auc"])
         pbar.update(num_steps)

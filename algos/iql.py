@@ -25,8 +25,9 @@ the datasets trained on, before subsampling (a subsample's episodes are incomple
 
 Every seed runs in one jitted program (`jax.jit(jax.vmap(train))`): the datasets live on the device, batches are
 drawn with jax.random indices, and `jax.lax.scan` runs --eval-every gradient steps between two evaluations with
-no host round-trip. Evaluation: --eval-episodes episodes per seed of the deterministic action tanh(mu(s)) in the
-target domain; the normalised score is 100 (J - J_random) / (J_expert - J_random) with the target domain's
+no host round-trip; on several accelerators the seed axis is sharded across them (jax.sharding, when the seeds
+divide evenly among them). Evaluation: --eval-episodes episodes per seed of the deterministic action tanh(mu(s)) in
+the target domain; the normalised score is 100 (J - J_random) / (J_expert - J_random) with the target domain's
 reference returns (envs.reference_scores). Flags out of range end with one sentence naming the flag.
 
 Outputs in --out (default runs/iql/<data>/<source>_to_<target>-<quality>/seed<seed>), each written to a temporary
@@ -437,6 +438,19 @@ def load_data(args: Args, seeds: list[int]):
     return data, target_full, info
 
 
+# ---------------------------------------------------------------- devices
+def run_shardings(num_runs: int):
+    """(per-run, shared) shardings that spread the leading run axis (the vmapped seeds) over every accelerator
+    and copy shared data to each, so one jitted program runs each device's share of the runs; None on a single
+    device, or when the runs do not divide evenly among the devices (then everything runs on the first)."""
+    devices = jax.devices()
+    if len(devices) < 2 or num_runs % len(devices):
+        return None
+    mesh = jax.sharding.Mesh(np.array(devices), ("runs",))
+    return (jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("runs")),
+            jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+
+
 # ---------------------------------------------------------------- files
 def write_atomic(path: Path, content: bytes) -> None:
     """Write to a temporary file next to `path`, then rename it over `path`: whole or not at all."""
@@ -517,6 +531,13 @@ def main(argv: Optional[list[str]] = None) -> dict:
     if saved is not None:
         runner = serialization.from_state_dict(runner, saved["runner"])
         start_step, evaluations = int(saved["step"]), json.loads(saved["evaluations"])
+    shardings = run_shardings(args.num_seeds)
+    if shardings is not None:  # several accelerators: each trains its share of the seeds
+        per_run, shared = shardings
+        runner, hparams = jax.device_put((runner, hparams), per_run)
+        data = Data(source=jax.device_put(data.source, shared), target=jax.device_put(data.target, per_run))
+    elif jax.device_count() > 1:
+        print(f"{args.num_seeds} seeds do not divide among {jax.device_count()} devices: all run on the first.")
 
     # One program per chunk length (--eval-every, and the remainder if --steps is not a multiple of it), compiled
     # ahead of time: no chunk recompiles, and compile time is measured apart from training speed.
@@ -570,7 +591,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
             "compile_seconds": compile_seconds, "train_seconds": train_seconds, "eval_seconds": eval_seconds,
             "wall_seconds": time.perf_counter() - wall_start, "timed_steps": timed_steps,
             "resumed_from_step": start_step, "device_kind": jax.devices()[0].device_kind,
-            "platform": jax.default_backend()})
+            "platform": jax.default_backend(), "devices": jax.device_count() if shardings else 1})
 
         latest = evaluations[-1]
         pbar.update(num_steps)

@@ -19,7 +19,8 @@ Per step, on one batch (s, a, r, s', d) of the source dataset:
        IGDF/DVDF authors' IQL (or `--actor gaussian`: a Gaussian log-likelihood, the original SQL's form).
 The policy is evaluated with the deterministic action tanh(mu(s)) in --eval-domain (default: --source, the domain
 the data comes from) for --eval-episodes episodes every --eval-every steps. Seed k of --num-seeds uses seed + k;
-all seeds run in one jitted program (`jax.jit(jax.vmap(train))`), and seed k of an N-seed run is the 1-seed run
+all seeds run in one jitted program (`jax.jit(jax.vmap(train))`, sharded across accelerators when there are
+several), and seed k of an N-seed run is the 1-seed run
 with --seed <seed + k>.
 
 Outputs in --out (default runs/sql/<source>-<quality>/seed<seed>), each written to a temporary file and renamed:
@@ -372,6 +373,19 @@ def dataset_arrays(dataset) -> tuple:
     return (dataset.observations, dataset.actions, dataset.rewards, dataset.next_observations, dataset.terminals)
 
 
+# ---------------------------------------------------------------- devices
+def run_shardings(num_runs: int):
+    """(per-run, shared) shardings that spread the leading run axis (the vmapped seeds) over every accelerator
+    and copy shared data to each, so one jitted program runs each device's share of the runs; None on a single
+    device, or when the runs do not divide evenly among the devices (then everything runs on the first)."""
+    devices = jax.devices()
+    if len(devices) < 2 or num_runs % len(devices):
+        return None
+    mesh = jax.sharding.Mesh(np.array(devices), ("runs",))
+    return (jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("runs")),
+            jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+
+
 # ---------------------------------------------------------------- files
 def write_atomic(path: Path, content: bytes) -> None:
     """Write to a temporary file next to `path`, then rename it over `path`: whole or not at all."""
@@ -463,6 +477,13 @@ def main(argv: Optional[list[str]] = None) -> dict:
     if saved is not None:
         runner = serialization.from_state_dict(runner, saved["runner"])
         start_step, evaluations = int(saved["step"]), json.loads(saved["evaluations"])
+    shardings = run_shardings(args.num_seeds)
+    if shardings is not None:  # several accelerators: each trains its share of the seeds
+        per_run, shared = shardings
+        runner, hparams = jax.device_put((runner, hparams), per_run)
+        source = jax.device_put(source, shared)
+    elif jax.device_count() > 1:
+        print(f"{args.num_seeds} seeds do not divide among {jax.device_count()} devices: all run on the first.")
 
     # One program per chunk length (--eval-every, and the remainder), compiled ahead of time: no chunk recompiles.
     chunks = [min(args.eval_every, args.steps - step) for step in range(start_step, args.steps, args.eval_every)]
@@ -533,7 +554,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
             "compile_seconds": compile_seconds, "train_seconds": train_seconds, "eval_seconds": eval_seconds,
             "wall_seconds": time.perf_counter() - wall_start, "timed_steps": timed_steps,
             "resumed_from_step": start_step, "device_kind": jax.devices()[0].device_kind,
-            "platform": jax.default_backend()})
+            "platform": jax.default_backend(),
+            "devices": jax.device_count() if shardings else 1})
 
         latest = evaluations[-1]
         pbar.update(num_steps)

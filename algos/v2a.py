@@ -35,10 +35,10 @@ conditions it on a representation z of the trajectory a transition came from. Th
     python algos/v2a.py ... --lam 0.4 0.6 1 --xi 0.3 0.5    # a lam x xi x seed grid in one program
 
 The grid, exactly as dvdf.py: --lam and --xi accept several values; every (lam, xi, seed) is one run of the same
-jitted program (lam outermost, seed innermost); lam and the kept count int(B xi) are traced values, the top-k is a
-rank mask and dropped samples are masked out of every loss. --source names the source's domain only for the output
-folder (a heterogeneous source mixes several); the episode_metadata of the source dataset says which domain and
-quality each trajectory came from.
+jitted program (lam outermost, seed innermost, sharded across accelerators when there are several); lam and the kept
+count int(B xi) are traced values, the top-k is a rank mask and dropped samples are masked out of every loss.
+--source names the source's domain only for the output folder (a heterogeneous source mixes several); the
+episode_metadata of the source dataset says which domain and quality each trajectory came from.
 
 Stages 1-3 are frozen inputs of stage 4, trained once with the first seed (--seed) and shared by every run of the
 grid. They are cached under --cache-dir as `<stage>-<sha of its inputs>.msgpack` (+ `.json`), keyed by the
@@ -1229,6 +1229,19 @@ def load_data(args: Args, seeds: list[int]):
     return source, target_full, targets
 
 
+# ---------------------------------------------------------------- devices
+def run_shardings(num_runs: int):
+    """(per-run, shared) shardings that spread the leading run axis (the vmapped seeds) over every accelerator
+    and copy shared data to each, so one jitted program runs each device's share of the runs; None on a single
+    device, or when the runs do not divide evenly among the devices (then everything runs on the first)."""
+    devices = jax.devices()
+    if len(devices) < 2 or num_runs % len(devices):
+        return None
+    mesh = jax.sharding.Mesh(np.array(devices), ("runs",))
+    return (jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("runs")),
+            jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+
+
 # ---------------------------------------------------------------- files
 def write_atomic(path: Path, content: bytes) -> None:
     """Write to a temporary file next to `path`, then rename it over `path`: whole or not at all."""
@@ -1540,6 +1553,13 @@ def main(argv: Optional[list[str]] = None) -> dict:
     if saved is not None:
         runner = serialization.from_state_dict(runner, saved["runner"])
         start_step, evaluations = int(saved["step"]), json.loads(saved["evaluations"])
+    shardings = run_shardings(num_runs)
+    if shardings is not None:  # several accelerators: each trains its share of the runs
+        per_run, shared = shardings
+        runner, hparams = jax.device_put((runner, hparams), per_run)
+        data, frozen = jax.device_put((data, frozen), shared)
+    elif jax.device_count() > 1:
+        print(f"{num_runs} runs do not divide among {jax.device_count()} devices: all run on the first.")
 
     # One program per chunk length (--eval-every, and the remainder), compiled ahead of time: no chunk recompiles.
     chunks = [min(args.eval_every, args.steps - step) for step in range(start_step, args.steps, args.eval_every)]
@@ -1601,7 +1621,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
             "compile_seconds": compile_seconds, "train_seconds": train_seconds, "eval_seconds": eval_seconds,
             "stage_seconds": stage_seconds, "wall_seconds": time.perf_counter() - wall_start,
             "timed_steps": timed_steps, "resumed_from_step": start_step,
-            "device_kind": jax.devices()[0].device_kind, "platform": jax.default_backend()})
+            "device_kind": jax.devices()[0].device_kind, "platform": jax.default_backend(),
+            "devices": jax.device_count() if shardings else 1})
 
         latest = evaluations[-1]
         pbar.update(num_steps)
