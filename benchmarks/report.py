@@ -1,0 +1,204 @@
+"""A results folder as a markdown table of normalised scores and PNG learning curves.
+
+    python benchmarks/report.py runs/sweeps/dvdf_default --out benchmarks/results/dvdf_default
+
+Reads every results.json under the folder (of algos/iql.py, dvdf.py, v2a.py, ...). A run's algorithm is its sweep
+variant (benchmarks/sweep.py: the folder <sweep>/<variant>/<task>/ of a sweep.json) or else its "algo" with its
+--data mode or (lam, xi) setting; a run of several (lam, xi) settings gives one algorithm per setting. Its task is
+"<source> -> <target> (<quality>)" (a --source-dataset / --target-dataset file's name in place of the domain), with
+the sweep's grid values (runs that would still share a cell are told apart by their folders). Per algorithm and
+task, over seeds: the final normalised score (the last evaluation) and the mean of each seed's last 5
+evaluations, each as mean +- std over seeds (ddof 0). Writes, atomically:
+    NAME.md    two tables (final; mean of the last 5 evaluations), a row per task and a column per algorithm, the
+               best mean of each row in bold, unfinished runs marked, and the command (and sweep spec) behind it
+    NAME.png   a panel per task: mean over seeds of the normalised score against gradient steps, +- 1 std shaded
+    NAME.json  the numbers of both, per algorithm and task
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+LAST = 5  # evaluations averaged for the "last 5" table
+
+
+def sweep_configurations(folder: Path) -> dict:
+    """{run folder: (configuration, sweep.json)} from every sweep.json in the folder, below it and above it."""
+    found = {}
+    for manifest_path in [*folder.rglob("sweep.json"), *(p / "sweep.json" for p in folder.parents)]:
+        if manifest_path.is_file():
+            manifest = json.loads(manifest_path.read_text())
+            for config in manifest["configurations"]:
+                found[(manifest_path.parent / config["folder"]).resolve()] = (config, manifest)
+    return found
+
+
+def dataset_label(dataset: str | None, domain: str) -> str:
+    return domain if dataset is None else Path(dataset).stem if dataset.endswith((".hdf5", ".h5")) else dataset
+
+
+def runs(results: dict, config: dict | None) -> list[dict]:
+    """The (algorithm, task) series of one results.json: steps, and scores [evaluations, seeds]."""
+    args = results["args"]
+    task = dataset_label(args.get("source_dataset"), args["source"])
+    if args.get("target"):  # sql_pretrain.py has no target: it trains and evaluates in the source domain
+        task += " -> " + dataset_label(args.get("target_dataset"), args["target"])
+    task += f" ({args['quality']}" + "".join(
+        f", {key}={value}" for key, value in (config or {}).get("grid", {}).items()) + ")"
+    name = config["variant"] if config else results["algo"] + (f" ({args['data']})" if args.get("data") else "")
+    steps = [e["step"] for e in results["evaluations"]]
+    scores = np.array([e["scores"] for e in results["evaluations"]], dtype=np.float64).reshape(len(steps), -1)
+    common = {"task": task, "steps": steps, "finished": results["finished"], "step": results["step"],
+              "budget": args["steps"]}
+    settings = results.get("settings") or [None]
+    series = []
+    for setting in settings:
+        if setting is None:
+            series.append({**common, "algorithm": name, "scores": scores})
+            continue
+        columns = [i for i, run in enumerate(results["grid"]) if all(run[k] == v for k, v in setting.items())]
+        label = ", ".join(f"{key}={value:g}" for key, value in setting.items())
+        shown = name + (f" ({label})" if len(settings) > 1 or config is None else "")
+        series.append({**common, "algorithm": shown, "scores": scores[:, columns]})
+    return series
+
+
+def collect(folder: Path) -> tuple[list[dict], list[dict], list[str]]:
+    """Every series under the folder in sweep order then path order, the sweeps they came from, and notes."""
+    configs = sweep_configurations(folder)
+    order = {path: index for index, path in enumerate(configs)}
+    paths = sorted(folder.rglob("results.json"), key=lambda p: (order.get(p.parent.resolve(), len(order)), str(p)))
+    series, sweeps, notes = [], [], []
+    for path in paths:
+        results = json.loads(path.read_text())
+        if not results.get("evaluations") or "scores" not in results["evaluations"][0]:
+            notes.append(f"{path.parent} has no evaluations with normalised scores (yet) and is left out.")
+            continue
+        config, manifest = configs.get(path.parent.resolve(), (None, None))
+        if manifest is not None and manifest not in sweeps:
+            sweeps.append(manifest)
+        series += [run | {"folder": str(path.parent)} for run in runs(results, config)]
+    if not series:
+        raise SystemExit(f"No results.json with evaluations under {folder}.")
+    # runs that would share a cell (the same algorithm and task outside a sweep) keep apart by their folders
+    keys = [(run["algorithm"], run["task"]) for run in series]
+    for run, key in zip(series, keys):
+        if keys.count(key) > 1:
+            run["algorithm"] += f" [{os.path.relpath(run['folder'], folder)}]"
+    return series, sweeps, notes
+
+
+def summarise(run: dict) -> dict:
+    """Final score and mean of the last 5 evaluations, mean and std (ddof 0) over seeds; the curve's mean and std."""
+    scores = run["scores"]
+    final, last = scores[-1], scores[-LAST:].mean(axis=0)
+    return {"algorithm": run["algorithm"], "task": run["task"], "folder": run["folder"], "seeds": scores.shape[1],
+            "finished": run["finished"], "step": run["step"], "budget": run["budget"],
+            "final_mean": float(final.mean()), "final_std": float(final.std()),
+            "last5_mean": float(last.mean()), "last5_std": float(last.std()),
+            "curve": {"steps": run["steps"], "mean": scores.mean(axis=1).tolist(), "std": scores.std(axis=1).tolist()}}
+
+
+def table(cells: dict, tasks: list, algorithms: list, stat: str) -> list[str]:
+    lines = ["| task | " + " | ".join(algorithms) + " |", "|---" * (len(algorithms) + 1) + "|"]
+    for task in tasks:
+        row = [cells.get((task, algorithm)) for algorithm in algorithms]
+        best = max(round(cell[f"{stat}_mean"], 1) for cell in row if cell)
+        texts = []
+        for cell in row:
+            if cell is None:
+                texts.append("-")
+                continue
+            text = f"{cell[f'{stat}_mean']:.1f} ± {cell[f'{stat}_std']:.1f}"
+            text = f"**{text}**" if round(cell[f"{stat}_mean"], 1) == best else text
+            texts.append(text + ("" if cell["finished"] else f" \\* (step {cell['step']} of {cell['budget']})"))
+        lines.append(f"| {task} | " + " | ".join(texts) + " |")
+    return lines
+
+
+def plot(cells: dict, tasks: list, algorithms: list, title: str, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = min(3, len(tasks))
+    rows = -(-len(tasks) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(5 * columns, 3.6 * rows), squeeze=False)
+    colours = {algorithm: f"C{index % 10}" for index, algorithm in enumerate(algorithms)}
+    for axis, task in zip(axes.flat, tasks):
+        for algorithm in algorithms:
+            if (cell := cells.get((task, algorithm))) is None:
+                continue
+            steps, mean, std = (np.array(cell["curve"][key]) for key in ("steps", "mean", "std"))
+            axis.plot(steps, mean, color=colours[algorithm], label=algorithm)
+            axis.fill_between(steps, mean - std, mean + std, color=colours[algorithm], alpha=0.2)
+        axis.set(title=task, xlabel="gradient steps", ylabel="normalised score")
+        axis.grid(alpha=0.3)
+    for axis in axes.flat[len(tasks):]:
+        axis.set_visible(False)
+    handles = {label: handle for axis in axes.flat for handle, label in zip(*axis.get_legend_handles_labels())}
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.legend(handles.values(), handles.keys(), loc="center left", bbox_to_anchor=(1, 0.5), frameon=False)
+    tmp = path.with_name(path.name + ".tmp")
+    figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(figure)
+    os.replace(tmp, path)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("results", type=Path, help="folder searched recursively for results.json")
+    parser.add_argument("--out", type=Path,
+                        help="output path without suffix (default benchmarks/results/<folder name>)")
+    parser.add_argument("--title", help="title of the table and the figure (default: the folder name)")
+    args = parser.parse_args(argv)
+    if not args.results.is_dir():
+        raise SystemExit(f"No folder at {args.results}.")
+    out = args.out or ROOT / "benchmarks" / "results" / args.results.resolve().name
+    title = args.title or args.results.resolve().name
+    series, sweeps, notes = collect(args.results.resolve())
+    summaries = [summarise(run) for run in series]
+    cells = {(s["task"], s["algorithm"]): s for s in summaries}
+    tasks = list(dict.fromkeys(s["task"] for s in summaries))
+    algorithms = list(dict.fromkeys(s["algorithm"] for s in summaries))
+
+    command = shlex.join(["python", "benchmarks/report.py", *(sys.argv[1:] if argv is None else argv)])
+    seeds, budgets = sorted({s["seeds"] for s in summaries}), sorted({s["budget"] for s in summaries})
+    lines = [f"# {title}", "", f"Made by `{command}`"
+             + "".join(f" from the sweep `{m['command']}` (spec `{m['spec_file']}`)" for m in sweeps) + ".", "",
+             f"Normalised score 100 (J - J_random) / (J_expert - J_random) in the target domain, mean ± std over "
+             f"{' or '.join(map(str, seeds))} seeds (std with ddof 0), {' or '.join(map(str, budgets))} gradient "
+             "steps; the best mean of each row in bold.", "",
+             "## Final score (last evaluation)", "", *table(cells, tasks, algorithms, "final"), "",
+             f"## Mean of the last {LAST} evaluations (of each seed; all of them where a run has fewer)", "",
+             *table(cells, tasks, algorithms, "last5"), ""]
+    if not all(s["finished"] for s in summaries):
+        lines += ["\\* unfinished: the run's last evaluation so far (step reached of its budget).", ""]
+    lines += [f"![learning curves]({Path(out).name}.png)", ""] + [f"Note: {note}" for note in notes]
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(out.with_name(out.name + ".md"), "\n".join(lines).rstrip() + "\n")
+    write_atomic(out.with_name(out.name + ".json"), json.dumps(
+        {"command": command, "sweeps": [{k: m[k] for k in ("command", "spec_file", "spec")} for m in sweeps],
+         "results": summaries}, indent=1))
+    plot(cells, tasks, algorithms, title, out.with_name(out.name + ".png"))
+    print("\n".join(lines[lines.index("## Final score (last evaluation)"):]))
+    print(f"wrote {out}.md, {out}.png and {out}.json")
+
+
+if __name__ == "__main__":
+    main()

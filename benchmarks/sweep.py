@@ -1,0 +1,242 @@
+"""Run a grid of algos/ scripts (variants x source/target pairs x qualities x grid points) from a TOML spec.
+
+    python benchmarks/sweep.py benchmarks/specs/dvdf_default.toml
+    python benchmarks/sweep.py SPEC.toml --print-commands > jobs.txt   # one standalone line per run; runs nothing
+
+The spec (benchmarks/specs/dvdf_default.toml is an example; paths in it are relative to the repository root):
+    out = "runs/sweeps/example"      output folder (--out overrides)
+    num_seeds = 3                    --num-seeds of every run: its seeds train vmapped in one process
+    seed = 0                         --seed of every run (default 0)
+    pairs = [["halfcheetah-kinematic", "halfcheetah"]]     [source, target] domains
+    qualities = ["medium", "expert"]
+    [flags]                          flags of every run: key = value becomes --key value (underscores become
+    steps = 50000                    dashes; a list gives several values; true gives --key, false --no-key)
+    [grid]                           optional: flag = [values]; every combination is a configuration
+    target_fraction = [0.1, 0.05]
+    [algos.igdf]                     a variant: its name, the script algos/<script>.py, and its own flags
+    script = "dvdf"
+    flags = { lam = 1.0 }
+A configuration (variant x pair x quality x grid point) is one process,
+    python algos/<script>.py --source S --target T --quality Q --num-seeds N --seed s <flags>
+        --out <out>/<variant>/<S>_to_<T>-<Q>[-<grid key><value>...]
+(a variant's flags override [flags], grid values override both) run from the repository root, its output in
+log.txt of that folder. Rerunning the sweep skips finished runs (results.json says "finished": true) and continues
+interrupted ones (a checkpoint) with --resume; if a finished run was made with other flags than the spec's now,
+the sweep stops before running anything (move the run away or choose another --out). A failed run is reported
+and the others go on; the summary names each failed run's log, and the exit status is 1 if any failed.
+--only GLOB picks configurations by name (<variant>/<folder>), --dry-run shows what each would do.
+<out>/sweep.json records the spec and every configuration's folder and command (--print-commands writes it too),
+so that benchmarks/report.py names the runs by their variants.
+"""
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import itertools
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SPEC_KEYS = {"out", "num_seeds", "seed", "pairs", "qualities", "flags", "grid", "algos"}
+SET_BY_SWEEP = {"source", "target", "quality", "num_seeds", "seed", "out", "resume"}
+
+
+def load_spec(path: Path) -> dict:
+    """The spec, checked: anything wrong ends with one sentence naming the key."""
+    if not path.is_file():
+        raise SystemExit(f"No spec file at {path}.")
+    try:
+        spec = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as error:
+        raise SystemExit(f"{path} is not valid TOML: {error}.")
+    if unknown := set(spec) - SPEC_KEYS:
+        raise SystemExit(f"{path}: unknown key {sorted(unknown)[0]!r}; the keys are {', '.join(sorted(SPEC_KEYS))}.")
+    for key in ("algos", "pairs", "qualities"):
+        if not spec.get(key):
+            raise SystemExit(f"{path} needs {key!r} (see benchmarks/specs/dvdf_default.toml).")
+    if not isinstance(spec["algos"], dict) or not all(isinstance(v, dict) for v in spec["algos"].values()):
+        raise SystemExit(f"{path}: algos must be tables [algos.<name>] with script = \"...\" and flags = {{...}}.")
+    for key in ("num_seeds", "seed"):
+        if not isinstance(spec.get(key, 1), int) or spec.get(key, 1) < 0:
+            raise SystemExit(f"{path}: {key} must be a whole number, got {spec[key]!r}.")
+    if not all(isinstance(pair, list) and len(pair) == 2 for pair in spec["pairs"]):
+        raise SystemExit(f"{path}: every entry of 'pairs' must be [source, target], got {spec['pairs']}.")
+    for key, values in spec.get("grid", {}).items():
+        if not isinstance(values, list) or not values:
+            raise SystemExit(f"{path}: grid.{key} must be a non-empty list of values, got {values!r}.")
+    for name, variant in spec["algos"].items():
+        if unknown := set(variant) - {"script", "flags"}:
+            raise SystemExit(f"{path}: algos.{name} has unknown key {sorted(unknown)[0]!r}; it takes script and flags.")
+        if not (ROOT / "algos" / f"{variant.get('script')}.py").is_file():
+            raise SystemExit(f"{path}: algos.{name} needs script = one of "
+                             f"{', '.join(sorted(p.stem for p in (ROOT / 'algos').glob('*.py')))}.")
+    for where, flags in [("flags", spec.get("flags", {}))] + [
+            (f"algos.{name}.flags", variant.get("flags", {})) for name, variant in spec["algos"].items()] + [
+            ("grid", spec.get("grid", {}))]:
+        if taken := SET_BY_SWEEP & {key.replace("-", "_") for key in flags}:
+            raise SystemExit(f"{path}: {where} sets {sorted(taken)[0]}, which the sweep sets itself (pairs, "
+                             "qualities, num_seeds, seed, out; --resume is automatic).")
+        if tables := [key for key, value in flags.items() if isinstance(value, dict)]:
+            raise SystemExit(f"{path}: {where}.{tables[0]} must be a number, string, boolean or list, not a table.")
+    return spec
+
+
+def cli(flags: dict) -> list[str]:
+    """key = value pairs as command-line flags: --key value, --key v1 v2 for lists, --key / --no-key for booleans."""
+    words = []
+    for key, value in flags.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            words.append(flag if value else "--no-" + flag[2:])
+        else:
+            words += [flag, *map(str, value if isinstance(value, list) else [value])]
+    return words
+
+
+def shown(path: Path) -> str:
+    """A path as the command lines write it: relative to the repository root when inside it."""
+    return os.path.relpath(path, ROOT) if path.is_relative_to(ROOT) else str(path)
+
+
+def configurations(spec: dict, out: Path) -> list[dict]:
+    grid = spec.get("grid", {})
+    configs = []
+    for (variant_name, variant), (source, target), quality, point in itertools.product(
+            spec["algos"].items(), spec["pairs"], spec["qualities"], itertools.product(*grid.values())):
+        point = dict(zip(grid, point))
+        task = f"{source}_to_{target}-{quality}" + "".join(
+            f"-{key}{'_'.join(map(str, value)) if isinstance(value, list) else value}" for key, value in point.items())
+        folder = out / variant_name / task
+        flags = {"source": source, "target": target, "quality": quality, "num_seeds": spec.get("num_seeds", 1),
+                 "seed": spec.get("seed", 0)}
+        for extra in (spec.get("flags", {}), variant.get("flags", {}), point):
+            flags |= {key.replace("-", "_"): value for key, value in extra.items()}
+        command = ["python", f"algos/{variant['script']}.py", *cli(flags), "--out", shown(folder)]
+        configs.append({"name": f"{variant_name}/{task}", "variant": variant_name, "script": variant["script"],
+                        "source": source, "target": target, "quality": quality, "grid": point,
+                        "folder": os.path.relpath(folder, out), "flags": flags, "command": shlex.join(command)})
+    return configs
+
+
+def same(recorded, wanted) -> bool:
+    """A flag value in results.json args against the spec's (a one-value list flag records a list)."""
+    if isinstance(recorded, list) and not isinstance(wanted, list):
+        wanted = [wanted]
+    return recorded == wanted
+
+
+def status(folder: Path, flags: dict) -> tuple[str, str]:
+    """What to do with a configuration: ("skip" | "resume" | "run" | "conflict", why)."""
+    results_path = folder / "results.json"
+    if results_path.exists():
+        results = json.loads(results_path.read_text())
+        if results.get("finished"):
+            changed = [key for key, value in flags.items() if not same(results["args"].get(key), value)]
+            if not changed:
+                return "skip", "finished"
+            key = changed[0]
+            return "conflict", (f"{results_path} is a finished run with --{key.replace('_', '-')} "
+                                f"{results['args'].get(key)}, the spec says {flags[key]}; move it away or use "
+                                "another --out")
+    if (folder / "checkpoint.msgpack").exists():
+        return "resume", "interrupted, continuing with --resume"
+    return "run", "new"
+
+
+def last_line(log: Path) -> str:
+    """The last line of a log that says something (not a progress bar redraw or a box border)."""
+    text = log.read_text(errors="replace").replace("\r", "\n")
+    lines = [line.strip(" │╭╮╰╯─") for line in text.splitlines()]
+    return next((line for line in reversed(lines) if line), "(empty log)")
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("spec", type=Path, help="the TOML spec file")
+    parser.add_argument("--out", type=Path, help="output folder (default: the spec's out)")
+    parser.add_argument("--only", nargs="+", metavar="GLOB",
+                        help="only configurations whose name <variant>/<task folder> matches one of these globs")
+    parser.add_argument("--print-commands", action="store_true",
+                        help="print one standalone command line per configuration (for a job array) and write "
+                             "sweep.json; run nothing")
+    parser.add_argument("--dry-run", action="store_true", help="print what each configuration would do; run nothing")
+    args = parser.parse_args(argv)
+    spec = load_spec(args.spec)
+    if args.out is None and "out" not in spec:
+        raise SystemExit(f"Give --out or an out = \"...\" line in {args.spec}.")
+    out = (args.out.resolve() if args.out is not None else (ROOT / spec["out"]).resolve())
+    configs = configurations(spec, out)
+    if args.only:
+        configs = [c for c in configs if any(fnmatch.fnmatch(c["name"], pattern) for pattern in args.only)]
+        if not configs:
+            raise SystemExit(f"No configuration of {args.spec} matches --only {' '.join(args.only)}.")
+    statuses = [status(out / c["folder"], c["flags"]) for c in configs]
+    if args.dry_run:
+        for c, (action, _) in zip(configs, statuses):
+            print(f"{action:>8}  {c['command']}")
+        return
+    if conflicts := [why for action, why in statuses if action == "conflict"]:
+        raise SystemExit(f"{conflicts[0]} ({len(conflicts)} such run{'s' * (len(conflicts) > 1)}; nothing ran).")
+
+    # the manifest, also for --print-commands: the report names the runs in it by their variants and grid values
+    out.mkdir(parents=True, exist_ok=True)
+    manifest_path = out / "sweep.json"
+    previous = json.loads(manifest_path.read_text())["configurations"] if manifest_path.exists() else []
+    names = {c["name"] for c in configs}
+    write_atomic(manifest_path, json.dumps({
+        "spec_file": shown(args.spec.resolve()), "spec": spec,
+        "command": shlex.join(["python", "benchmarks/sweep.py", *(sys.argv[1:] if argv is None else argv)]),
+        "configurations": [c for c in previous if c["name"] not in names] + configs}, indent=1))
+    if args.print_commands:
+        print("\n".join(c["command"] for c in configs))
+        return
+
+    ran, skipped, failed = [], [], []
+    for index, (c, (action, why)) in enumerate(zip(configs, statuses), 1):
+        folder = out / c["folder"]
+        if action == "skip":
+            print(f"[{index}/{len(configs)}] skip {c['name']} ({why})", flush=True)
+            skipped.append(c)
+            continue
+        command = [sys.executable, *shlex.split(c["command"])[1:]] + (["--resume"] if action == "resume" else [])
+        print(f"[{index}/{len(configs)}] {c['name']} ({why}) ...", flush=True)
+        folder.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        with open(folder / "log.txt", "a") as log:
+            log.write(f"$ {shlex.join(command)}\n")
+            log.flush()
+            try:
+                code = subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
+            except KeyboardInterrupt:
+                raise SystemExit(f"\nInterrupted during {c['name']}; the same command continues the sweep.")
+        seconds = time.perf_counter() - start
+        wall = f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+        if code == 0:
+            print(f"    done in {wall}", flush=True)
+            ran.append(c)
+        else:
+            why = f"exit status {code}, log {shown(folder / 'log.txt')}: {last_line(folder / 'log.txt')}"
+            print(f"    FAILED after {wall} ({why})", flush=True)
+            failed.append((c, why))
+
+    print(f"\n{len(ran)} ran, {len(skipped)} skipped (finished), {len(failed)} failed; results in {shown(out)}")
+    for c, why in failed:
+        print(f"  failed: {c['name']}: {why}")
+    if failed:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,225 @@
+"""benchmarks/sweep.py and benchmarks/report.py end to end: a two-configuration sweep of tiny IQL runs, skipped when
+run again, continued with --resume when interrupted, left alone (the sweep stops) when the spec's flags changed; a
+failed run does not stop the others; the printed command lines run as they are; the report's tables hold the
+numbers of the results.json files (and of (lam, xi) settings and unfinished runs worked out by hand) and its figure
+is a PNG; a bad spec ends with one sentence."""
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from synthetic import write_d4rl
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+sweep, report = load("sweep"), load("report")
+
+# 240 steps, an evaluation every 40: six evaluations, so "the last 5" is not "all of them"
+SPEC = """
+num_seeds = 2
+pairs = [["halfcheetah-kinematic", "halfcheetah"]]
+qualities = ["medium"]
+[flags]
+source_dataset = "{source}"
+target_dataset = "{target}"
+hidden = [16, 16]
+batch_size = 32
+steps = 240
+eval_every = 40
+eval_episodes = 1
+"""
+VARIANTS = """
+[algos.iql-target]
+script = "iql"
+flags = { data = "target" }
+[algos.iql-merged]
+script = "iql"
+flags = { data = "merged" }
+"""
+TASK = "halfcheetah-kinematic_to_halfcheetah-medium"
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Datasets, a spec, and an environment whose JAX compilation cache the runs share (the later runs are fast)."""
+    folder = tmp_path_factory.mktemp("sweep")
+    rng = np.random.default_rng(0)
+    datasets = {"source": write_d4rl(folder / "source.hdf5", rng, 2000, 100),
+                "target": write_d4rl(folder / "target.hdf5", rng, 1000, 100, ref=(-300.0, 3000.0))}
+    (folder / "spec.toml").write_text(SPEC.format(**datasets) + VARIANTS)
+    env = os.environ | {"JAX_COMPILATION_CACHE_DIR": str(folder / "jax_cache"),
+                        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+                        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+                        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # `python`
+    return {"folder": folder, "datasets": datasets, "env": env}
+
+
+def run_sweep(setup, *flags, spec=None):
+    spec = spec or setup["folder"] / "spec.toml"
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sweep.py"), str(spec), *flags],
+                          capture_output=True, text=True, env=setup["env"])
+
+
+@pytest.fixture(scope="module")
+def swept(setup):
+    out = setup["folder"] / "out"
+    done = run_sweep(setup, "--out", str(out))
+    assert done.returncode == 0, done.stdout + done.stderr
+    return out, done.stdout
+
+
+def test_sweep_runs_every_configuration(swept):
+    out, stdout = swept
+    for index, variant in enumerate(["iql-target", "iql-merged"], 1):
+        results = json.loads((out / variant / TASK / "results.json").read_text())
+        assert results["finished"] and results["args"]["data"] == variant.split("-")[1]
+        assert results["seeds"] == [0, 1] and len(results["evaluations"]) == 6
+        assert f"[{index}/2] {variant}/{TASK}" in stdout
+        assert (out / variant / TASK / "log.txt").read_text().startswith("$ ")
+    assert "2 ran, 0 skipped (finished), 0 failed" in stdout
+    manifest = json.loads((out / "sweep.json").read_text())
+    assert [c["folder"] for c in manifest["configurations"]] == [f"iql-target/{TASK}", f"iql-merged/{TASK}"]
+    assert manifest["spec"]["num_seeds"] == 2
+
+
+def test_rerun_skips_finished_runs_and_resumes_interrupted_ones(setup, swept):
+    out, _ = swept
+    files = [out / variant / TASK / name for variant in ("iql-target", "iql-merged")
+             for name in ("results.json", "checkpoint.msgpack", "log.txt")]
+    before = [path.stat().st_mtime_ns for path in files]
+    again = run_sweep(setup, "--out", str(out))
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert again.stdout.count("skip ") == 2 and "0 ran, 2 skipped (finished), 0 failed" in again.stdout
+    # finished runs made with other flags than the spec's now: the sweep stops before anything
+    manifest = (out / "sweep.json").read_text()
+    changed = setup["folder"] / "changed.toml"
+    changed.write_text((setup["folder"] / "spec.toml").read_text().replace("steps = 240", "steps = 280"))
+    conflict = run_sweep(setup, "--out", str(out), spec=changed)
+    assert conflict.returncode == 1 and conflict.stderr.count("\n") == 1
+    assert "finished run with --steps 240, the spec says 280" in conflict.stderr
+    assert "(2 such runs; nothing ran)" in conflict.stderr
+    assert [path.stat().st_mtime_ns for path in files] == before and (out / "sweep.json").read_text() == manifest
+
+    # a copy of the sweep whose second run looks interrupted (a checkpoint, results.json not finished)
+    copy = setup["folder"] / "interrupted"
+    shutil.copytree(out, copy)
+    results_path = copy / "iql-merged" / TASK / "results.json"
+    results_path.write_text(json.dumps(json.loads(results_path.read_text()) | {"finished": False}))
+    resumed = run_sweep(setup, "--out", str(copy))
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "1 ran, 1 skipped (finished), 0 failed" in resumed.stdout
+    commands = [line for line in (copy / "iql-merged" / TASK / "log.txt").read_text().splitlines()
+                if line.startswith("$ ")]
+    assert len(commands) == 2 and commands[-1].endswith(" --resume")  # the log keeps both runs' output
+    assert json.loads(results_path.read_text())["finished"]
+
+
+def test_a_failed_run_is_reported_and_the_others_go_on(setup):
+    spec = setup["folder"] / "failing.toml"
+    spec.write_text(SPEC.format(**setup["datasets"]) + '[algos.broken]\nscript = "iql"\nflags = { steps = -1 }\n'
+                    + '[algos.iql-target]\nscript = "iql"\nflags = { data = "target" }\n')
+    out = setup["folder"] / "failing"
+    done = run_sweep(setup, "--out", str(out), spec=spec)
+    assert done.returncode == 1
+    assert json.loads((out / "iql-target" / TASK / "results.json").read_text())["finished"]
+    summary = done.stdout.split("\n\n")[-1]
+    assert "1 ran, 0 skipped (finished), 1 failed" in summary
+    assert f"failed: broken/{TASK}" in summary and str(out / "broken" / TASK / "log.txt") in summary
+    assert "--steps must be at least 1, got -1." in summary
+
+
+def test_printed_commands_run_as_they_are(setup, swept):
+    out = setup["folder"] / "printed"
+    printed = run_sweep(setup, "--out", str(out), "--print-commands")
+    lines = printed.stdout.splitlines()
+    assert printed.returncode == 0 and len(lines) == 2
+    assert [path.name for path in out.iterdir()] == ["sweep.json"]  # the manifest for the report; nothing ran
+    assert all(line.startswith("python algos/iql.py --source halfcheetah-kinematic") for line in lines)
+    subprocess.run(lines[0], shell=True, cwd=ROOT, env=setup["env"], check=True, capture_output=True)
+    results = json.loads((out / "iql-target" / TASK / "results.json").read_text())
+    swept_results = json.loads((swept[0] / "iql-target" / TASK / "results.json").read_text())
+    assert results["finished"]
+    np.testing.assert_allclose(results["final"]["scores"], swept_results["final"]["scores"])  # the same run
+
+
+def test_report_tables_and_curves(swept, tmp_path):
+    out, _ = swept
+    report.main([str(out), "--out", str(tmp_path / "tiny"), "--title", "tiny sweep"])
+    markdown = (tmp_path / "tiny.md").read_text()
+    header = next(line for line in markdown.splitlines() if line.startswith("| task |"))
+    assert header == "| task | iql-target | iql-merged |"
+    assert "`python benchmarks/report.py" in markdown and "spec.toml" in markdown
+
+    tables = markdown.split("## ")[1:3]
+    for table, last in zip(tables, (1, 5)):
+        row = next(line for line in table.splitlines() if line.startswith("| source -> target (medium) |"))
+        means = {}
+        for variant in ("iql-target", "iql-merged"):
+            evaluations = json.loads((out / variant / TASK / "results.json").read_text())["evaluations"]
+            per_seed = np.array([e["scores"] for e in evaluations[-last:]]).mean(axis=0)  # over evaluations
+            means[variant] = per_seed.mean()
+            assert f"{per_seed.mean():.1f} ± {per_seed.std():.1f}" in row
+        best = max(means, key=means.get)
+        assert row.count("**") == 2 and f"**{means[best]:.1f} ± " in row
+
+    numbers = json.loads((tmp_path / "tiny.json").read_text())["results"]
+    assert [(r["algorithm"], r["seeds"]) for r in numbers] == [("iql-target", 2), ("iql-merged", 2)]
+    png = (tmp_path / "tiny.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+
+
+def test_report_by_hand_settings_and_unfinished_runs(tmp_path):
+    """Outside a sweep: a dvdf run of two (lam, xi) settings gives two columns, its scores picked by the grid; an
+    unfinished iql run is marked with the step it reached."""
+    args = {"source": "halfcheetah-kinematic", "target": "halfcheetah", "quality": "expert", "steps": 30}
+    grid = [{"lam": lam, "xi": 0.5, "seed": seed} for lam in (0.7, 1.0) for seed in (0, 1)]
+    runs = {"dvdf": {"algo": "dvdf", "finished": True, "step": 30, "args": args, "grid": grid,
+                     "settings": [{"lam": 0.7, "xi": 0.5}, {"lam": 1.0, "xi": 0.5}],
+                     "evaluations": [{"step": 10, "scores": [10, 20, 30, 50]}, {"step": 20, "scores": [12, 22, 40, 60]},
+                                     {"step": 30, "scores": [14, 26, 50, 70]}]},
+            "iql": {"algo": "iql", "finished": False, "step": 20, "args": args | {"data": "target"},
+                    "evaluations": [{"step": 10, "scores": [5, 7]}, {"step": 20, "scores": [9, 11]}]}}
+    for name, results in runs.items():
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        (tmp_path / "runs" / name / "results.json").write_text(json.dumps(results))
+    report.main([str(tmp_path / "runs"), "--out", str(tmp_path / "hand")])
+    markdown = (tmp_path / "hand.md").read_text()
+    # final: lam 0.7 seeds [14, 26], lam 1 seeds [50, 70], iql [9, 11]; over all 3 (or 2) evaluations: lam 0.7
+    # seeds [12, 22.67], lam 1 seeds [40, 60], iql seeds [7, 9]
+    assert "| task | dvdf (lam=0.7, xi=0.5) | dvdf (lam=1, xi=0.5) | iql (target) |" in markdown
+    assert ("| halfcheetah-kinematic -> halfcheetah (expert) | 20.0 ± 6.0 | **60.0 ± 10.0** | "
+            "10.0 ± 1.0 \\* (step 20 of 30) |") in markdown
+    assert ("| halfcheetah-kinematic -> halfcheetah (expert) | 17.3 ± 5.3 | **50.0 ± 10.0** | "
+            "8.0 ± 1.0 \\* (step 20 of 30) |") in markdown
+    assert "\\* unfinished" in markdown
+
+
+@pytest.mark.parametrize("spec, message", [
+    (None, "No spec file at"),
+    ("pairs = [['a', 'b']]\nqualities = ['medium']\nsteps = 3\n", "unknown key 'steps'"),
+    ("pairs = [['a', 'b']]\nqualities = ['medium']\n[algos.x]\nscript = 'iqll'\n", "algos.x needs script = one of"),
+    ("qualities = ['medium']\n[algos.x]\nscript = 'iql'\n", "needs 'pairs'"),
+    ("pairs = [['a', 'b']]\nqualities = ['medium']\n[algos.x]\nscript = 'iql'\nflags = { seed = 3 }\n", "sets seed"),
+])
+def test_bad_spec_ends_with_one_sentence(spec, message, tmp_path):
+    path = tmp_path / "spec.toml"
+    if spec is not None:
+        path.write_text(spec)
+    with pytest.raises(SystemExit) as error:
+        sweep.main([str(path), "--out", str(tmp_path / "out"), "--dry-run"])
+    text = str(error.value)
+    assert message in text and "\n" not in text and text.endswith(".")
