@@ -127,7 +127,8 @@ def load_dataset(name: str | None = None, *, domain: str | None = None, quality:
                  download: bool = False) -> Dataset:
     """Load a dataset as flat transitions.
 
-    name: a Minari id, or a path to a D4RL-format HDF5 file; None loads this project's generated dataset for
+    name: a Minari id (the generator's named mixtures, crossdomain/mix/<name>-v0, are made when missing), or a
+        path to a D4RL-format HDF5 file; None loads this project's generated dataset for
         (domain, quality), generating it first when envs/generate.py is available.
     domain: checks observation and action sizes against the domain (and reduces 105/111-dim Ant observations).
     quality: one of QUALITIES; used only when name is None.
@@ -146,6 +147,9 @@ def load_dataset(name: str | None = None, *, domain: str | None = None, quality:
     elif _looks_like_file(name):
         dataset = _load_hdf5(name)
     else:
+        generator = _find_generator()
+        if generator is not None and name.startswith(generator.MIXTURE_NAMESPACE + "/") and name.endswith("-v0"):
+            generator.ensure_mixture(name[len(generator.MIXTURE_NAMESPACE) + 1:-3])  # a named mixture, on demand
         dataset = _load_minari(name, download=download)
     if domain is not None:
         dataset = _match_domain(dataset, domain)

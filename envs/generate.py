@@ -18,6 +18,13 @@ Every episode's MuJoCo state (qpos, qvel) is stored in its `infos`, so any trans
 Dataset metadata: ref_min_score / ref_max_score (the domain's random and expert returns), and
 "episode_metadata", a JSON list with one {"domain", "quality", "policy"} per episode.
 Dataset ids: crossdomain/<domain>/<quality>-v0 (envs.generated_dataset_id).
+
+Mixtures: one dataset of whole trajectories from several (domain, quality) components, each rolled out in its own
+domain, with each episode's domain and quality in episode_metadata (DVDF's motivating example, V2A's heterogeneous
+sources). The named mixtures are in MIXTURES and stored as crossdomain/mix/<name>-v0 (made on demand by the
+loader like any generated dataset); ref_min_score / ref_max_score are those of the first component's domain.
+
+    python -m envs.generate --mixture halfcheetah-kinematic-random-expert
 """
 from __future__ import annotations
 
@@ -37,6 +44,13 @@ from envs.domains import check_domain, domain_info, make_env
 POLICY_DIR = Path(__file__).parent / "policies"
 REFERENCES = Path(__file__).parent / "references.json"
 DEFAULT_SIZE = 1_000_000
+MIXTURE_NAMESPACE = "crossdomain/mix"
+MIXTURES: dict[str, list[tuple[str, str, int]]] = {  # name -> (domain, quality, transitions) components
+    # DVDF's motivating example: random and expert data of the shifted domain; the expert half is the data worth
+    # keeping, the random half is as dynamics-aligned but of little value
+    "halfcheetah-kinematic-random-expert": [("halfcheetah-kinematic", "random", 500_000),
+                                            ("halfcheetah-kinematic", "expert", 500_000)],
+}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -183,12 +197,27 @@ def plan(domain: str, quality: str, size: int) -> list[tuple[Policy, int, str]]:
     return pieces
 
 
+def mixture_id(name: str) -> str:
+    return f"{MIXTURE_NAMESPACE}/{name}-v0"
+
+
+def check_mixture(name: str) -> list[tuple[str, str, int]]:
+    if name not in MIXTURES:
+        raise SystemExit(f"Unknown mixture '{name}': choose one of {', '.join(sorted(MIXTURES))}.")
+    return MIXTURES[name]
+
+
+def mixture_plan(components) -> list[tuple[str, Policy, int, str]]:
+    """The (domain, policy, transitions, quality label) pieces of a list of (domain, quality, size) components."""
+    return [(domain, *piece) for domain, quality, size in components for piece in plan(domain, quality, size)]
+
+
 def zoo_fingerprint(pieces, references: tuple[float, float]) -> str:
     """Hash of the policies a dataset is made from and of its reference returns: a cached dataset of an older
     zoo is made again."""
     digest = hashlib.sha256(repr(references).encode())
-    for policy, count, label in pieces:
-        digest.update(f"{policy.name}:{count}:{label}".encode())
+    for *domain, policy, count, label in pieces:  # (domain,) policy, count, label: mixtures name the domain
+        digest.update(f"{''.join(domain)}{policy.name}:{count}:{label}".encode())
         for w, b in policy.layers or []:
             digest.update(w.tobytes()), digest.update(b.tobytes())
     return digest.hexdigest()[:16]
@@ -197,9 +226,6 @@ def zoo_fingerprint(pieces, references: tuple[float, float]) -> str:
 def generate(domain: str, quality: str, size: int | None = None, seed: int = 0, dataset_id: str | None = None,
              force: bool = False):
     """Make the dataset and store it in the local Minari store; returns the Minari dataset."""
-    import minari
-    from minari.data_collector import EpisodeBuffer
-
     check_domain(domain)
     if quality not in QUALITIES:
         raise SystemExit(f"Unknown quality '{quality}': choose one of {', '.join(QUALITIES)}.")
@@ -207,8 +233,32 @@ def generate(domain: str, quality: str, size: int | None = None, seed: int = 0, 
     if size < 1:
         raise SystemExit(f"--size must be a positive number of transitions, got {size}.")
     dataset_id = dataset_id or generated_dataset_id(domain, quality)
-    pieces = plan(domain, quality, size)
-    fingerprint = zoo_fingerprint(pieces, reference_returns(domain))
+    pieces = [(domain, *piece) for piece in plan(domain, quality, size)]
+    description = (f"{quality} data of domain {domain} (envs.make_env('{domain}'); the stored env spec is the "
+                   f"unshifted v5 task), seed {seed}; infos hold qpos/qvel for re-simulation.")
+    fingerprint = zoo_fingerprint([piece[1:] for piece in pieces], reference_returns(domain))
+    return _store(dataset_id, pieces, fingerprint, seed, force, {"domain": domain, "quality": quality}, description)
+
+
+def generate_mixture(name: str, seed: int = 0, force: bool = False):
+    """Make the named mixture (MIXTURES) and store it as crossdomain/mix/<name>-v0; returns the Minari dataset."""
+    components = check_mixture(name)
+    pieces = mixture_plan(components)
+    first = components[0][0]
+    parts = ", ".join(f"{size:,} {quality} of {domain}" for domain, quality, size in components)
+    description = (f"mixture {name}: whole trajectories, {parts}; seed {seed}; episode_metadata names each "
+                   f"episode's domain and quality; the reference scores are those of {first}.")
+    return _store(mixture_id(name), pieces, zoo_fingerprint(pieces, reference_returns(first)), seed, force,
+                  {"mixture": json.dumps(components)}, description)
+
+
+def _store(dataset_id: str, pieces, fingerprint: str, seed: int, force: bool, metadata: dict, description: str):
+    """Roll out the (domain, policy, transitions, label) pieces in order and store them under dataset_id, unless
+    a dataset of that id, fingerprint, seed and size is there already."""
+    import minari
+    from minari.data_collector import EpisodeBuffer
+
+    size = sum(count for _, _, count, _ in pieces)
     if dataset_id in minari.list_local_datasets():
         existing = minari.load_dataset(dataset_id)
         same = (existing.storage.metadata.get("zoo_fingerprint") == fingerprint
@@ -218,25 +268,24 @@ def generate(domain: str, quality: str, size: int | None = None, seed: int = 0, 
         print(f"Replacing {dataset_id}: " + ("--force given." if same else "it was made from other policies, "
                                              "another seed or size."), flush=True)
         minari.delete_dataset(dataset_id)
-    ref_min, ref_max = reference_returns(domain)
+    first_domain = pieces[0][0]
+    ref_min, ref_max = reference_returns(first_domain)
     rng = np.random.default_rng(seed)
     episodes = []
     with tqdm(total=size, desc=f"{dataset_id}", unit="transition", unit_scale=True, file=sys.stdout) as bar:
-        for policy, count, label in pieces:
+        for domain, policy, count, label in pieces:
             episodes += rollout(domain, policy, count, rng, seed * 1_000_000 + len(episodes), label, bar)
     buffers = [EpisodeBuffer(id=i, observations=e["observations"], actions=e["actions"], rewards=e["rewards"],
                              terminations=e["terminations"], truncations=e["truncations"], infos=e["infos"])
                for i, e in enumerate(episodes)]
-    task_env = make_env(domain)
+    task_env = make_env(first_domain)
     dataset = minari.create_dataset_from_buffers(
         dataset_id, buffers, env=task_env, eval_env=task_env.spec, algorithm_name="SAC behaviour policies (algos/sac.py)",
-        description=f"{quality} data of domain {domain} (envs.make_env('{domain}'); the stored env spec is the "
-                    f"unshifted v5 task), seed {seed}; infos hold qpos/qvel for re-simulation.",
-        ref_min_score=ref_min, ref_max_score=ref_max, code_permalink="envs/generate.py",
+        description=description, ref_min_score=ref_min, ref_max_score=ref_max, code_permalink="envs/generate.py",
         author="crossdomain", author_email="none")
     dataset.storage.update_metadata({
-        "episode_metadata": json.dumps([e["metadata"] for e in episodes]),
-        "domain": domain, "quality": quality, "seed": seed, "zoo_fingerprint": fingerprint})
+        "episode_metadata": json.dumps([e["metadata"] for e in episodes]), **metadata, "seed": seed,
+        "zoo_fingerprint": fingerprint})
     return dataset
 
 
@@ -256,24 +305,51 @@ def ensure_dataset(domain: str, quality: str) -> None:
         raise
     if exists and minari.load_dataset(dataset_id).storage.metadata.get("zoo_fingerprint") == fingerprint:
         return
-    print(f"Generating {dataset_id} ({size:,} transitions) from the policy zoo; about "
-          f"{size / 4000 / 60:.0f} min on one CPU core, cached afterwards.", flush=True)
+    _announce(dataset_id, size)
     start = time.time()
     generate(domain, quality)
     print(f"Generated in {time.time() - start:.0f} s.", flush=True)
 
 
+def ensure_mixture(name: str) -> None:
+    """Hook called by envs.load_dataset for crossdomain/mix/<name>-v0: make the named mixture if it is missing or
+    was made from another version of the zoo."""
+    import minari
+
+    components = check_mixture(name)
+    dataset_id = mixture_id(name)
+    fingerprint = zoo_fingerprint(mixture_plan(components), reference_returns(components[0][0]))
+    if (dataset_id in minari.list_local_datasets()
+            and minari.load_dataset(dataset_id).storage.metadata.get("zoo_fingerprint") == fingerprint):
+        return
+    _announce(dataset_id, sum(size for _, _, size in components))
+    start = time.time()
+    generate_mixture(name)
+    print(f"Generated in {time.time() - start:.0f} s.", flush=True)
+
+
+def _announce(dataset_id: str, size: int) -> None:
+    print(f"Generating {dataset_id} ({size:,} transitions) from the policy zoo; about "
+          f"{size / 4000 / 60:.0f} min on one CPU core, cached afterwards.", flush=True)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--domain", required=True)
-    parser.add_argument("--quality", required=True, choices=QUALITIES)
+    parser.add_argument("--domain")
+    parser.add_argument("--quality", choices=QUALITIES)
+    parser.add_argument("--mixture", choices=sorted(MIXTURES), help="make a named mixture instead (MIXTURES)")
     parser.add_argument("--size", type=int, default=None, help="transitions (default: 1M; 2M medium-expert; "
                                                                "SAC's steps to medium for medium-replay)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--id", default=None, help="Minari id to store under (default crossdomain/<domain>/<quality>-v0)")
     parser.add_argument("--force", action="store_true", help="replace an existing dataset of that id")
     args = parser.parse_args(argv)
-    dataset = generate(args.domain, args.quality, args.size, args.seed, args.id, args.force)
+    if args.mixture:
+        dataset = generate_mixture(args.mixture, args.seed, args.force)
+    elif args.domain and args.quality:
+        dataset = generate(args.domain, args.quality, args.size, args.seed, args.id, args.force)
+    else:
+        parser.error("give --domain and --quality, or --mixture")
     print(f"{dataset.spec.dataset_id}: {dataset.total_steps:,} transitions, {dataset.total_episodes} episodes")
 
 

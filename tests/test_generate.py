@@ -115,3 +115,42 @@ def test_cached_dataset_is_remade_when_the_zoo_changes(zoo, capsys):
     remade = load_dataset(domain="hopper-kinematic", quality="medium-replay")
     assert "Generating" in capsys.readouterr().out
     assert not np.array_equal(first.actions, remade.actions)
+
+
+def test_mixture_is_made_on_demand_with_each_episodes_domain_and_quality(zoo, monkeypatch, tmp_path):
+    refs = json.loads(generate.REFERENCES.read_text()) | {"hopper-morph": {"random": -10.0, "expert": 2000.0}}
+    generate.REFERENCES.write_text(json.dumps(refs))
+    info = domain_info("hopper-morph")
+    _fake_actor(tmp_path / "policies" / "hopper-morph" / "expert.npz", info.obs_dim, info.act_dim, 5, 9000)
+    components = [("hopper-kinematic", "random", 300), ("hopper-morph", "expert", 500), ("hopper-kinematic",
+                                                                                           "medium", 200)]
+    monkeypatch.setitem(generate.MIXTURES, "tiny", components)
+    data = load_dataset("crossdomain/mix/tiny-v0")  # not in the store: generated first
+    assert data.size == 1000
+    assert (data.ref_min_score, data.ref_max_score) == (-5.0, 3000.0)  # the first component's domain
+    per_episode = np.bincount(data.episode_ids)
+    counts = {}
+    for episode, meta in enumerate(data.episode_metadata):
+        key = (meta["domain"], meta["quality"])
+        counts[key] = counts.get(key, 0) + per_episode[episode]
+        assert meta["policy"] == ("uniform-random" if meta["quality"] == "random"
+                                  else f"{meta['domain']}/{meta['quality']}.npz")
+    assert counts == {(d, q): n for d, q, n in components}
+    # the hopper-morph episodes follow hopper-morph's physics: re-simulated from the stored state, the first
+    # transition of each reproduces its next observation there and not in hopper-kinematic
+    episodes = list(minari.load_dataset("crossdomain/mix/tiny-v0").iterate_episodes())
+    morph = [e for e, meta in zip(episodes, data.episode_metadata) if meta["domain"] == "hopper-morph"][0]
+    errors = {}
+    for domain in ("hopper-morph", "hopper-kinematic"):
+        env = make_env(domain)
+        env.reset(seed=0)
+        env.unwrapped.set_state(morph.infos["qpos"][0], morph.infos["qvel"][0])
+        obs = env.step(morph.actions[0])[0]
+        errors[domain] = float(np.abs(obs - morph.observations[1]).max())
+    assert errors["hopper-morph"] < 1e-6 < errors["hopper-kinematic"]
+    # a second load uses the stored mixture: the same arrays, not made again
+    monkeypatch.setattr(generate, "generate_mixture", lambda *args, **kwargs: pytest.fail("made again"))
+    again = load_dataset("crossdomain/mix/tiny-v0")
+    np.testing.assert_array_equal(again.observations, data.observations)
+    with pytest.raises(SystemExit, match="Unknown mixture 'nope': choose one of"):
+        generate.check_mixture("nope")
