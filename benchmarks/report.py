@@ -56,7 +56,8 @@ def runs(results: dict, config: dict | None) -> list[dict]:
     steps = [e["step"] for e in results["evaluations"]]
     scores = np.array([e["scores"] for e in results["evaluations"]], dtype=np.float64).reshape(len(steps), -1)
     common = {"task": task, "steps": steps, "finished": results["finished"], "step": results["step"],
-              "budget": args["steps"]}
+              "budget": args["steps"], "target": (args.get("target_dataset"), args.get("target") or args["source"],
+                                                  args["quality"])}
     settings = results.get("settings") or [None]
     series = []
     for setting in settings:
@@ -106,8 +107,23 @@ def summarise(run: dict) -> dict:
             "curve": {"steps": run["steps"], "mean": scores.mean(axis=1).tolist(), "std": scores.std(axis=1).tolist()}}
 
 
-def table(cells: dict, tasks: list, algorithms: list, stat: str) -> list[str]:
-    lines = ["| task | " + " | ".join(algorithms) + " |", "|---" * (len(algorithms) + 1) + "|"]
+def target_data_scores(series: list[dict]) -> dict:
+    """{task: "mean ± std"} of the normalised episode returns of each task's full target dataset."""
+    sys.path.insert(0, str(ROOT))
+    from envs import dataset_score, load_dataset
+
+    found = {}
+    for run in series:
+        if run["task"] not in found:
+            name, domain, quality = run["target"]
+            mean, std, _ = dataset_score(load_dataset(name, domain=domain, quality=quality), domain)
+            found[run["task"]] = f"{mean:.1f} ± {std:.1f}"
+    return found
+
+
+def table(cells: dict, tasks: list, algorithms: list, stat: str, data: dict | None = None) -> list[str]:
+    extra = " | target data" if data else ""
+    lines = ["| task | " + " | ".join(algorithms) + extra + " |", "|---" * (len(algorithms) + 1 + bool(data)) + "|"]
     for task in tasks:
         row = [cells.get((task, algorithm)) for algorithm in algorithms]
         best = max(round(cell[f"{stat}_mean"], 1) for cell in row if cell)
@@ -119,7 +135,7 @@ def table(cells: dict, tasks: list, algorithms: list, stat: str) -> list[str]:
             text = f"{cell[f'{stat}_mean']:.1f} ± {cell[f'{stat}_std']:.1f}"
             text = f"**{text}**" if round(cell[f"{stat}_mean"], 1) == best else text
             texts.append(text + ("" if cell["finished"] else f" \\* (step {cell['step']} of {cell['budget']})"))
-        lines.append(f"| {task} | " + " | ".join(texts) + " |")
+        lines.append(f"| {task} | " + " | ".join(texts) + (f" | {data[task]}" if data else "") + " |")
     return lines
 
 
@@ -165,6 +181,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path,
                         help="output path without suffix (default benchmarks/results/<folder name>)")
     parser.add_argument("--title", help="title of the table and the figure (default: the folder name)")
+    parser.add_argument("--dataset-column", action="store_true",
+                        help="add the mean ± std normalised episode return of each task's full target dataset")
     args = parser.parse_args(argv)
     if not args.results.is_dir():
         raise SystemExit(f"No folder at {args.results}.")
@@ -173,6 +191,7 @@ def main(argv: list[str] | None = None) -> None:
     series, sweeps, notes = collect(args.results.resolve())
     summaries = [summarise(run) for run in series]
     cells = {(s["task"], s["algorithm"]): s for s in summaries}
+    data = target_data_scores(series) if args.dataset_column else None
     tasks = list(dict.fromkeys(s["task"] for s in summaries))
     algorithms = list(dict.fromkeys(s["algorithm"] for s in summaries))
 
@@ -183,9 +202,12 @@ def main(argv: list[str] | None = None) -> None:
              f"Normalised score 100 (J - J_random) / (J_expert - J_random) in the target domain, mean ± std over "
              f"{' or '.join(map(str, seeds))} seeds (std with ddof 0), {' or '.join(map(str, budgets))} gradient "
              "steps; the best mean of each row in bold.", "",
-             "## Final score (last evaluation)", "", *table(cells, tasks, algorithms, "final"), "",
+             "## Final score (last evaluation)", "", *table(cells, tasks, algorithms, "final", data), "",
              f"## Mean of the last {LAST} evaluations (of each seed; all of them where a run has fewer)", "",
-             *table(cells, tasks, algorithms, "last5"), ""]
+             *table(cells, tasks, algorithms, "last5", data), ""]
+    if data:
+        lines += ["target data: the normalised returns of the episodes of the task's whole target dataset (the "
+                  "data's own level), mean ± std over episodes.", ""]
     if not all(s["finished"] for s in summaries):
         lines += ["\\* unfinished: the run's last evaluation so far (step reached of its budget).", ""]
     lines += [f"![learning curves]({Path(out).name}.png)", ""] + [f"Note: {note}" for note in notes]

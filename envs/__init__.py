@@ -7,5 +7,5 @@
 """
 from envs.domains import DOMAINS, TASKS, Change, DomainInfo, domain_info, make_env, make_vec_env, check_domain
 from envs.datasets import QUALITIES, Dataset, generated_dataset_id, load_dataset, save_hdf5, subsample
-from envs.scores import normalized_score, reference_scores
+from envs.scores import dataset_score, normalized_score, reference_scores
 from envs.evaluation import EvalResult, evaluate

@@ -69,3 +69,14 @@ def reference_scores(domain: str, dataset=None) -> tuple[float, float]:
                      f"generator stores the domain's random and expert returns), load a dataset that carries "
                      f"ref_min_score/ref_max_score, or add {{\"random\": ..., \"expert\": ...}} for it to "
                      f"{REFERENCES_PATH}.")
+
+
+def dataset_score(dataset, domain: str) -> tuple[float, float, int]:
+    """Mean and std (ddof 0) over the dataset's episodes of their normalised returns in `domain`, and the number
+    of episodes: the level of the data itself, the reference a learner on it is compared with (D4RL's "dataset
+    mean"). Every episode counts, the last one even if the dataset cut it short."""
+    ref_min, ref_max = reference_scores(domain, dataset)
+    _, episode = np.unique(dataset.episode_ids, return_inverse=True)  # ids of a subsample have gaps
+    returns = np.bincount(episode, weights=dataset.rewards.astype(np.float64))
+    scores = np.asarray(normalized_score(returns, ref_min, ref_max), dtype=np.float64)
+    return float(scores.mean()), float(scores.std()), len(scores)

@@ -68,3 +68,17 @@ def test_shipped_reference_table_is_well_formed():
     for domain, entry in scores.load_references().items():
         assert domain in DOMAINS
         assert math.isfinite(entry["random"]) and entry["expert"] > entry["random"] and entry["source"]
+
+
+def test_dataset_score_by_hand():
+    from envs import dataset_score
+    zeros = np.zeros((5, 3), np.float32)
+    # episodes 3 and 7 (a subsample keeps the original ids): returns 1 + 2 = 3 and 4 + 0 + 5 = 9
+    data = Dataset(observations=zeros, actions=zeros, rewards=np.array([1, 2, 4, 0, 5], np.float32),
+                   next_observations=zeros, terminals=np.zeros(5, np.float32),
+                   timeouts=np.array([0, 1, 0, 0, 1], np.float32), episode_ids=np.array([3, 3, 7, 7, 7], np.int32),
+                   ref_min_score=-1.0, ref_max_score=11.0, name="hopper-test")
+    mean, std, episodes = dataset_score(data, "hopper")
+    # normalised: 100 * (3 + 1) / 12 = 33.33 and 100 * (9 + 1) / 12 = 83.33
+    assert episodes == 2
+    assert mean == pytest.approx(58.3333, rel=1e-4) and std == pytest.approx(25.0, rel=1e-6)

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 
@@ -180,6 +181,19 @@ def test_report_tables_and_curves(swept, tmp_path):
     assert [(r["algorithm"], r["seeds"]) for r in numbers] == [("iql-target", 2), ("iql-merged", 2)]
     png = (tmp_path / "tiny.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
+
+
+def test_report_dataset_column_is_the_target_datas_own_level(setup, swept, tmp_path):
+    out, _ = swept
+    report.main([str(out), "--out", str(tmp_path / "data"), "--dataset-column"])
+    markdown = (tmp_path / "data.md").read_text()
+    assert "| task | iql-target | iql-merged | target data |" in markdown
+    # by hand: the target file's 10 episodes of 100 steps, normalised with its references (-300, 3000)
+    with h5py.File(setup["datasets"]["target"]) as file:
+        returns = np.asarray(file["rewards"], np.float64).reshape(10, 100).sum(axis=1)
+    scores = 100 * (returns + 300) / 3300
+    row = next(line for line in markdown.splitlines() if line.startswith("| source -> target (medium) |"))
+    assert row.endswith(f"| {scores.mean():.1f} ± {scores.std():.1f} |")
 
 
 def test_report_by_hand_settings_and_unfinished_runs(tmp_path):
