@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: envs/, benchmarks/
+from benchmarks.common import write_atomic  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MIXTURE = "crossdomain/mix/halfcheetah-kinematic-random-expert-v0"
@@ -115,10 +117,7 @@ def main() -> None:
     for suffix, text in ((".md", render(rows, results, command.strip())),
                          (".json", json.dumps({"command": command.strip(), "settings": {str(k): v for k, v in
                                                                                      rows.items()}}, indent=1))):
-        path = args.out.with_suffix(suffix)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        write_atomic(args.out.with_suffix(suffix), text)
     print(render(rows, results, command.strip()))
 
 

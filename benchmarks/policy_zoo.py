@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import write_atomic  # noqa: E402
 
 from envs.domains import check_domain, domain_info  # noqa: E402
 from envs.generate import POLICY_DIR, REFERENCES, Policy, policy_return  # noqa: E402
@@ -41,12 +42,6 @@ def snapshots(run: Path) -> list[tuple[int, float, Path]]:
             ret = float(arrays["eval_return_mean"]) if "eval_return_mean" in arrays else np.nan
             rows.append((int(arrays["step"]), ret, path))
     return sorted(rows)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + f".{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def build(domain: str, run: Path, episodes: int, replay_every: int) -> dict:

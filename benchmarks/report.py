@@ -25,6 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: envs/, benchmarks/
+from benchmarks.common import write_atomic  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 LAST = 5  # evaluations averaged for the "last 5" table
 
@@ -109,7 +112,6 @@ def summarise(run: dict) -> dict:
 
 def target_data_scores(series: list[dict]) -> dict:
     """{task: "mean ± std"} of the normalised episode returns of each task's full target dataset."""
-    sys.path.insert(0, str(ROOT))
     from envs import dataset_score, load_dataset
 
     found = {}
@@ -166,12 +168,6 @@ def plot(cells: dict, tasks: list, algorithms: list, title: str, path: Path) -> 
     tmp = path.with_name(path.name + ".tmp")
     figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     plt.close(figure)
-    os.replace(tmp, path)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
     os.replace(tmp, path)
 
 

@@ -39,6 +39,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import write_atomic  # noqa: E402
 from envs.datasets import Dataset, save_hdf5  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -168,12 +169,6 @@ def render(rows: list[dict], pipelines: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_whole(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--algos", nargs="+", default=list(ALGOS), choices=ALGOS)
@@ -191,7 +186,7 @@ def main() -> None:
     saved = json.loads(store.read_text()) if store.exists() else {}
     rows, pipelines = saved.get("rows", []), saved.get("pipelines", [])
     if args.render:
-        write_whole(args.out / "speed.md", render(rows, pipelines))
+        write_atomic(args.out / "speed.md", render(rows, pipelines))
         return
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -207,7 +202,7 @@ def main() -> None:
                       flush=True)
                 rows = [r for r in rows if (r["algo"], r["seeds"], r["device"]) != (algo, seeds, row["device"])]
                 rows.append(row)
-                write_whole(store, json.dumps({"rows": rows, "pipelines": pipelines}, indent=1))
+                write_atomic(store, json.dumps({"rows": rows, "pipelines": pipelines}, indent=1))
         if args.pipeline != "none":
             print(f"DVDF pipeline ({args.pipeline}) ...", flush=True)
             result = (pipeline_estimate if args.pipeline == "estimate" else pipeline_run)(data, folder)
@@ -215,8 +210,8 @@ def main() -> None:
                   f"{result['seconds'] / 60:.1f} min", flush=True)
             pipelines = [p for p in pipelines if (p["device"], p["kind"]) != (result["device"], result["kind"])]
             pipelines.append(result)
-    write_whole(store, json.dumps({"rows": rows, "pipelines": pipelines}, indent=1))
-    write_whole(args.out / "speed.md", render(rows, pipelines))
+    write_atomic(store, json.dumps({"rows": rows, "pipelines": pipelines}, indent=1))
+    write_atomic(args.out / "speed.md", render(rows, pipelines))
     print(f"wrote {args.out / 'speed.md'}")
 
 

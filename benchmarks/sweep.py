@@ -42,6 +42,9 @@ import time
 import tomllib
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: envs/, benchmarks/
+from benchmarks.common import write_atomic  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 SPEC_KEYS = {"out", "num_seeds", "seed", "pairs", "qualities", "flags", "grid", "algos"}
 SET_BY_SWEEP = {"source", "target", "quality", "num_seeds", "seed", "out", "resume"}
@@ -154,12 +157,6 @@ def last_line(log: Path) -> str:
     text = log.read_text(errors="replace").replace("\r", "\n")
     lines = [line.strip(" │╭╮╰╯─") for line in text.splitlines()]
     return next((line for line in reversed(lines) if line), "(empty log)")
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> None:
