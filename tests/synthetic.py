@@ -1,8 +1,10 @@
-"""Small synthetic datasets shared by the algorithm tests (HalfCheetah's shapes unless told otherwise)."""
+"""What the algorithm tests share: small synthetic datasets (HalfCheetah's shapes unless told otherwise) and the
+check that a bad flag ends in one sentence."""
 from pathlib import Path
 
 import h5py
 import numpy as np
+import pytest
 
 
 def write_d4rl(path: Path, rng, n: int, episode_length: int, ref=None, obs_dim: int = 17, act_dim: int = 6) -> str:
@@ -18,3 +20,11 @@ def write_d4rl(path: Path, rng, n: int, episode_length: int, ref=None, obs_dim: 
         if ref is not None:
             file.attrs["ref_min_score"], file.attrs["ref_max_score"] = ref
     return str(path)
+
+
+def assert_one_sentence_exit(main, argv: list[str], message: str) -> None:
+    """main(argv) ends with SystemExit whose text starts with `message` and is one line ending in . or ?"""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    text = str(exit_info.value)
+    assert text.startswith(message) and text.endswith((".", "?")) and "\n" not in text

@@ -12,6 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from synthetic import assert_one_sentence_exit
+
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("igdf_scorer", ROOT / "algos" / "igdf_scorer.py")
 scorer = importlib.util.module_from_spec(spec)
@@ -176,7 +178,4 @@ def test_resume_gives_the_same_encoders(datasets, finished_run, tmp_path, monkey
     (["--target", "nowhere"], "Unknown --target 'nowhere'"),
 ])
 def test_flags_out_of_range_end_with_one_sentence(flags, message, tmp_path):
-    with pytest.raises(SystemExit) as exit_info:
-        scorer.main(["--out", str(tmp_path), *flags])
-    text = str(exit_info.value)
-    assert text.startswith(message) and text.endswith((".", "?")) and "\n" not in text
+    assert_one_sentence_exit(scorer.main, ["--out", str(tmp_path), *flags], message)

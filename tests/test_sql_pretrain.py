@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from synthetic import write_d4rl
+from synthetic import assert_one_sentence_exit, write_d4rl
 
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("sql_pretrain", ROOT / "algos" / "sql_pretrain.py")
@@ -173,7 +173,4 @@ def test_resume_after_kill_gives_the_same_final_parameters(source_file, finished
     (["--tau", "2"], "--tau must be in (0, 1]"),
 ])
 def test_flags_out_of_range_end_with_one_sentence(flags, message, tmp_path):
-    with pytest.raises(SystemExit) as exit_info:
-        sql.main(["--out", str(tmp_path), *flags])
-    text = str(exit_info.value)
-    assert text.startswith(message) and text.endswith((".", "?")) and "\n" not in text
+    assert_one_sentence_exit(sql.main, ["--out", str(tmp_path), *flags], message)
