@@ -55,7 +55,8 @@ and sees all of them), next to the chance level (always the majority class) and 
 accuracy; and a 2-D PCA projection of the trajectories' z coloured by domain (marker by quality). Filter
 diagnostics per evaluation and run, as dvdf.py: mean h, A(s, a, z) and g of kept and dropped samples, the Q weight
 of kept ones, and per domain and quality their share of the kept samples (kept_share), of the drawn samples
-(batch_share) and the fraction of drawn ones kept (keep_rate).
+(batch_share) and the fraction of drawn ones kept (keep_rate). `--representation-only` stops after the encoder
+and these representation diagnostics (benchmarks/v2a_probe.py uses it).
 
 Outputs in --out (default runs/v2a/<source>_to_<target>-<quality>/lam<lams>_xi<xis>/seed<seed>), written
 atomically:
@@ -184,6 +185,9 @@ class Args:
     probe_fraction: float = 0.3
     """fraction of each domain's (quality's) trajectories held out of the probe's fit to measure its accuracy, in
     (0, 0.5]"""
+    representation_only: bool = False
+    """stop after the encoder and its diagnostics (results.json "representation", z_projection.png): how well z
+    separates a source dataset's domains; loads no target data and runs no SQL, scorer or filtered IQL"""
     # --- stage 2: SQL with z on the source dataset ---
     sqlz_steps: int = 5_000
     """gradient steps of SQL with z"""
@@ -1133,7 +1137,8 @@ def check_args(args: Args) -> None:
     need(0.0 < args.target_fraction <= 1.0, f"--target-fraction must be in (0, 1], got {args.target_fraction}.")
     need(args.target_size is None or args.target_size >= 1,
          f"--target-size must be a positive number of transitions, got {args.target_size}.")
-    for flag in ("steps", "eval_every", "eval_episodes", "num_seeds", "encoder_steps", "encoder_batch_size", "window",
+    need(args.encoder_steps >= 0, f"--encoder-steps must be 0 (an untrained encoder) or more, got {args.encoder_steps}.")
+    for flag in ("steps", "eval_every", "eval_episodes", "num_seeds", "encoder_batch_size", "window",
                  "gru_hidden", "z_dim", "ensemble_size", "sqlz_steps", "sqlz_batch_size", "sqlz_target_every",
                  "scorer_steps", "repr_dim"):
         need(getattr(args, flag) >= 1, f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}.")
@@ -1491,19 +1496,21 @@ def main(argv: Optional[list[str]] = None) -> dict:
     wall_start = time.perf_counter()
 
     seeds = [args.seed + k for k in range(args.num_seeds)]
-    source, target_full, targets = load_data(args, seeds)
-    ref_min, ref_max = reference_scores(args.target, target_full)  # exits with a sentence when unknown
-    obs_dim, act_dim = target_full.obs_dim, target_full.act_dim
+    if args.representation_only:  # the source alone: no target data, no references
+        source = load_dataset(args.source_dataset, domain=args.source,
+                              quality=None if args.source_dataset else args.quality)
+        obs_dim, act_dim = source.obs_dim, source.act_dim
+    else:
+        source, target_full, targets = load_data(args, seeds)
+        ref_min, ref_max = reference_scores(args.target, target_full)  # exits with a sentence when unknown
+        obs_dim, act_dim = target_full.obs_dim, target_full.act_dim
 
     # stages 1-3, and the relabelling: frozen, shared by every run of the grid
     start = time.perf_counter()
     encoder_params, encoder_info = encoder_stage(args, source, obs_dim, act_dim)
     source_trajectory, trajectory_z = relabel(encoder_params["encoder"], source, args.gru_hidden, args.z_dim,
                                               args.relabel_window)
-    sqlz_params, sqlz_info = sqlz_stage(args, source, source_trajectory, trajectory_z, encoder_info, obs_dim, act_dim)
-    scorer_params, scorer_info = scorer_stage(args, source, targets[0], obs_dim, act_dim)
     stage_seconds = time.perf_counter() - start
-    frozen = jax.device_put(Frozen(sqlz_params["critic"], sqlz_params["value"], scorer_params["scorer"]))
 
     # how well z separates the source's domains (and qualities)
     groups = episode_groups(source)
@@ -1520,6 +1527,22 @@ def main(argv: Optional[list[str]] = None) -> dict:
                     f"trajectories: {summary or 'n/a'}")
     representation |= {"relabel_window": args.relabel_window, "projection_png": "z_projection.png"}
     print(f"representation: linear probe accuracy on held-out trajectories: {summary or 'n/a'}")
+    if args.representation_only:
+        results = {"algo": "v2a", "finished": True, "representation_only": True, "args": asdict(args),
+                   "data": {"source_dataset": source.name, "source_size": source.size,
+                            "source_trajectories": len(trajectory_z)},
+                   "stages": {"encoder": encoder_info}, "representation": representation,
+                   "timing": {"stage_seconds": stage_seconds, "wall_seconds": time.perf_counter() - wall_start},
+                   "versions": package_versions()}
+        write_atomic(out / "results.json", json.dumps(results, indent=1).encode())
+        print(f"--representation-only: results in {out}")
+        return results
+
+    start = time.perf_counter()
+    sqlz_params, sqlz_info = sqlz_stage(args, source, source_trajectory, trajectory_z, encoder_info, obs_dim, act_dim)
+    scorer_params, scorer_info = scorer_stage(args, source, targets[0], obs_dim, act_dim)
+    stage_seconds += time.perf_counter() - start
+    frozen = jax.device_put(Frozen(sqlz_params["critic"], sqlz_params["value"], scorer_params["scorer"]))
 
     data = jax.device_put(Data(
         source=to_transitions(source), source_trajectory=source_trajectory, trajectory_z=trajectory_z,

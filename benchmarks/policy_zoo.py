@@ -61,6 +61,7 @@ def build(domain: str, run: Path, episodes: int, replay_every: int) -> dict:
             medium = (step, path, measured)
             break
     target = POLICY_DIR / domain
+    shutil.rmtree(target, ignore_errors=True)  # a rebuilt zoo entry keeps nothing of the previous one
     (target / "replay").mkdir(parents=True, exist_ok=True)
     shutil.copyfile(expert_path, target / "expert.npz")
     entry = {"domain": domain, "run": str(run), "random": {"mean": random_return[0], "std": random_return[1]},

@@ -7,7 +7,9 @@ The spec (benchmarks/specs/dvdf_default.toml is an example; paths in it are rela
     out = "runs/sweeps/example"      output folder (--out overrides)
     num_seeds = 3                    --num-seeds of every run: its seeds train vmapped in one process
     seed = 0                         --seed of every run (default 0)
-    pairs = [["halfcheetah-kinematic", "halfcheetah"]]     [source, target] domains
+    pairs = [["halfcheetah-kinematic", "halfcheetah"]]     [source, target] domains, or [source, target,
+                                     source dataset]: a Minari id (a mixture: crossdomain/mix/<name>-v0) or HDF5
+                                     path given as --source-dataset, whose name replaces the source's in the folder
     qualities = ["medium", "expert"]
     [flags]                          flags of every run: key = value becomes --key value (underscores become
     steps = 50000                    dashes; a list gives several values; true gives --key, false --no-key)
@@ -68,8 +70,15 @@ def load_spec(path: Path) -> dict:
     for key in ("num_seeds", "seed"):
         if not isinstance(spec.get(key, 1), int) or spec.get(key, 1) < 0:
             raise SystemExit(f"{path}: {key} must be a whole number, got {spec[key]!r}.")
-    if not all(isinstance(pair, list) and len(pair) == 2 for pair in spec["pairs"]):
-        raise SystemExit(f"{path}: every entry of 'pairs' must be [source, target], got {spec['pairs']}.")
+    if not all(isinstance(pair, list) and len(pair) in (2, 3) and all(isinstance(x, str) for x in pair)
+               for pair in spec["pairs"]):
+        raise SystemExit(f"{path}: every entry of 'pairs' must be [source, target] or [source, target, source "
+                         f"dataset], got {spec['pairs']}.")
+    if any(len(pair) == 3 for pair in spec["pairs"]):
+        for where, flags in [("flags", spec.get("flags", {})), ("grid", spec.get("grid", {}))] + [
+                (f"algos.{name}.flags", variant.get("flags", {})) for name, variant in spec["algos"].items()]:
+            if "source_dataset" in {key.replace("-", "_") for key in flags}:
+                raise SystemExit(f"{path}: {where} sets source_dataset, which the pairs set.")
     for key, values in spec.get("grid", {}).items():
         if not isinstance(values, list) or not values:
             raise SystemExit(f"{path}: grid.{key} must be a non-empty list of values, got {values!r}.")
@@ -107,17 +116,26 @@ def shown(path: Path) -> str:
     return os.path.relpath(path, ROOT) if path.is_relative_to(ROOT) else str(path)
 
 
+def dataset_name(dataset: str) -> str:
+    """A source dataset's short name for folders: <name> of a Minari id <namespace>/<name>-v<N>, a file's stem."""
+    if dataset.endswith((".hdf5", ".h5")):
+        return Path(dataset).stem
+    name = dataset.rsplit("/", 1)[-1]
+    return name.rsplit("-v", 1)[0] if name.rsplit("-v", 1)[-1].isdigit() else name
+
+
 def configurations(spec: dict, out: Path) -> list[dict]:
     grid = spec.get("grid", {})
     configs = []
-    for (variant_name, variant), (source, target), quality, point in itertools.product(
+    for (variant_name, variant), pair, quality, point in itertools.product(
             spec["algos"].items(), spec["pairs"], spec["qualities"], itertools.product(*grid.values())):
+        (source, target), dataset = pair[:2], (pair[2] if len(pair) == 3 else None)
         point = dict(zip(grid, point))
-        task = f"{source}_to_{target}-{quality}" + "".join(
+        task = f"{source if dataset is None else dataset_name(dataset)}_to_{target}-{quality}" + "".join(
             f"-{key}{'_'.join(map(str, value)) if isinstance(value, list) else value}" for key, value in point.items())
         folder = out / variant_name / task
         flags = {"source": source, "target": target, "quality": quality, "num_seeds": spec.get("num_seeds", 1),
-                 "seed": spec.get("seed", 0)}
+                 "seed": spec.get("seed", 0)} | ({} if dataset is None else {"source_dataset": dataset})
         for extra in (spec.get("flags", {}), variant.get("flags", {}), point):
             flags |= {key.replace("-", "_"): value for key, value in extra.items()}
         command = ["python", f"algos/{variant['script']}.py", *cli(flags), "--out", shown(folder)]

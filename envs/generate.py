@@ -45,11 +45,32 @@ POLICY_DIR = Path(__file__).parent / "policies"
 REFERENCES = Path(__file__).parent / "references.json"
 DEFAULT_SIZE = 1_000_000
 MIXTURE_NAMESPACE = "crossdomain/mix"
+HETEROGENEOUS_TASKS = ("halfcheetah", "hopper")
+HETEROGENEOUS_TARGET_QUALITIES = ("medium", "expert")
+
+
+def heterogeneous_mixtures(task: str) -> dict[str, list[tuple[str, str, int]]]:
+    """V2A's heterogeneous sources of one task: whole trajectories of its two paper shifts (kinematic and morph),
+    collected by behaviour policies of different qualities, ~1M transitions. The three sources x the target
+    qualities HETEROGENEOUS_TARGET_QUALITIES (the target: the original domain, as in DVDF) are the task's six
+    source-target combinations; <task>-kinematic-morph-random (uniform actions in both domains: only the dynamics
+    tell the trajectories apart) is the probe of the trajectory encoder."""
+    kinematic, morph = f"{task}-kinematic", f"{task}-morph"
+    return {
+        f"{task}-kinematic-morph-medium-expert": [(kinematic, "medium", 500_000), (morph, "expert", 500_000)],
+        f"{task}-kinematic-morph-expert-medium": [(kinematic, "expert", 500_000), (morph, "medium", 500_000)],
+        f"{task}-kinematic-morph-mixed": [(domain, quality, 170_000) for domain in (kinematic, morph)
+                                          for quality in ("random", "medium", "expert")],
+        f"{task}-kinematic-morph-random": [(kinematic, "random", 500_000), (morph, "random", 500_000)],
+    }
+
+
 MIXTURES: dict[str, list[tuple[str, str, int]]] = {  # name -> (domain, quality, transitions) components
     # DVDF's motivating example: random and expert data of the shifted domain; the expert half is the data worth
     # keeping, the random half is as dynamics-aligned but of little value
     "halfcheetah-kinematic-random-expert": [("halfcheetah-kinematic", "random", 500_000),
                                             ("halfcheetah-kinematic", "expert", 500_000)],
+    **{name: components for task in HETEROGENEOUS_TASKS for name, components in heterogeneous_mixtures(task).items()},
 }
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import envs.generate as generate
-from envs import domain_info, load_dataset, make_env
+from envs import QUALITIES, domain_info, load_dataset, make_env
 
 
 def _fake_actor(path, obs_dim, act_dim, seed, step):
@@ -154,3 +154,24 @@ def test_mixture_is_made_on_demand_with_each_episodes_domain_and_quality(zoo, mo
     np.testing.assert_array_equal(again.observations, data.observations)
     with pytest.raises(SystemExit, match="Unknown mixture 'nope': choose one of"):
         generate.check_mixture("nope")
+
+
+def test_heterogeneous_sources_mix_two_shifted_domains_at_several_qualities():
+    """V2A's sources (README "Heterogeneous sources"): per task three mixtures of its kinematic and morph domains,
+    each with two or more qualities, ~1M transitions, x two target qualities = six source-target combinations;
+    and a random-only probe mixture of the same two domains."""
+    for task in generate.HETEROGENEOUS_TASKS:
+        mixtures = generate.heterogeneous_mixtures(task)
+        probe = mixtures.pop(f"{task}-kinematic-morph-random")
+        assert probe == [(f"{task}-kinematic", "random", 500_000), (f"{task}-morph", "random", 500_000)]
+        assert len(mixtures) * len(generate.HETEROGENEOUS_TARGET_QUALITIES) == 6
+        for name, components in mixtures.items():
+            assert generate.MIXTURES[name] == components and generate.check_mixture(name) == components
+            assert {domain for domain, _, _ in components} == {f"{task}-kinematic", f"{task}-morph"}
+            assert len({quality for _, quality, _ in components}) >= 2
+            assert 1_000_000 <= sum(size for _, _, size in components) <= 1_020_000
+            for domain, quality, _ in components:
+                assert domain_info(domain).task == domain_info(task).task and quality in QUALITIES
+        assert mixtures[f"{task}-kinematic-morph-medium-expert"] == [(f"{task}-kinematic", "medium", 500_000),
+                                                                     (f"{task}-morph", "expert", 500_000)]
+    assert set(generate.HETEROGENEOUS_TARGET_QUALITIES) == {"medium", "expert"}

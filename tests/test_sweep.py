@@ -228,6 +228,10 @@ def test_report_by_hand_settings_and_unfinished_runs(tmp_path):
     ("pairs = [['a', 'b']]\nqualities = ['medium']\n[algos.x]\nscript = 'iqll'\n", "algos.x needs script = one of"),
     ("qualities = ['medium']\n[algos.x]\nscript = 'iql'\n", "needs 'pairs'"),
     ("pairs = [['a', 'b']]\nqualities = ['medium']\n[algos.x]\nscript = 'iql'\nflags = { seed = 3 }\n", "sets seed"),
+    ("pairs = [['a', 'b', 'c', 'd']]\nqualities = ['medium']\n[algos.x]\nscript = 'iql'\n",
+     "must be [source, target] or [source, target, source dataset]"),
+    ("pairs = [['a', 'b', 'x/m-v0']]\nqualities = ['medium']\n[algos.x]\nscript = 'iql'\n"
+     "flags = { source_dataset = 'y' }\n", "algos.x.flags sets source_dataset, which the pairs set"),
 ])
 def test_bad_spec_ends_with_one_sentence(spec, message, tmp_path):
     path = tmp_path / "spec.toml"
@@ -237,3 +241,39 @@ def test_bad_spec_ends_with_one_sentence(spec, message, tmp_path):
         sweep.main([str(path), "--out", str(tmp_path / "out"), "--dry-run"])
     text = str(error.value)
     assert message in text and "\n" not in text and text.endswith(".")
+
+
+def test_pairs_with_a_source_dataset_name_their_folders_after_it(tmp_path):
+    """[source, target, dataset]: --source-dataset per pair (a mixture per task), the folder named by the dataset."""
+    spec = tmp_path / "spec.toml"
+    spec.write_text("num_seeds = 3\npairs = [['halfcheetah-kinematic', 'halfcheetah', 'crossdomain/mix/hc-a-v0'],\n"
+                    "         ['hopper-kinematic', 'hopper', 'data/hop-b.hdf5'], ['walker2d-morph', 'walker2d']]\n"
+                    "qualities = ['medium', 'expert']\n[algos.v2a]\nscript = 'v2a'\nflags = { steps = 10 }\n")
+    configs = sweep.configurations(sweep.load_spec(spec), tmp_path / "out")
+    assert [config["folder"] for config in configs] == [
+        f"v2a/{task}-{quality}" for task in ("hc-a_to_halfcheetah", "hop-b_to_hopper", "walker2d-morph_to_walker2d")
+        for quality in ("medium", "expert")]
+    assert [config["flags"].get("source_dataset") for config in configs] == [
+        "crossdomain/mix/hc-a-v0"] * 2 + ["data/hop-b.hdf5"] * 2 + [None] * 2
+    assert configs[2]["command"] == ("python algos/v2a.py --source hopper-kinematic --target hopper --quality medium "
+                                     "--num-seeds 3 --seed 0 --source-dataset data/hop-b.hdf5 --steps 10 --out "
+                                     f"{tmp_path / 'out' / 'v2a' / 'hop-b_to_hopper-medium'}")
+
+
+@pytest.mark.parametrize("name", ["v2a_heterogeneous", "v2a_heterogeneous_100k"])
+def test_v2a_specs_run_the_six_heterogeneous_combinations_per_task(name, tmp_path):
+    """The V2A comparison specs cover exactly the README's combinations: every task's three mixtures (not the
+    random probe one) x the target qualities, for four methods at one step budget."""
+    from envs.generate import HETEROGENEOUS_TARGET_QUALITIES, HETEROGENEOUS_TASKS, heterogeneous_mixtures, mixture_id
+    configs = sweep.configurations(sweep.load_spec(ROOT / "benchmarks" / "specs" / f"{name}.toml"), tmp_path)
+    wanted = {(f"{task}-kinematic", task, mixture_id(mixture), quality) for task in HETEROGENEOUS_TASKS
+              for mixture in heterogeneous_mixtures(task) if not mixture.endswith("-random")
+              for quality in HETEROGENEOUS_TARGET_QUALITIES}
+    assert len(wanted) == 12
+    for variant in ("iql-merged", "igdf", "dvdf", "v2a"):
+        runs = [config for config in configs if config["variant"] == variant]
+        assert {(c["source"], c["target"], c["flags"]["source_dataset"], c["quality"]) for c in runs} == wanted
+        assert len(runs) == 12 and {c["flags"]["num_seeds"] for c in runs} == {3}
+    assert len({config["flags"]["steps"] for config in configs}) == 1
+    assert {(c["flags"].get("lam"), c["script"]) for c in configs} == {(None, "iql"), (1.0, "dvdf"), (0.7, "dvdf"),
+                                                                       (0.6, "v2a")}

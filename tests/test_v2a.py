@@ -7,6 +7,7 @@ import importlib.util
 import inspect
 import json
 import math
+import subprocess
 import sys
 from pathlib import Path
 
@@ -468,7 +469,7 @@ def test_end_to_end_results_json_probe_and_png(datasets, tmp_path):
 
 @pytest.mark.parametrize("flags, message", [
     (["--lam", "1.5"], "--lam must be one or more values in [0, 1]"),
-    (["--encoder-steps", "0"], "--encoder-steps must be at least 1"),
+    (["--encoder-steps", "-1"], "--encoder-steps must be 0 (an untrained encoder) or more"),
     (["--window", "0"], "--window must be at least 1"),
     (["--relabel-window", "0"], "--relabel-window must be at least 1 step"),
     (["--probe-fraction", "0.9"], "--probe-fraction must be in (0, 0.5]"),
@@ -477,3 +478,44 @@ def test_end_to_end_results_json_probe_and_png(datasets, tmp_path):
 ])
 def test_flags_out_of_range_end_with_one_sentence(flags, message, tmp_path):
     assert_one_sentence_exit(v2a.main, ["--out", str(tmp_path), *flags], message)
+
+
+def test_representation_only_stops_after_the_encoder_and_its_probe(datasets, tmp_path):
+    """--representation-only: the encoder (0 steps: untrained), the probes and the projection; no target data, no
+    other stage, no checkpoint."""
+    out = tmp_path / "representation"
+    flags = ["--source-dataset", datasets["source"], "--source", "halfcheetah-morph", "--out", str(out),
+             "--cache-dir", str(tmp_path / "cache"), "--gru-hidden", "8", "--z-dim", "4", "--hidden", "16", "16",
+             "--window", "20", "--encoder-batch-size", "4", "--representation-only"]
+    untrained = v2a.main([*flags, "--encoder-steps", "0", "--target", "hopper"])  # no target data is touched
+    results = json.loads((out / "results.json").read_text())
+    assert results == json.loads(json.dumps(untrained))
+    assert results["finished"] and results["representation_only"] and list(results["stages"]) == ["encoder"]
+    assert results["stages"]["encoder"]["step"] == 0 and results["data"]["source_trajectories"] == 16
+    assert results["representation"]["probe"]["domain"]["classes"] == ["halfcheetah-gravity-0.5", "halfcheetah-morph"]
+    assert (out / "z_projection.png").read_bytes()[:4] == b"\x89PNG" and not (out / "checkpoint.msgpack").exists()
+    assert {path.name.split("-")[0] for path in (tmp_path / "cache").glob("*.msgpack")} == {"encoder"}
+    trained = v2a.main([*flags, "--encoder-steps", "5"])
+    assert trained["stages"]["encoder"]["step"] == 5
+    assert trained["representation"]["z_norm_mean"] != untrained["representation"]["z_norm_mean"]
+
+
+def test_probe_benchmark_tables_each_budget(datasets, tmp_path):
+    """benchmarks/v2a_probe.py on a heterogeneous HDF5 dataset: one row per encoder budget, with the accuracies
+    of the runs' results.json, and the projection of the largest budget."""
+    results_dir = tmp_path / "results"
+    command = [sys.executable, str(ROOT / "benchmarks" / "v2a_probe.py"), "--mixtures", "--datasets",
+               datasets["source"], "--encoder-steps", "2", "0", "--runs", str(tmp_path / "runs"), "--cache-dir",
+               str(tmp_path / "cache"), "--results", str(results_dir), "--name", "probe"]
+    subprocess.run(command, cwd=ROOT, check=True, capture_output=True)
+    rows = json.loads((results_dir / "probe.json").read_text())["rows"]
+    assert [(row["mixture"], row["encoder_steps"]) for row in rows] == [("source", 0), ("source", 2)]
+    table = (results_dir / "probe.md").read_text()
+    for row in rows:
+        run = json.loads((Path(row["out"]) / "results.json").read_text())
+        probe = run["representation"]["probe"]["domain"]
+        assert run["args"]["encoder_steps"] == row["encoder_steps"] and run["representation_only"]
+        assert row["domain"]["linear"] == probe["accuracy"] and row["domain"]["chance"] == probe["chance"] == 0.5
+        assert (f"| source | {row['encoder_steps']} | 16 | {probe['accuracy']:.3f} | "
+                f"{probe['nearest_centroid_accuracy']:.3f} | 0.500 |") in table
+    assert (results_dir / "probe_source.png").read_bytes() == (Path(rows[1]["out"]) / "z_projection.png").read_bytes()
