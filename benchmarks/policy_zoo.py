@@ -30,6 +30,9 @@ from envs.generate import POLICY_DIR, REFERENCES, Policy, policy_return  # noqa:
 RESULTS = Path(__file__).parent / "results"
 TABLE = RESULTS / "policies.md"
 TABLE_JSON = RESULTS / "policies.json"
+CURVES = RESULTS / "policies.png"
+EXPERT_BAR = {"halfcheetah": 7000.0, "hopper": 2500.0, "walker2d": 3000.0, "ant": 3000.0}  # the original domains'
+SHIFTED_BAR = 0.6  # a shifted domain's expert: at least 60% of its task's bar (issue 3)
 MEDIUM_BAND = (0.25, 0.65)
 MEDIUM_TARGET = 0.40
 
@@ -41,6 +44,46 @@ def snapshots(run: Path) -> list[tuple[int, float, Path]]:
             ret = float(arrays["eval_return_mean"]) if "eval_return_mean" in arrays else np.nan
             rows.append((int(arrays["step"]), ret, path))
     return sorted(rows)
+
+
+def learning_curve(run: Path) -> list[list[float]]:
+    """[step, mean, std] of every evaluation of the SAC run (its eval.csv: deterministic actions)."""
+    path = run / "eval.csv"
+    if not path.exists():
+        return []
+    rows = np.atleast_2d(np.loadtxt(path, delimiter=",", skiprows=1))
+    return [[int(step), float(mean), float(std)] for step, mean, std in rows[:, :3]]
+
+
+def expert_bar(domain: str) -> float:
+    task = domain_info(domain).task
+    return EXPERT_BAR[task] * (1.0 if domain == task else SHIFTED_BAR)
+
+
+def plot(table: dict, path: Path) -> None:
+    """A panel per task: every domain's SAC learning curve (deterministic evaluation) and its expert bar."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    tasks = sorted({domain_info(domain).task for domain in table})
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.8), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for index, (domain, entry) in enumerate(sorted((d, e) for d, e in table.items()
+                                                       if domain_info(d).task == task)):
+            curve = np.array(entry.get("curve") or np.zeros((0, 3)))
+            color = f"C{index}"
+            if len(curve):
+                ax.plot(curve[:, 0], curve[:, 1], color=color, label=domain)
+                ax.fill_between(curve[:, 0], curve[:, 1] - curve[:, 2], curve[:, 1] + curve[:, 2], color=color,
+                                alpha=0.2)
+            ax.axhline(expert_bar(domain), color=color, linestyle="--", linewidth=0.8)
+        ax.set(title=f"{task}: SAC, deterministic evaluation", xlabel="environment steps", ylabel="return")
+        ax.legend(fontsize=8, title="dashed: expert bar", title_fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
 
 
 def build(domain: str, run: Path, episodes: int, replay_every: int) -> dict:
@@ -65,7 +108,7 @@ def build(domain: str, run: Path, episodes: int, replay_every: int) -> dict:
     (target / "replay").mkdir(parents=True, exist_ok=True)
     shutil.copyfile(expert_path, target / "expert.npz")
     entry = {"domain": domain, "run": str(run), "random": {"mean": random_return[0], "std": random_return[1]},
-             "expert": {"step": expert_step, "mean": expert[0], "std": expert[1]}}
+             "expert": {"step": expert_step, "mean": expert[0], "std": expert[1]}, "curve": learning_curve(run)}
     if medium is not None:
         shutil.copyfile(medium[1], target / "medium.npz")
         entry["medium"] = {"step": medium[0], "mean": medium[2][0], "std": medium[2][1]}
@@ -81,28 +124,34 @@ def render(table: dict) -> str:
              "Made by `python benchmarks/policy_zoo.py --domains <domains>` from `python algos/sac.py --env <domain>` "
              "runs. Return over 10 episodes, actions sampled from the policy (as in the datasets); % is the "
              "normalised score 100 (J - J_random) / (J_expert - J_random). SAC step: the snapshot's training step "
-             "(the runs are meant to go to 1M; a row whose expert is below the issue's bar is provisional).", "",
-             "| domain | policy | SAC step | return (mean +- std) | % |", "|---|---|---|---|---|"]
+             "(the runs are meant to go to 1M; a row whose expert is below the issue's bar is provisional). Expert "
+             f"bar: {', '.join(f'{task} {bar:.0f}' for task, bar in EXPERT_BAR.items())} in the original domains, "
+             f"{SHIFTED_BAR:.0%} of that in the shifted ones. Learning curves: `{CURVES.name}`.", "",
+             "| domain | policy | SAC step | return (mean +- std) | % | expert bar |", "|---|---|---|---|---|---|"]
     for domain, entry in sorted(table.items()):
         lo, hi = entry["random"]["mean"], entry["expert"]["mean"]
         for name in ("expert", "medium", "random"):
             if name not in entry:
-                lines.append(f"| {domain} | {name} | - | none in the band {MEDIUM_BAND} yet | - |")
+                lines.append(f"| {domain} | {name} | - | none in the band {MEDIUM_BAND} yet | - | - |")
                 continue
             e = entry[name]
             pct = 100 * (e["mean"] - lo) / (hi - lo)
-            lines.append(f"| {domain} | {name} | {e.get('step', '-')} | {e['mean']:.1f} +- {e['std']:.1f} | {pct:.0f} |")
+            bar = "-"
+            if name == "expert":
+                bar = f"{expert_bar(domain):.0f}: " + ("reached" if e["mean"] >= expert_bar(domain) else "NOT reached")
+            lines.append(f"| {domain} | {name} | {e.get('step', '-')} | {e['mean']:.1f} +- {e['std']:.1f} | {pct:.0f} "
+                         f"| {bar} |")
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--domains", nargs="+", required=True)
     parser.add_argument("--runs", default="runs/sac", help="folder of SAC runs: <runs>/<domain>/seed<seed>")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--episodes", type=int, default=10)
     parser.add_argument("--replay-every", type=int, default=25_000)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     table = json.loads(TABLE_JSON.read_text()) if TABLE_JSON.exists() else {}
     references = json.loads(REFERENCES.read_text()) if REFERENCES.exists() else {}
     for domain in args.domains:
@@ -117,6 +166,7 @@ def main() -> None:
     write_atomic(TABLE_JSON, json.dumps(table, indent=1))
     write_atomic(REFERENCES, json.dumps(references, indent=1))
     write_atomic(TABLE, render(table))
+    plot(table, CURVES)
 
 
 if __name__ == "__main__":
