@@ -260,7 +260,7 @@ def test_pairs_with_a_source_dataset_name_their_folders_after_it(tmp_path):
                                      f"{tmp_path / 'out' / 'v2a' / 'hop-b_to_hopper-medium'}")
 
 
-@pytest.mark.parametrize("name", ["v2a_heterogeneous", "v2a_heterogeneous_100k"])
+@pytest.mark.parametrize("name", ["v2a_heterogeneous", "v2a_heterogeneous_100k", "v2a_heterogeneous_cpu"])
 def test_v2a_specs_run_the_six_heterogeneous_combinations_per_task(name, tmp_path):
     """The V2A comparison specs cover exactly the README's combinations: every task's three mixtures (not the
     random probe one) x the target qualities, for four methods at one step budget."""
