@@ -76,7 +76,8 @@ def plot(table: dict, path: Path) -> None:
                 ax.plot(curve[:, 0], curve[:, 1], color=color, label=domain)
                 ax.fill_between(curve[:, 0], curve[:, 1] - curve[:, 2], curve[:, 1] + curve[:, 2], color=color,
                                 alpha=0.2)
-            ax.axhline(expert_bar(domain), color=color, linestyle="--", linewidth=0.8)
+            ax.axhline(expert_bar(domain), color=color, linestyle="--", linewidth=0.8,
+                       label=None if len(curve) else f"{domain} (no curve)")
         ax.set(title=f"{task}: SAC, deterministic evaluation", xlabel="environment steps", ylabel="return")
         ax.legend(fontsize=8, title="dashed: expert bar", title_fontsize=8)
     fig.tight_layout()
