@@ -33,6 +33,7 @@ so that benchmarks/report.py names the runs by their variants.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import fnmatch
 import itertools
 import json
@@ -208,12 +209,14 @@ def main(argv: list[str] | None = None) -> None:
     # the manifest, also for --print-commands: the report names the runs in it by their variants and grid values
     out.mkdir(parents=True, exist_ok=True)
     manifest_path = out / "sweep.json"
-    previous = json.loads(manifest_path.read_text())["configurations"] if manifest_path.exists() else []
     names = {c["name"] for c in configs}
-    write_atomic(manifest_path, json.dumps({
-        "spec_file": shown(args.spec.resolve()), "spec": spec,
-        "command": shlex.join(["python", "benchmarks/sweep.py", *(sys.argv[1:] if argv is None else argv)]),
-        "configurations": [c for c in previous if c["name"] not in names] + configs}, indent=1))
+    with open(out / ".sweep.lock", "w") as lock:  # sweeps of one spec started at once (--only) keep all entries
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        previous = json.loads(manifest_path.read_text())["configurations"] if manifest_path.exists() else []
+        write_atomic(manifest_path, json.dumps({
+            "spec_file": shown(args.spec.resolve()), "spec": spec,
+            "command": shlex.join(["python", "benchmarks/sweep.py", *(sys.argv[1:] if argv is None else argv)]),
+            "configurations": [c for c in previous if c["name"] not in names] + configs}, indent=1))
     if args.print_commands:
         print("\n".join(c["command"] for c in configs))
         return

@@ -277,3 +277,17 @@ def test_v2a_specs_run_the_six_heterogeneous_combinations_per_task(name, tmp_pat
     assert len({config["flags"]["steps"] for config in configs}) == 1
     assert {(c["flags"].get("lam"), c["script"]) for c in configs} == {(None, "iql"), (1.0, "dvdf"), (0.7, "dvdf"),
                                                                        (0.6, "v2a")}
+
+
+def test_sweeps_started_at_once_keep_every_manifest_entry(tmp_path):
+    """Eight --only parts of one spec writing sweep.json at the same moment: none loses another's entries."""
+    spec = tmp_path / "spec.toml"
+    spec.write_text("pairs = [['halfcheetah-kinematic', 'halfcheetah']]\nqualities = ['medium']\n"
+                    "[grid]\nseed_offset = [0, 1, 2, 3, 4, 5, 6, 7]\n[algos.iql]\nscript = 'iql'\n")
+    out = tmp_path / "out"
+    processes = [subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "sweep.py"), str(spec), "--out", str(out),
+                                   "--print-commands", "--only", f"*seed_offset{k}"], stdout=subprocess.DEVNULL)
+                 for k in range(8)]
+    assert [process.wait() for process in processes] == [0] * 8
+    manifest = json.loads((out / "sweep.json").read_text())
+    assert sorted(c["grid"]["seed_offset"] for c in manifest["configurations"]) == list(range(8))
