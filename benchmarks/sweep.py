@@ -210,13 +210,16 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     manifest_path = out / "sweep.json"
     names = {c["name"] for c in configs}
-    with open(out / ".sweep.lock", "w") as lock:  # sweeps of one spec started at once (--only) keep all entries
+    lock = os.open(out, os.O_RDONLY)  # a lock on the folder: sweeps of one spec started at once (--only) keep
+    try:                              # every entry of the manifest
         fcntl.flock(lock, fcntl.LOCK_EX)
         previous = json.loads(manifest_path.read_text())["configurations"] if manifest_path.exists() else []
         write_atomic(manifest_path, json.dumps({
             "spec_file": shown(args.spec.resolve()), "spec": spec,
             "command": shlex.join(["python", "benchmarks/sweep.py", *(sys.argv[1:] if argv is None else argv)]),
             "configurations": [c for c in previous if c["name"] not in names] + configs}, indent=1))
+    finally:
+        os.close(lock)  # releases the lock
     if args.print_commands:
         print("\n".join(c["command"] for c in configs))
         return
