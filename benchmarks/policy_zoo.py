@@ -3,10 +3,13 @@
     python benchmarks/policy_zoo.py --domains halfcheetah halfcheetah-kinematic
 
 For each domain, from the actor snapshots of `python algos/sac.py --env <domain>` (runs/sac/<domain>/seed0):
-    expert   the snapshot with the best evaluation return during training
+    expert   of the --expert-candidates snapshots with the best evaluation returns logged during training
+             (deterministic actions, noisy on hopper and walker2d), the one with the best return re-measured with
+             sampled actions; its reported return is measured again on other episodes (no selection bias)
     medium   a snapshot whose return is 25-65% of the expert's (the one nearest 40%: D4RL's "about a third
              to a half of expert"), re-checked over 10 episodes
-    replay   the snapshots before the medium one, every --replay-every steps (for medium-replay data)
+    replay   the snapshots before the medium one, every --replay-every steps, at most --max-replay of them evenly
+             spaced (for medium-replay data; each snapshot is ~0.3 MB)
 are copied to envs/policies/<domain>/, the domain's random and expert returns go to envs/references.json (the
 reference scores of every dataset generated in that domain), and benchmarks/results/policies.md gets one row
 per policy: mean and std of the return over 10 episodes with actions sampled as in the datasets.
@@ -35,6 +38,7 @@ EXPERT_BAR = {"halfcheetah": 7000.0, "hopper": 2500.0, "walker2d": 3000.0, "ant"
 SHIFTED_BAR = 0.6  # a shifted domain's expert: at least 60% of its task's bar (issue 3)
 MEDIUM_BAND = (0.25, 0.65)
 MEDIUM_TARGET = 0.40
+SELECTION_SEED = 20_000  # episodes that choose the expert; its reported return uses policy_return's own seed
 
 
 def snapshots(run: Path) -> list[tuple[int, float, Path]]:
@@ -53,6 +57,13 @@ def learning_curve(run: Path) -> list[list[float]]:
         return []
     rows = np.atleast_2d(np.loadtxt(path, delimiter=",", skiprows=1))
     return [[int(step), float(mean), float(std)] for step, mean, std in rows[:, :3]]
+
+
+def evenly_spaced(items: list, most: int) -> list:
+    """At most `most` of `items`, evenly spaced, the first and the last kept (the zoo's replay snapshots)."""
+    if len(items) <= most:
+        return list(items)
+    return [items[i] for i in np.unique(np.linspace(0, len(items) - 1, most).round().astype(int))]
 
 
 def expert_bar(domain: str) -> float:
@@ -87,13 +98,16 @@ def plot(table: dict, path: Path) -> None:
     tmp.replace(path)
 
 
-def build(domain: str, run: Path, episodes: int, replay_every: int) -> dict:
+def build(domain: str, run: Path, episodes: int, replay_every: int, expert_candidates: int = 3,
+          max_replay: int = 5) -> dict:
     rows = [r for r in snapshots(run) if np.isfinite(r[1])]
     if not rows:
         raise SystemExit(f"No evaluated actor snapshots in {run / 'snapshots'}; train with "
                          f"`python algos/sac.py --env {domain}` first.")
     act_dim = domain_info(domain).act_dim
-    expert_step, _, expert_path = max(rows, key=lambda r: r[1])
+    best_logged = sorted(rows, key=lambda r: r[1])[-expert_candidates:]
+    expert_step, _, expert_path = max(best_logged, key=lambda r: policy_return(
+        domain, Policy(r[2], act_dim), episodes, seed=SELECTION_SEED)[0])
     expert = policy_return(domain, Policy(expert_path, act_dim), episodes)
     random_return = policy_return(domain, Policy(None, act_dim), episodes)
     # medium: re-measure candidates in the band, nearest the target first
@@ -113,9 +127,9 @@ def build(domain: str, run: Path, episodes: int, replay_every: int) -> dict:
     if medium is not None:
         shutil.copyfile(medium[1], target / "medium.npz")
         entry["medium"] = {"step": medium[0], "mean": medium[2][0], "std": medium[2][1]}
-        for step, _, path in rows:
-            if step < medium[0] and step % replay_every == 0:
-                shutil.copyfile(path, target / "replay" / path.name)
+        replay = [path for step, _, path in rows if step < medium[0] and step % replay_every == 0]
+        for path in evenly_spaced(replay, max_replay):
+            shutil.copyfile(path, target / "replay" / path.name)
         entry["replay_snapshots"] = sorted(p.name for p in (target / "replay").glob("*.npz"))
     return entry
 
@@ -152,12 +166,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--episodes", type=int, default=10)
     parser.add_argument("--replay-every", type=int, default=25_000)
+    parser.add_argument("--expert-candidates", type=int, default=3,
+                        help="re-measure this many snapshots with the best logged returns to choose the expert")
+    parser.add_argument("--max-replay", type=int, default=5, help="keep at most this many replay snapshots")
     args = parser.parse_args(argv)
     table = json.loads(TABLE_JSON.read_text()) if TABLE_JSON.exists() else {}
     references = json.loads(REFERENCES.read_text()) if REFERENCES.exists() else {}
     for domain in args.domains:
         check_domain(domain)
-        entry = build(domain, Path(args.runs) / domain / f"seed{args.seed}", args.episodes, args.replay_every)
+        entry = build(domain, Path(args.runs) / domain / f"seed{args.seed}", args.episodes, args.replay_every,
+                      args.expert_candidates, args.max_replay)
         table[domain] = entry
         references[domain] = {"random": entry["random"]["mean"], "expert": entry["expert"]["mean"],
                               "source": "benchmarks/policy_zoo.py (10 episodes, sampled actions)"}

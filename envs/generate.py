@@ -8,11 +8,11 @@ Qualities (the D4RL recipe applied to any domain):
     medium          the zoo's medium policy (25-65% of the expert's return), actions sampled from its Gaussian
     expert          the zoo's expert policy, actions sampled
     medium-expert   half medium, half expert (D4RL: 1M + 1M)
-    medium-replay   rebuilt from the SAC snapshots taken every 25k steps up to the medium policy: the steps
-                    between snapshot k and k+1 are played by snapshot k (the steps before the first update by
-                    uniform random actions), as many transitions per snapshot as SAC took between them. A true
-                    replay buffer holds data of a policy that changed at every step; here it changes every 25k
-                    steps, and episodes do not straddle a snapshot change.
+    medium-replay   rebuilt from the zoo's SAC snapshots up to the medium policy (every 25k steps, at most 5
+                    kept, evenly spaced): the steps between snapshot k and k+1 are played by snapshot k (the steps
+                    before the first snapshot by uniform random actions), as many transitions per snapshot as SAC
+                    took between them. A true replay buffer holds data of a policy that changed at every step; here
+                    it changes every 25k or more steps, and episodes do not straddle a snapshot change.
 
 Every episode's MuJoCo state (qpos, qvel) is stored in its `infos`, so any transition can be re-simulated.
 Dataset metadata: ref_min_score / ref_max_score (the domain's random and expert returns), and

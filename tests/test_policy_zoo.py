@@ -1,4 +1,5 @@
-"""benchmarks/policy_zoo.py: from a SAC run's snapshots, the expert (best evaluation), the medium (measured in the
+"""benchmarks/policy_zoo.py: from a SAC run's snapshots, the expert (of the 3 best logged evaluations, the best
+re-measured, then measured again to report), the medium (measured in the
 25-65% band, nearest 40%), the replay snapshots before it, the references, the table with its expert bar, and the
 learning curves."""
 import importlib.util
@@ -16,9 +17,9 @@ spec = importlib.util.spec_from_file_location("policy_zoo", ROOT / "benchmarks" 
 policy_zoo = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(policy_zoo)
 
-# training step -> (return logged during training, return measured again by policy_zoo)
-SNAPSHOTS = {25_000: (300.0, 310.0), 50_000: (900.0, 1300.0), 75_000: (1300.0, 600.0), 100_000: (2000.0, 1900.0),
-             125_000: (3100.0, 3000.0), 150_000: (2900.0, 2800.0)}
+# training step -> (return logged during training, re-measured to choose the expert, measured to report)
+SNAPSHOTS = {25_000: (300.0, 300.0, 310.0), 50_000: (900.0, 1250.0, 1300.0), 75_000: (1300.0, 650.0, 600.0),
+             100_000: (2000.0, 1800.0, 1900.0), 125_000: (3100.0, 2500.0, 3000.0), 150_000: (2900.0, 2950.0, 2800.0)}
 RANDOM = 10.0
 
 
@@ -26,7 +27,7 @@ RANDOM = 10.0
 def zoo(tmp_path, monkeypatch):
     run = tmp_path / "runs" / "hopper-morph" / "seed0"
     info = domain_info("hopper-morph")
-    for step, (logged, _) in SNAPSHOTS.items():
+    for step, (logged, _, _) in SNAPSHOTS.items():
         path = run / "snapshots" / f"actor_{step}.npz"
         path.parent.mkdir(parents=True, exist_ok=True)
         sizes = [(info.obs_dim, 4), (4, 4), (4, 2 * info.act_dim)]
@@ -34,13 +35,17 @@ def zoo(tmp_path, monkeypatch):
         np.savez(path, step=step, eval_return_mean=logged, **arrays,
                  **{f"b{i}": np.zeros(s[1], np.float32) for i, s in enumerate(sizes)})
     (run / "eval.csv").write_text("step,eval_return_mean,eval_return_std\n" + "".join(
-        f"{step},{logged},{logged / 10}\n" for step, (logged, _) in SNAPSHOTS.items()))
+        f"{step},{logged},{logged / 10}\n" for step, (logged, _, _) in SNAPSHOTS.items()))
 
-    def measured(domain, policy, episodes):  # the re-measured return, looked up by the snapshot's weights
+    def measured(domain, policy, episodes, seed=10_000):  # the return, looked up by the snapshot's weights
         assert domain == "hopper-morph" and episodes == 10
         if policy.layers is None:
             return RANDOM, 1.0
-        return SNAPSHOTS[int(policy.layers[0][0][0, 0])][1], 5.0
+        step = int(policy.layers[0][0][0, 0])
+        if seed == policy_zoo.SELECTION_SEED:
+            assert step in (100_000, 125_000, 150_000)  # only the 3 best logged are candidates for expert
+            return SNAPSHOTS[step][1], 5.0
+        return SNAPSHOTS[step][2], 5.0
 
     monkeypatch.setattr(policy_zoo, "policy_return", measured)
     monkeypatch.setattr(policy_zoo, "POLICY_DIR", tmp_path / "policies")
@@ -57,18 +62,27 @@ def test_zoo_picks_expert_medium_and_replay_and_writes_table_and_curves(zoo):
     stale.write_bytes(b"old")
     policy_zoo.main(["--runs", str(zoo / "runs"), "--domains", "hopper-morph"])
     folder = zoo / "policies" / "hopper-morph"
-    # expert: the best logged return (125k), re-measured 3000. Medium: candidates by logged return nearest 40% of
-    # it: 75k (43%) re-measures (600 - 10) / (3000 - 10) = 20%, out of the band; then 50k: 43%, in it
+    # expert: of the 3 best logged (125k 3100, 150k 2900, 100k 2000), the best re-measured: 150k (2950 > 2500 >
+    # 1800), reported as measured again: 2800. Medium: candidates by logged return nearest 40% of 2800: 75k (46%)
+    # measures (600 - 10) / (2800 - 10) = 21%, out of the band; then 50k (32%): 1290 / 2790 = 46%, in it
     with np.load(folder / "expert.npz") as expert, np.load(folder / "medium.npz") as medium:
-        assert int(expert["step"]) == 125_000 and int(medium["step"]) == 50_000
+        assert int(expert["step"]) == 150_000 and int(medium["step"]) == 50_000
     assert sorted(p.name for p in (folder / "replay").iterdir()) == ["actor_25000.npz"]
     refs = json.loads((zoo / "references.json").read_text())["hopper-morph"]
-    assert (refs["random"], refs["expert"]) == (RANDOM, 3000.0)
+    assert (refs["random"], refs["expert"]) == (RANDOM, 2800.0)
     table = json.loads((zoo / "results" / "policies.json").read_text())["hopper-morph"]
-    assert table["curve"] == [[step, logged, logged / 10] for step, (logged, _) in SNAPSHOTS.items()]
+    assert table["curve"] == [[step, logged, logged / 10] for step, (logged, _, _) in SNAPSHOTS.items()]
     markdown = (zoo / "results" / "policies.md").read_text()
-    assert "| hopper-morph | expert | 125000 | 3000.0 +- 5.0 | 100 | 1500: reached |" in markdown  # 60% of 2500
-    assert "| hopper-morph | medium | 50000 | 1300.0 +- 5.0 | 43 | - |" in markdown
+    assert "| hopper-morph | expert | 150000 | 2800.0 +- 5.0 | 100 | 1500: reached |" in markdown  # 60% of 2500
+    assert "| hopper-morph | medium | 50000 | 1300.0 +- 5.0 | 46 | - |" in markdown
     assert (zoo / "results" / "policies.png").read_bytes()[:4] == b"\x89PNG"
     assert policy_zoo.expert_bar("hopper") == 2500 and policy_zoo.expert_bar("ant-morph") == pytest.approx(1800)
     assert generate.POLICY_DIR != policy_zoo.POLICY_DIR  # the real zoo untouched
+
+
+def test_replay_snapshots_are_evenly_spaced_and_capped():
+    steps = list(range(25_000, 325_000, 25_000))  # 12 snapshots before a medium policy at 325k
+    # linspace(0, 11, 5) = 0, 2.75, 5.5, 8.25, 11 -> indices 0, 3, 6, 8, 11
+    assert policy_zoo.evenly_spaced(steps, 5) == [25_000, 100_000, 175_000, 225_000, 300_000]
+    assert policy_zoo.evenly_spaced(steps[:4], 5) == steps[:4]
+    assert policy_zoo.evenly_spaced(steps, 1) == [25_000]
