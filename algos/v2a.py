@@ -71,6 +71,7 @@ import json
 import os
 import platform
 import sys
+import textwrap
 import time
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -1115,7 +1116,7 @@ def plot_projection(path: Path, projection: np.ndarray, trajectory_labels: dict,
                              label=domain if quality is None else f"{domain}, {quality}")
     axis.set_xlabel("principal component 1 of z")
     axis.set_ylabel("principal component 2 of z")
-    axis.set_title(title, fontsize=9)
+    axis.set_title(textwrap.fill(title, 80), fontsize=9)  # a long one (mixture name and probe scores) wraps
     axis.legend(fontsize=7, loc="best")
     figure.tight_layout()
     tmp = path.with_name(path.name + ".tmp")
