@@ -73,11 +73,20 @@ def test_zoo_picks_expert_medium_and_replay_and_writes_table_and_curves(zoo):
     table = json.loads((zoo / "results" / "policies.json").read_text())["hopper-morph"]
     assert table["curve"] == [[step, logged, logged / 10] for step, (logged, _, _) in SNAPSHOTS.items()]
     markdown = (zoo / "results" / "policies.md").read_text()
-    assert "| hopper-morph | expert | 150000 | 2800.0 +- 5.0 | 100 | 1500: reached |" in markdown  # 60% of 2500
-    assert "| hopper-morph | medium | 50000 | 1300.0 +- 5.0 | 46 | - |" in markdown
+    # 60% of 2500; the run folder and the steps it trained (its last evaluation)
+    assert "| hopper-morph | expert | 150000 | 2800.0 +- 5.0 | 100 | 1500: reached | seed0 (150k) |" in markdown
+    assert "| hopper-morph | medium | 50000 | 1300.0 +- 5.0 | 46 | - | - |" in markdown
+    assert "Notes:" not in markdown
     assert (zoo / "results" / "policies.png").read_bytes()[:4] == b"\x89PNG"
     assert policy_zoo.expert_bar("hopper") == 2500 and policy_zoo.expert_bar("ant-morph") == pytest.approx(1800)
     assert generate.POLICY_DIR != policy_zoo.POLICY_DIR  # the real zoo untouched
+
+
+def test_table_shows_a_domains_note_while_the_domain_is_in_it(zoo, monkeypatch):
+    monkeypatch.setattr(policy_zoo, "NOTES", {"hopper-morph": "plateau, see the curve", "ant": "not in the table"})
+    policy_zoo.main(["--runs", str(zoo / "runs"), "--domains", "hopper-morph"])
+    markdown = (zoo / "results" / "policies.md").read_text()
+    assert markdown.endswith("Notes:\n\n- **hopper-morph**: plateau, see the curve\n")
 
 
 def test_replay_snapshots_are_evenly_spaced_and_capped():
