@@ -44,8 +44,8 @@ NOTES = {
     "hopper-morph": (
         "SAC plateaus well below the bar in two seeds (deterministic evaluations: seed 0 between 476 and 920 from "
         "225k to 400k steps, see `policies.png`; seed 1, not plotted, between 322 and 401 from 110k to 220k). "
-        "The shift widens the torso capsule "
-        "(radius 0.05 -> 0.125) and MuJoCo derives the masses from the geoms, so the torso weighs 27.8 kg instead "
+        "The shift widens the torso capsule (radius 0.05 -> 0.125) and MuJoCo derives the masses from the geoms, "
+        "so the torso weighs 27.8 kg instead "
         "of 3.7, driven by the same motors. The expert's episodes end after about 245 steps (5 sampled episodes: "
         "241-295), when the torso's height drops below Hopper's healthy 0.7 m; at about 1 reward per step alive "
         "plus forward speed, a policy that cannot hold the heavy torso up stays under about 1000. The zoo keeps the "
