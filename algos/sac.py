@@ -6,6 +6,7 @@ clipped double-Q targets, a tanh-Gaussian actor, and automatic entropy tuning to
 CleanRL's / CORL's, one gradient update per environment step (UTD 1), the replay buffer in numpy on the host.
 
     python algos/sac.py --env halfcheetah --seed 0
+    python algos/sac.py --env walker2d-kinematic --init-from runs/sac/walker2d/seed0/checkpoint.npz  # fine-tune
 
 Outputs under --out (default runs/sac/<env>/seed<seed>):
     snapshots/actor_<step>.npz   the actor as plain float32 arrays w0,b0,w1,b1,w2,b2 (Dense relu, Dense relu,
@@ -22,7 +23,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple, Optional
 
@@ -52,11 +53,15 @@ class Args:
     """output directory; default runs/sac/<env>/seed<seed>"""
     resume: bool = False
     """continue from <out>/checkpoint.npz"""
+    init_from: Optional[str] = None
+    """start from the networks, optimiser and temperature of another run's checkpoint.npz with the same
+    observation and action sizes (e.g. the original domain's run, when SAC from scratch stalls in a shifted one);
+    the replay buffer starts empty, and the loaded actor acts from the first step instead of uniform actions"""
     # training length and logging
     total_steps: int = 1_000_000
     """environment steps in all (one gradient update per step once learning has started)"""
     learning_starts: int = 10_000
-    """steps of uniform random actions before the first update"""
+    """steps before the first update, with uniform random actions (with --init-from: the loaded actor's)"""
     eval_every: int = 10_000
     eval_episodes: int = 5
     snapshot_every: int = 25_000
@@ -287,14 +292,14 @@ def tree_to_arrays(prefix: str, tree) -> dict:
             for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def tree_from_arrays(prefix: str, template, arrays):
+def tree_from_arrays(prefix: str, template, arrays, what: str = "resume with the run's own flags"):
     paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
     leaves = []
     for path, leaf in paths_leaves:
         value = arrays[prefix + jax.tree_util.keystr(path)]
         if value.shape != np.shape(leaf):
             raise SystemExit(f"The checkpoint does not match these flags ({prefix}{jax.tree_util.keystr(path)} "
-                             f"has shape {value.shape}, expected {np.shape(leaf)}); resume with the run's own flags.")
+                             f"has shape {value.shape}, expected {np.shape(leaf)}); {what}.")
         leaves.append(jnp.asarray(value, dtype=jnp.asarray(leaf).dtype))
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
@@ -355,6 +360,11 @@ def main(args: Args) -> dict:
     checkpoint_path = out / "checkpoint.npz"
     if args.resume and not checkpoint_path.exists():
         raise SystemExit(f"--resume found no checkpoint at {checkpoint_path}; run without --resume to start.")
+    if args.init_from and args.resume:
+        raise SystemExit("--init-from starts a new run; --resume continues one (its checkpoint already holds the "
+                         "loaded networks): pass only one of them.")
+    if args.init_from and not Path(args.init_from).is_file():
+        raise SystemExit(f"--init-from {args.init_from} is not a file; give the checkpoint.npz of a SAC run.")
     if not args.resume and checkpoint_path.exists():
         raise SystemExit(f"{out} already holds a checkpoint; pass --resume to continue it or choose another --out.")
     (out / "snapshots").mkdir(parents=True, exist_ok=True)
@@ -369,6 +379,14 @@ def main(args: Args) -> dict:
     np_rng = np.random.default_rng(args.seed)
     buffer = ReplayBuffer(min(args.buffer_size, args.total_steps), obs_dim, act_dim)
     start_step, history, episode_returns = 0, [], []
+    fine_tuning = args.init_from is not None
+    if fine_tuning:
+        with np.load(args.init_from) as arrays:
+            source, source_step = json.loads(str(arrays["args"])), int(arrays["step"])
+            loaded = tree_from_arrays("state", state, arrays, f"--init-from needs a run with the observation and "
+                                      f"action sizes of {args.env} and --hidden {args.hidden}")
+        state = loaded._replace(key=state.key)  # the networks come from the checkpoint; the randomness from --seed
+        print(f"fine-tuning from {args.init_from} ({source['env']} seed {source['seed']}, step {source_step})")
 
     if args.resume:
         with np.load(checkpoint_path) as arrays:
@@ -382,6 +400,8 @@ def main(args: Args) -> dict:
             start_step = int(arrays["step"])
             history = json.loads(str(arrays["history"]))
         print(f"resuming {checkpoint_path} at step {start_step}")
+        args = replace(args, init_from=saved_args.get("init_from"))  # a fine-tuned run stays one (args.json, acting)
+        fine_tuning = args.init_from is not None
         # The environment is not part of the checkpoint: training resumes with a fresh episode, so the last stored
         # transition is marked as a cut (timeout) to keep the buffer splittable into episodes.
         if buffer.size:
@@ -413,7 +433,7 @@ def main(args: Args) -> dict:
     pbar = tqdm(total=args.total_steps, initial=start_step, unit="step", dynamic_ncols=True,
                 mininterval=1.0 if sys.stderr.isatty() else 30.0, desc=f"sac {args.env}")
     for step in range(start_step + 1, args.total_steps + 1):  # `step` counts env steps done after this one
-        if step <= args.learning_starts:
+        if step <= args.learning_starts and not fine_tuning:
             action = np_rng.uniform(-1.0, 1.0, act_dim).astype(np.float32)
         else:
             action, act_key = sample_action(state.actor.params, obs.astype(np.float32), act_key)

@@ -135,7 +135,9 @@ def build(domain: str, run: Path, episodes: int, replay_every: int, expert_candi
     shutil.rmtree(target, ignore_errors=True)  # a rebuilt zoo entry keeps nothing of the previous one
     (target / "replay").mkdir(parents=True, exist_ok=True)
     shutil.copyfile(expert_path, target / "expert.npz")
-    entry = {"domain": domain, "run": str(run), "random": {"mean": random_return[0], "std": random_return[1]},
+    args_file = run / "args.json"
+    init_from = json.loads(args_file.read_text()).get("init_from") if args_file.exists() else None
+    entry = {"domain": domain, "run": str(run), "init_from": init_from, "random": {"mean": random_return[0], "std": random_return[1]},
              "expert": {"step": expert_step, "mean": expert[0], "std": expert[1]}, "curve": learning_curve(run)}
     if medium is not None:
         shutil.copyfile(medium[1], target / "medium.npz")
@@ -160,6 +162,9 @@ def render(table: dict) -> str:
     for domain, entry in sorted(table.items()):
         curve = entry.get("curve") or [[0]]
         run = f"{Path(entry['run']).name} ({int(curve[-1][0]) // 1000}k)"
+        if entry.get("init_from"):  # `sac.py --init-from <run>/checkpoint.npz`: name the run it started from
+            source = Path(entry["init_from"]).parent
+            run += f", fine-tuned from {source.parent.name}/{source.name}"
         lo, hi = entry["random"]["mean"], entry["expert"]["mean"]
         for name in ("expert", "medium", "random"):
             if name not in entry:

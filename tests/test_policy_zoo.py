@@ -96,3 +96,13 @@ def test_replay_snapshots_are_evenly_spaced_and_capped():
     assert policy_zoo.evenly_spaced(steps, 5) == [25_000, 100_000, 175_000, 225_000, 300_000]
     assert policy_zoo.evenly_spaced(steps[:4], 5) == steps[:4]
     assert policy_zoo.evenly_spaced(steps, 1) == [25_000]
+
+
+def test_table_names_the_run_a_fine_tuned_expert_started_from(zoo):
+    run = zoo / "runs" / "hopper-morph" / "seed0"
+    (run / "args.json").write_text(json.dumps({"env": "hopper-morph", "init_from": "/x/hopper/seed3/checkpoint.npz"}))
+    policy_zoo.main(["--runs", str(zoo / "runs"), "--domains", "hopper-morph"])
+    markdown = (zoo / "results" / "policies.md").read_text()
+    assert "| 1500: reached | seed0 (150k), fine-tuned from hopper/seed3 |" in markdown
+    assert json.loads((zoo / "results" / "policies.json").read_text())["hopper-morph"]["init_from"] == \
+        "/x/hopper/seed3/checkpoint.npz"

@@ -1,4 +1,4 @@
-"""algos/sac.py: the tanh-Gaussian log-probability by hand, a tiny run, its resume, and bad flags."""
+"""algos/sac.py: the tanh-Gaussian log-probability by hand, a tiny run, its resume, fine-tuning, bad flags."""
 import importlib.util
 import json
 import subprocess
@@ -85,3 +85,30 @@ def test_bad_flags_end_in_one_sentence(tmp_path, flags, message):
 def test_resume_without_checkpoint_says_so(tmp_path):
     result = run_sac("--resume", "--out", str(tmp_path / "none"))
     assert result.returncode != 0 and "no checkpoint" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_init_from_starts_a_new_run_with_the_loaded_networks(tmp_path):
+    source = tmp_path / "source"
+    assert run_sac(*TINY, "--total-steps", "200", "--out", str(source)).returncode == 0
+    # no update before step 1000: the fine-tuned run's actor is still exactly the loaded one
+    tuned = run_sac(*TINY, "--env", "halfcheetah-kinematic", "--total-steps", "100", "--learning-starts", "1000",
+                    "--out", str(tmp_path / "tuned"), "--init-from", str(source / "checkpoint.npz"))
+    assert tuned.returncode == 0, tuned.stderr[-2000:]
+    assert "fine-tuning from" in tuned.stdout and "step 200" in tuned.stdout
+    with np.load(source / "checkpoint.npz") as loaded, np.load(tmp_path / "tuned" / "checkpoint.npz") as checkpoint:
+        for name in loaded.files:
+            if name.startswith("state.") and name != "state.key":
+                np.testing.assert_array_equal(checkpoint[name], loaded[name], err_msg=name)
+        assert int(checkpoint["step"]) == 100 and int(checkpoint["buffer/size"]) == 100  # its own, fresh buffer
+        assert json.loads(str(checkpoint["args"]))["init_from"] == str(source / "checkpoint.npz")
+    resumed = run_sac(*TINY, "--env", "halfcheetah-kinematic", "--total-steps", "200", "--learning-starts", "1000",
+                      "--out", str(tmp_path / "tuned"), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert json.loads((tmp_path / "tuned" / "args.json").read_text())["init_from"] == str(source / "checkpoint.npz")
+
+    wrong_size = run_sac(*TINY, "--hidden", "64", "--out", str(tmp_path / "wrong"),
+                         "--init-from", str(source / "checkpoint.npz"))
+    assert wrong_size.returncode != 0 and "Traceback" not in wrong_size.stderr
+    assert "--init-from needs a run with the observation and action sizes of halfcheetah" in wrong_size.stderr
+    both = run_sac("--resume", "--init-from", str(source / "checkpoint.npz"), "--out", str(source))
+    assert both.returncode != 0 and "pass only one of them" in both.stderr and "Traceback" not in both.stderr
