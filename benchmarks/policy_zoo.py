@@ -9,9 +9,8 @@ For each domain, from the actor snapshots of `python algos/sac.py --env <domain>
     medium   a snapshot whose return is 25-65% of the expert's (the one nearest 40%: D4RL's "about a third
              to a half of expert"), re-checked over 10 episodes
     replay   the snapshots before the medium one, every --replay-every steps, at most --max-replay of them evenly
-             spaced (for medium-replay data; each snapshot is ~0.3 MB)
-With --expert-seed N the expert comes from the run seed<N> instead (e.g. one fine-tuned with `sac.py --init-from`
-where SAC from scratch stalls), and medium and replay still from --seed's run, the domain's learning from scratch.
+             spaced (for medium-replay data; each snapshot is ~0.3 MB); for a run fine-tuned with `sac.py
+             --init-from`, also the actor it started with, as actor_0 (its data begins with that actor)
 All three are copied to envs/policies/<domain>/, the domain's random and expert returns go to envs/references.json
 (the reference scores of every dataset generated in that domain), and benchmarks/results/policies.md gets one row
 per policy: mean and std of the return over 10 episodes with actions sampled as in the datasets.
@@ -40,9 +39,21 @@ EXPERT_BAR = {"halfcheetah": 7000.0, "hopper": 2500.0, "walker2d": 3000.0, "ant"
 SHIFTED_BAR = 0.6  # a shifted domain's expert: at least 60% of its task's bar (issue 3)
 MEDIUM_BAND = (0.25, 0.65)
 MEDIUM_TARGET = 0.40
-# Why a domain's expert stays below its bar (issue 3: "or a note with the learning curve that shows why not"),
-# shown under the table while the domain is in it.
+# Why a domain's expert stays below its bar (issue 3: "or a note with the learning curve that shows why not"), or
+# why it was fine-tuned instead of trained from scratch; shown under the table while the domain is in it.
 NOTES = {
+    "ant": (
+        "SAC from scratch (seed 0, to 380k steps) stayed on Ant's stand-and-survive plateau: deterministic "
+        "evaluations at most 970 (about the 1 per step alive bonus) from 70k on. The zoo's run (seed 2) is "
+        "fine-tuned (`sac.py --init-from`) from the ant-morph run's 250k checkpoint, whose expert scores 733 +- 505 "
+        "in ant unchanged; fine-tuned, it passes 3000 within 50k steps. Its medium and replay snapshots come from "
+        "the same run, the replay starting with the ant-morph actor."),
+    "walker2d-kinematic": (
+        "SAC from scratch stands still in two seeds (seed 0 to 530k steps, seed 1 to 180k: deterministic "
+        "evaluations at most 1051, the 1 per step alive bonus), yet walking is possible with the right ankle "
+        "locked: the walker2d expert, unchanged, walked 13.4 m for 2675 in 1 of 8 episodes here (6 fell within "
+        "310 steps). The zoo's run (seed 2) is fine-tuned (`sac.py --init-from`) from the walker2d run's 475k "
+        "checkpoint; medium and replay come from the same run, the replay starting with the walker2d actor."),
     "hopper-morph": (
         "SAC plateaus well below the bar in two seeds (deterministic evaluations: seed 0 between 476 and 920 from "
         "225k to 400k steps, see `policies.png`; seed 1, not plotted, between 322 and 401 from 110k to 220k). "
@@ -81,6 +92,28 @@ def evenly_spaced(items: list, most: int) -> list:
     return [items[i] for i in np.unique(np.linspace(0, len(items) - 1, most).round().astype(int))]
 
 
+def init_from(run: Path) -> str | None:
+    """The checkpoint a run fine-tuned with `sac.py --init-from` started from (None for a run from scratch)."""
+    args_file = run / "args.json"
+    return json.loads(args_file.read_text()).get("init_from") if args_file.exists() else None
+
+
+def initial_actor(run: Path) -> dict | None:
+    """The actor a fine-tuned run started with, as a step-0 snapshot: its replay data begins with it, not with
+    uniform actions."""
+    checkpoint = init_from(run)
+    if checkpoint is None:
+        return None
+    if not Path(checkpoint).is_file():
+        raise SystemExit(f"{run} was fine-tuned from {checkpoint}, which is gone; its replay data starts with that "
+                         f"checkpoint's actor, so restore the file or take medium and replay from another run.")
+    prefix = "state.actor.params['params']"
+    with np.load(checkpoint) as arrays:
+        layers = {f"{name}{i}": arrays[f"{prefix}['fc{i}']['{param}']"]
+                  for i in range(3) for name, param in (("w", "kernel"), ("b", "bias"))}
+    return layers | {"step": np.int64(0), "eval_return_mean": np.float64(np.nan)}
+
+
 def expert_bar(domain: str) -> float:
     task = domain_info(domain).task
     return EXPERT_BAR[task] * (1.0 if domain == task else SHIFTED_BAR)
@@ -102,9 +135,6 @@ def plot(table: dict, path: Path) -> None:
                 ax.plot(curve[:, 0], curve[:, 1], color=color, label=domain)
                 ax.fill_between(curve[:, 0], curve[:, 1] - curve[:, 2], curve[:, 1] + curve[:, 2], color=color,
                                 alpha=0.2)
-            tuned = np.array(entry.get("expert_curve") or np.zeros((0, 3)))
-            if len(tuned):  # an expert fine-tuned in another run (sac.py --init-from): its steps count from 0
-                ax.plot(tuned[:, 0], tuned[:, 1], color=color, linestyle=":", label=f"{domain}, expert's run")
             ax.axhline(expert_bar(domain), color=color, linestyle="--", linewidth=0.8,
                        label=None if len(curve) else f"{domain} (no curve)")
         ax.set(title=f"{task}: SAC, deterministic evaluation", xlabel="environment steps", ylabel="return")
@@ -117,23 +147,19 @@ def plot(table: dict, path: Path) -> None:
 
 
 def build(domain: str, run: Path, episodes: int, replay_every: int, expert_candidates: int = 3,
-          max_replay: int = 5, expert_run: Path | None = None) -> dict:
-    """The zoo entry of `domain`: expert from `expert_run` (default `run`), medium and replay from `run`."""
-    expert_run = expert_run or run
-    rows, expert_rows = ([r for r in snapshots(folder) if np.isfinite(r[1])] for folder in (run, expert_run))
-    for folder, found in ((run, rows), (expert_run, expert_rows)):
-        if not found:
-            raise SystemExit(f"No evaluated actor snapshots in {folder / 'snapshots'}; train with "
-                             f"`python algos/sac.py --env {domain}` first.")
+          max_replay: int = 5) -> dict:
+    rows = [r for r in snapshots(run) if np.isfinite(r[1])]
+    if not rows:
+        raise SystemExit(f"No evaluated actor snapshots in {run / 'snapshots'}; train with "
+                         f"`python algos/sac.py --env {domain}` first.")
     act_dim = domain_info(domain).act_dim
-    best_logged = sorted(expert_rows, key=lambda r: r[1])[-expert_candidates:]
+    best_logged = sorted(rows, key=lambda r: r[1])[-expert_candidates:]
     expert_step, _, expert_path = max(best_logged, key=lambda r: policy_return(
         domain, Policy(r[2], act_dim), episodes, seed=SELECTION_SEED)[0])
     expert = policy_return(domain, Policy(expert_path, act_dim), episodes)
     random_return = policy_return(domain, Policy(None, act_dim), episodes)
-    # medium: re-measure candidates in the band, nearest the target first; from the expert's own run, only those
-    # before the expert (another run, e.g. from scratch when the expert was fine-tuned: its whole history)
-    candidates = sorted((r for r in rows if r[0] < expert_step or expert_run != run), key=lambda r: abs(r[1] / expert[0] - MEDIUM_TARGET))
+    # medium: re-measure candidates in the band, nearest the target first
+    candidates = sorted((r for r in rows if r[0] < expert_step), key=lambda r: abs(r[1] / expert[0] - MEDIUM_TARGET))
     medium = None
     for step, _, path in candidates[:6]:
         measured = policy_return(domain, Policy(path, act_dim), episodes)
@@ -144,26 +170,20 @@ def build(domain: str, run: Path, episodes: int, replay_every: int, expert_candi
     shutil.rmtree(target, ignore_errors=True)  # a rebuilt zoo entry keeps nothing of the previous one
     (target / "replay").mkdir(parents=True, exist_ok=True)
     shutil.copyfile(expert_path, target / "expert.npz")
-    args_file = expert_run / "args.json"
-    init_from = json.loads(args_file.read_text()).get("init_from") if args_file.exists() else None
-    entry = {"domain": domain, "run": str(run), "init_from": init_from,
+    entry = {"domain": domain, "run": str(run), "init_from": init_from(run),
              "random": {"mean": random_return[0], "std": random_return[1]},
              "expert": {"step": expert_step, "mean": expert[0], "std": expert[1]}, "curve": learning_curve(run)}
-    if expert_run != run:
-        entry |= {"expert_run": str(expert_run), "expert_curve": learning_curve(expert_run)}
     if medium is not None:
         shutil.copyfile(medium[1], target / "medium.npz")
         entry["medium"] = {"step": medium[0], "mean": medium[2][0], "std": medium[2][1]}
         replay = [path for step, _, path in rows if step < medium[0] and step % replay_every == 0]
         for path in evenly_spaced(replay, max_replay):
             shutil.copyfile(path, target / "replay" / path.name)
+        start = initial_actor(run)
+        if start is not None:
+            np.savez(target / "replay" / "actor_0.npz", **start)
         entry["replay_snapshots"] = sorted(p.name for p in (target / "replay").glob("*.npz"))
     return entry
-
-
-def described(run: str, curve: list) -> str:
-    """A SAC run as the table names it: its folder and how far it trained (its last evaluation)."""
-    return f"{Path(run).name} ({int((curve or [[0]])[-1][0]) // 1000}k)"
 
 
 def render(table: dict) -> str:
@@ -177,11 +197,10 @@ def render(table: dict) -> str:
              "| domain | policy | SAC step | return (mean +- std) | % | expert bar | SAC run (steps trained) |",
              "|---|---|---|---|---|---|---|"]
     for domain, entry in sorted(table.items()):
-        runs = {"expert": described(entry.get("expert_run", entry["run"]), entry.get("expert_curve", entry["curve"])),
-                "medium": described(entry["run"], entry["curve"]) if "expert_run" in entry else "-", "random": "-"}
+        run = f"{Path(entry['run']).name} ({int((entry.get('curve') or [[0]])[-1][0]) // 1000}k)"
         if entry.get("init_from"):  # `sac.py --init-from <run>/checkpoint.npz`: name the run it started from
             source = Path(entry["init_from"]).parent
-            runs["expert"] += f", fine-tuned from {source.parent.name}/{source.name}"
+            run += f", fine-tuned from {source.parent.name}/{source.name}"
         lo, hi = entry["random"]["mean"], entry["expert"]["mean"]
         for name in ("expert", "medium", "random"):
             if name not in entry:
@@ -193,7 +212,7 @@ def render(table: dict) -> str:
             if name == "expert":
                 bar = f"{expert_bar(domain):.0f}: " + ("reached" if e["mean"] >= expert_bar(domain) else "NOT reached")
             lines.append(f"| {domain} | {name} | {e.get('step', '-')} | {e['mean']:.1f} +- {e['std']:.1f} | {pct:.0f} "
-                         f"| {bar} | {runs[name]} |")
+                         f"| {bar} | {run if name == 'expert' else '-'} |")
     notes = [f"- **{domain}**: {NOTES[domain]}" for domain in sorted(table) if domain in NOTES]
     return "\n".join(lines + (["", "Notes:", ""] + notes if notes else [])) + "\n"
 
@@ -203,9 +222,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--domains", nargs="+", required=True)
     parser.add_argument("--runs", default="runs/sac", help="folder of SAC runs: <runs>/<domain>/seed<seed>")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--expert-seed", type=int, default=None,
-                        help="take the expert from <runs>/<domain>/seed<expert-seed> (e.g. a run fine-tuned with "
-                             "sac.py --init-from when SAC from scratch stalls), medium and replay from --seed")
     parser.add_argument("--episodes", type=int, default=10)
     parser.add_argument("--replay-every", type=int, default=25_000)
     parser.add_argument("--expert-candidates", type=int, default=3,
@@ -216,9 +232,8 @@ def main(argv: list[str] | None = None) -> None:
     references = json.loads(REFERENCES.read_text()) if REFERENCES.exists() else {}
     for domain in args.domains:
         check_domain(domain)
-        expert_run = None if args.expert_seed is None else Path(args.runs) / domain / f"seed{args.expert_seed}"
         entry = build(domain, Path(args.runs) / domain / f"seed{args.seed}", args.episodes, args.replay_every,
-                      args.expert_candidates, args.max_replay, expert_run)
+                      args.expert_candidates, args.max_replay)
         table[domain] = entry
         references[domain] = {"random": entry["random"]["mean"], "expert": entry["expert"]["mean"],
                               "source": "benchmarks/policy_zoo.py (10 episodes, sampled actions)"}

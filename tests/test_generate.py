@@ -72,6 +72,15 @@ def test_medium_replay_follows_the_snapshots(zoo):
     assert order == ["uniform-random", "hopper-kinematic/replay/actor_1000.npz", "hopper-kinematic/replay/actor_2000.npz"]
 
 
+def test_medium_replay_of_a_fine_tuned_run_starts_with_the_loaded_actor(zoo):
+    info = domain_info("hopper-kinematic")  # policy_zoo writes a fine-tuned run's starting actor as actor_0
+    _fake_actor(zoo / "replay" / "actor_0.npz", info.obs_dim, info.act_dim, 5, 0)
+    pieces = generate.plan("hopper-kinematic", "medium-replay", 3000)
+    assert [(p.name, n) for p, n, _ in pieces] == [("hopper-kinematic/replay/actor_0.npz", 1000),
+                                                  ("hopper-kinematic/replay/actor_1000.npz", 1000),
+                                                  ("hopper-kinematic/replay/actor_2000.npz", 1000)]
+
+
 def test_stored_state_reproduces_transitions(zoo):
     generate.generate("hopper-kinematic", "medium", size=400, seed=1)
     ds = minari.load_dataset("crossdomain/hopper-kinematic/medium-v0")

@@ -98,22 +98,27 @@ def test_replay_snapshots_are_evenly_spaced_and_capped():
     assert policy_zoo.evenly_spaced(steps, 1) == [25_000]
 
 
-def test_expert_from_a_fine_tuned_run_medium_and_replay_from_the_run_from_scratch(zoo):
-    tuned = zoo / "runs" / "hopper-morph" / "seed2"
-    (tuned / "snapshots").mkdir(parents=True)
-    # the fine-tuned run's only snapshot, 20k steps into it, holds the weights that measure as 150k's
-    with np.load(zoo / "runs" / "hopper-morph" / "seed0" / "snapshots" / "actor_150000.npz") as arrays:
-        np.savez(tuned / "snapshots" / "actor_20000.npz", **(dict(arrays) | {"step": 20_000}))
-    (tuned / "eval.csv").write_text("step,eval_return_mean,eval_return_std\n10000,2000,10\n20000,2900,10\n")
-    (tuned / "args.json").write_text(json.dumps({"env": "hopper-morph", "init_from": "/x/hopper/seed3/checkpoint.npz"}))
-    policy_zoo.main(["--runs", str(zoo / "runs"), "--domains", "hopper-morph", "--expert-seed", "2"])
-    folder = zoo / "policies" / "hopper-morph"
-    # medium from seed0's whole history (its snapshots are all after the expert's step 20k): 50k, as above
-    with np.load(folder / "expert.npz") as expert, np.load(folder / "medium.npz") as medium:
-        assert int(expert["step"]) == 20_000 and int(medium["step"]) == 50_000
-    assert sorted(p.name for p in (folder / "replay").iterdir()) == ["actor_25000.npz"]
+def test_a_fine_tuned_run_is_named_and_its_replay_starts_with_the_loaded_actor(zoo):
+    run = zoo / "runs" / "hopper-morph" / "seed0"
+    prefix = "state.actor.params['params']"
+    start = {f"{prefix}['fc{i}']['{param}']": np.full(shape, 7.0 + i, np.float32)
+             for i, (rows, cols) in enumerate([(11, 4), (4, 4), (4, 6)])
+             for param, shape in (("kernel", (rows, cols)), ("bias", (cols,)))}
+    np.savez(zoo / "source.npz", **start)  # the checkpoint sac.py --init-from loaded (its actor only, here)
+    (run / "args.json").write_text(json.dumps({"env": "hopper-morph", "init_from": str(zoo / "source.npz")}))
+    policy_zoo.main(["--runs", str(zoo / "runs"), "--domains", "hopper-morph"])
+    replay = zoo / "policies" / "hopper-morph" / "replay"
+    assert sorted(p.name for p in replay.iterdir()) == ["actor_0.npz", "actor_25000.npz"]
+    with np.load(replay / "actor_0.npz") as actor:
+        assert int(actor["step"]) == 0
+        for i in range(3):
+            np.testing.assert_array_equal(actor[f"w{i}"], start[f"{prefix}['fc{i}']['kernel']"])
+            np.testing.assert_array_equal(actor[f"b{i}"], start[f"{prefix}['fc{i}']['bias']"])
     markdown = (zoo / "results" / "policies.md").read_text()
-    assert "| 1500: reached | seed2 (20k), fine-tuned from hopper/seed3 |" in markdown
-    assert "| hopper-morph | medium | 50000 | 1300.0 +- 5.0 | 46 | - | seed0 (150k) |" in markdown
-    entry = json.loads((zoo / "results" / "policies.json").read_text())["hopper-morph"]
-    assert entry["init_from"] == "/x/hopper/seed3/checkpoint.npz" and entry["expert_curve"][-1] == [20_000, 2900, 10]
+    assert f"| 1500: reached | seed0 (150k), fine-tuned from {zoo.parent.name}/{zoo.name} |" in markdown
+    assert json.loads((zoo / "results" / "policies.json").read_text())["hopper-morph"]["init_from"] == \
+        str(zoo / "source.npz")
+
+    (zoo / "source.npz").unlink()
+    with pytest.raises(SystemExit, match="which is gone"):
+        policy_zoo.main(["--runs", str(zoo / "runs"), "--domains", "hopper-morph"])
