@@ -56,7 +56,8 @@ NOTES = {
         "checkpoint; medium and replay come from the same run, the replay starting with the walker2d actor."),
     "hopper-morph": (
         "SAC plateaus well below the bar in two seeds (deterministic evaluations: seed 0 between 476 and 920 from "
-        "225k to 400k steps, see `policies.png`; seed 1, not plotted, between 322 and 401 from 110k to 220k). "
+        "225k to 400k steps, see `policies.png`; seed 1, not plotted, between 322 and 401 from 110k to 220k; seed 2, fine-tuned with `sac.py --init-from` "
+        "from the hopper run's 350k checkpoint, whose expert scores 372 here unchanged: at most 651 in 100k steps). "
         "The shift widens the torso capsule (radius 0.05 -> 0.125) and MuJoCo derives the masses from the geoms, "
         "so the torso weighs 27.8 kg instead "
         "of 3.7, driven by the same motors. The expert's episodes end after about 245 steps (5 sampled episodes: "
