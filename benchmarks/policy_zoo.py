@@ -133,12 +133,15 @@ def plot(table: dict, path: Path) -> None:
             curve = np.array(entry.get("curve") or np.zeros((0, 3)))
             color = f"C{index}"
             if len(curve):
-                ax.plot(curve[:, 0], curve[:, 1], color=color, label=domain)
+                source = Path(entry["init_from"]).parent.parent.name if entry.get("init_from") else None
+                ax.plot(curve[:, 0], curve[:, 1], color=color,
+                        label=f"{domain} (fine-tuned from {source})" if source else domain)
                 ax.fill_between(curve[:, 0], curve[:, 1] - curve[:, 2], curve[:, 1] + curve[:, 2], color=color,
                                 alpha=0.2)
             ax.axhline(expert_bar(domain), color=color, linestyle="--", linewidth=0.8,
                        label=None if len(curve) else f"{domain} (no curve)")
         ax.set(title=f"{task}: SAC, deterministic evaluation", xlabel="environment steps", ylabel="return")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x / 1000:.0f}k"))
         ax.legend(fontsize=8, title="dashed: expert bar", title_fontsize=8)
     fig.tight_layout()
     tmp = path.with_name(path.stem + ".tmp.png")
