@@ -45,8 +45,8 @@ NOTES = {
     "ant": (
         "SAC from scratch (seed 0, to 380k steps) stayed on Ant's stand-and-survive plateau: deterministic "
         "evaluations at most 970 (about the 1 per step alive bonus) from 70k on. The zoo's run (seed 2) is "
-        "fine-tuned (`sac.py --init-from`) from the ant-morph run's 250k checkpoint, whose expert scores 733 +- 505 "
-        "in ant unchanged; fine-tuned, it passes 3000 within 50k steps. Its medium and replay snapshots come from "
+        "fine-tuned (`sac.py --init-from`) from the ant-morph run's 250k checkpoint (the ant-morph expert, its 225k "
+        "snapshot, scores 733 +- 505 in ant unchanged); fine-tuned, it passes 3000 within 50k steps. Its medium and replay snapshots come from "
         "the same run, the replay starting with the ant-morph actor."),
     "walker2d-kinematic": (
         "SAC from scratch stands still in two seeds (seed 0 to 530k steps, seed 1 to 180k: deterministic "
@@ -56,8 +56,9 @@ NOTES = {
         "checkpoint; medium and replay come from the same run, the replay starting with the walker2d actor."),
     "hopper-morph": (
         "SAC plateaus well below the bar in two seeds (deterministic evaluations: seed 0 between 476 and 920 from "
-        "225k to 400k steps, see `policies.png`; seed 1, not plotted, between 322 and 401 from 110k to 220k; seed 2, fine-tuned with `sac.py --init-from` "
-        "from the hopper run's 350k checkpoint, whose expert scores 372 here unchanged: at most 651 in 100k steps). "
+        "225k to 400k steps, see `policies.png`; seed 1, not plotted, between 322 and 401 from 110k to 220k; seed 2, "
+        "fine-tuned with `sac.py --init-from` from the hopper run's 350k checkpoint, whose actor is the hopper "
+        "expert and scores 372 here unchanged: at most 651 in 100k steps). "
         "The shift widens the torso capsule (radius 0.05 -> 0.125) and MuJoCo derives the masses from the geoms, "
         "so the torso weighs 27.8 kg instead "
         "of 3.7, driven by the same motors. The expert's episodes end after about 245 steps (5 sampled episodes: "
