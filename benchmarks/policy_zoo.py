@@ -46,8 +46,8 @@ NOTES = {
         "SAC from scratch (seed 0, to 380k steps) stayed on Ant's stand-and-survive plateau: deterministic "
         "evaluations at most 970 (about the 1 per step alive bonus) from 70k on. The zoo's run (seed 2) is "
         "fine-tuned (`sac.py --init-from`) from the ant-morph run's 250k checkpoint (the ant-morph expert, its 225k "
-        "snapshot, scores 733 +- 505 in ant unchanged); fine-tuned, it passes 3000 within 50k steps. Its medium and replay snapshots come from "
-        "the same run, the replay starting with the ant-morph actor."),
+        "snapshot, scores 733 +- 505 in ant unchanged); fine-tuned, it passes 3000 within 50k steps. Its medium "
+        "and replay snapshots come from the same run, the replay starting with the ant-morph actor."),
     "walker2d-kinematic": (
         "SAC from scratch stands still in two seeds (seed 0 to 530k steps, seed 1 to 180k: deterministic "
         "evaluations at most 1051, the 1 per step alive bonus), yet walking is possible with the right ankle "
