@@ -27,6 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: envs/, benchmarks/
 from benchmarks.common import write_atomic  # noqa: E402
+from benchmarks.sweep import configurations  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 LAST = 5  # evaluations averaged for the "last 5" table
@@ -88,7 +89,8 @@ def collect(folder: Path) -> tuple[list[dict], list[dict], list[str]]:
         config, manifest = configs.get(path.parent.resolve(), (None, None))
         if manifest is not None and manifest not in sweeps:
             sweeps.append(manifest)
-        series += [run | {"folder": str(path.parent)} for run in runs(results, config)]
+        series += [run | {"folder": str(path.parent), "config": config and config["name"], "sweep": manifest}
+                   for run in runs(results, config)]
     if not series:
         raise SystemExit(f"No results.json with evaluations under {folder}.")
     # runs that would share a cell (the same algorithm and task outside a sweep) keep apart by their folders
@@ -97,6 +99,24 @@ def collect(folder: Path) -> tuple[list[dict], list[dict], list[str]]:
         if keys.count(key) > 1:
             run["algorithm"] += f" [{os.path.relpath(run['folder'], folder)}]"
     return series, sweeps, notes
+
+
+def coverage(series: list[dict], sweeps: list[dict]) -> list[str]:
+    """A sentence per sweep whose spec has runs not finished: how many finished, are under way, have not started."""
+    lines = []
+    for manifest in sweeps:
+        planned = [c["name"] for c in configurations(manifest["spec"], ROOT)]
+        ours = [run for run in series if run["sweep"] == manifest]
+        finished = {run["config"] for run in ours if run["finished"]}
+        started = {run["config"] for run in ours} - finished
+        if len(finished) < len(planned):
+            waiting = len(set(planned) - finished - started)
+            lines.append(f"**Partial results: {len(finished)} of the {len(planned)} runs of `{manifest['spec_file']}` "
+                         "have finished" + (f", {len(started)} {'is' if len(started) == 1 else 'are'} under way (\\*)"
+                                            if started else "")
+                         + (f", {waiting} not started (-)" if waiting else "") + "; `" + manifest["command"]
+                         + "` runs the rest.**")
+    return lines
 
 
 def summarise(run: dict) -> dict:
@@ -195,6 +215,7 @@ def main(argv: list[str] | None = None) -> None:
     seeds, budgets = sorted({s["seeds"] for s in summaries}), sorted({s["budget"] for s in summaries})
     lines = [f"# {title}", "", f"Made by `{command}`"
              + "".join(f" from the sweep `{m['command']}` (spec `{m['spec_file']}`)" for m in sweeps) + ".", "",
+             *(line for line in coverage(series, sweeps) for line in (line, "")),
              f"Normalised score 100 (J - J_random) / (J_expert - J_random) in the target domain, mean ± std over "
              f"{' or '.join(map(str, seeds))} seeds (std with ddof 0), {' or '.join(map(str, budgets))} gradient "
              "steps; the best mean of each row in bold.", "",

@@ -27,8 +27,9 @@ interrupted ones (a checkpoint) with --resume; if a finished run was made with o
 the sweep stops before running anything (move the run away or choose another --out). A failed run is reported
 and the others go on; the summary names each failed run's log, and the exit status is 1 if any failed.
 --only GLOB picks configurations by name (<variant>/<folder>), --dry-run shows what each would do.
-<out>/sweep.json records the spec and every configuration's folder and command (--print-commands writes it too),
-so that benchmarks/report.py names the runs by their variants.
+<out>/sweep.json records the spec, the command of the whole sweep (without --only) and every configuration's folder
+and command (--print-commands writes it too), so that benchmarks/report.py names the runs by their variants and
+says how much of the sweep has finished.
 """
 from __future__ import annotations
 
@@ -210,13 +211,15 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     manifest_path = out / "sweep.json"
     names = {c["name"] for c in configs}
+    # the command of the whole sweep, not of this part: the manifest gathers the entries of every --only part
+    whole = ["python", "benchmarks/sweep.py", shown(args.spec.resolve())] + (["--out", shown(out)] if args.out else [])
     lock = os.open(out, os.O_RDONLY)  # a lock on the folder: sweeps of one spec started at once (--only) keep
     try:                              # every entry of the manifest
         fcntl.flock(lock, fcntl.LOCK_EX)
         previous = json.loads(manifest_path.read_text())["configurations"] if manifest_path.exists() else []
         write_atomic(manifest_path, json.dumps({
             "spec_file": shown(args.spec.resolve()), "spec": spec,
-            "command": shlex.join(["python", "benchmarks/sweep.py", *(sys.argv[1:] if argv is None else argv)]),
+            "command": shlex.join(whole),
             "configurations": [c for c in previous if c["name"] not in names] + configs}, indent=1))
     finally:
         os.close(lock)  # releases the lock

@@ -1,8 +1,8 @@
 """benchmarks/sweep.py and benchmarks/report.py end to end: a two-configuration sweep of tiny IQL runs, skipped when
 run again, continued with --resume when interrupted, left alone (the sweep stops) when the spec's flags changed; a
-failed run does not stop the others; the printed command lines run as they are; the report's tables hold the
-numbers of the results.json files (and of (lam, xi) settings and unfinished runs worked out by hand) and its figure
-is a PNG; a bad spec ends with one sentence."""
+failed run does not stop the others; the printed command lines run as they are; a sweep half done is reported as
+such; the report's tables hold the numbers of the results.json files (and of (lam, xi) settings and unfinished runs
+worked out by hand) and its figure is a PNG; a bad spec ends with one sentence."""
 import importlib.util
 import json
 import os
@@ -155,6 +155,16 @@ def test_printed_commands_run_as_they_are(setup, swept):
     swept_results = json.loads((swept[0] / "iql-target" / TASK / "results.json").read_text())
     assert results["finished"]
     np.testing.assert_allclose(results["final"]["scores"], swept_results["final"]["scores"])  # the same run
+
+    # one of the two runs done: the report says so, and names the command of the whole sweep (no --only)
+    run_sweep(setup, "--out", str(out), "--only", "iql-target/*", "--print-commands")
+    whole = f"python benchmarks/sweep.py {setup['folder'] / 'spec.toml'} --out {out}"
+    assert json.loads((out / "sweep.json").read_text())["command"] == whole
+    report.main([str(out), "--out", str(out / "partial")])
+    assert (f"**Partial results: 1 of the 2 runs of `{setup['folder'] / 'spec.toml'}` have finished, 1 not started "
+            f"(-); `{whole}` runs the rest.**") in (out / "partial.md").read_text()
+    report.main([str(swept[0]), "--out", str(out / "whole")])
+    assert "Partial" not in (out / "whole.md").read_text()
 
 
 def test_report_tables_and_curves(swept, tmp_path):
