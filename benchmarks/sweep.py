@@ -26,6 +26,7 @@ log.txt of that folder. Rerunning the sweep skips finished runs (results.json sa
 interrupted ones (a checkpoint) with --resume; if a finished run was made with other flags than the spec's now,
 the sweep stops before running anything (move the run away or choose another --out). A failed run is reported
 and the others go on; the summary names each failed run's log, and the exit status is 1 if any failed.
+After each run it prints how many are left and how long they will take at the pace so far.
 --only GLOB picks configurations by name (<variant>/<folder>), --dry-run shows what each would do.
 <out>/sweep.json records the spec, the command of the whole sweep (without --only) and every configuration's folder
 and command (--print-commands writes it too), so that benchmarks/report.py names the runs by their variants and
@@ -172,6 +173,12 @@ def status(folder: Path, flags: dict) -> tuple[str, str]:
     return "run", "new"
 
 
+def duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
 def last_line(log: Path) -> str:
     """The last line of a log that says something (not a progress bar redraw or a box border)."""
     text = log.read_text(errors="replace").replace("\r", "\n")
@@ -227,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
         print("\n".join(c["command"] for c in configs))
         return
 
-    ran, skipped, failed = [], [], []
+    ran, skipped, failed, spent = [], [], [], []  # spent: seconds of each run started here, for the ETA
     for index, (c, (action, why)) in enumerate(zip(configs, statuses), 1):
         folder = out / c["folder"]
         if action == "skip":
@@ -246,13 +253,15 @@ def main(argv: list[str] | None = None) -> None:
             except KeyboardInterrupt:
                 raise SystemExit(f"\nInterrupted during {c['name']}; the same command continues the sweep.")
         seconds = time.perf_counter() - start
-        wall = f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+        spent.append(seconds)
+        left = sum(action != "skip" for action, _ in statuses[index:])
+        eta = f"; {left} to go, about {duration(sum(spent) / len(spent) * left)} at this pace" if left else ""
         if code == 0:
-            print(f"    done in {wall}", flush=True)
+            print(f"    done in {duration(seconds)}{eta}", flush=True)
             ran.append(c)
         else:
             why = f"exit status {code}, log {shown(folder / 'log.txt')}: {last_line(folder / 'log.txt')}"
-            print(f"    FAILED after {wall} ({why})", flush=True)
+            print(f"    FAILED after {duration(seconds)} ({why}){eta}", flush=True)
             failed.append((c, why))
 
     print(f"\n{len(ran)} ran, {len(skipped)} skipped (finished), {len(failed)} failed; results in {shown(out)}")

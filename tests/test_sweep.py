@@ -92,6 +92,7 @@ def test_sweep_runs_every_configuration(swept):
         assert f"[{index}/2] {variant}/{TASK}" in stdout
         assert (out / variant / TASK / "log.txt").read_text().startswith("$ ")
     assert "2 ran, 0 skipped (finished), 0 failed" in stdout
+    assert "; 1 to go, about " in stdout.split("[2/2]")[0]  # the ETA after the first run
     manifest = json.loads((out / "sweep.json").read_text())
     assert [c["folder"] for c in manifest["configurations"]] == [f"iql-target/{TASK}", f"iql-merged/{TASK}"]
     assert manifest["spec"]["num_seeds"] == 2
