@@ -482,7 +482,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     pbar.close()
 
     final = results["final"]
-    print(f"igdf scorer {args.source} -> {args.target}, seeds {seeds}: held-out AUC of h (target above source) "
+    data = f"{args.source_dataset or args.source} -> {args.target_dataset or args.target}"
+    print(f"igdf scorer {data}, seeds {seeds}: held-out AUC of h (target above source) "
           f"{final['auc_mean']:.3f} +- {final['auc_std']:.3f} after {step} steps; encoders in "
           f"{out / 'scorer.msgpack'}, results in {out}")
     return results

@@ -601,7 +601,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     pbar.close()
 
     final = results["final"]
-    print(f"iql --data {args.data} {args.source} -> {args.target} ({args.quality}), seeds {seeds}: final score "
+    data = f"{args.source_dataset or args.source} -> {args.target_dataset or f'{args.target} ({args.quality})'}"  # the datasets trained on
+    print(f"iql --data {args.data} {data}, seeds {seeds}: final score "
           f"{final['score_mean']:.1f} +- {final['score_std']:.1f} after {step} steps; results in {out}")
     return results
 

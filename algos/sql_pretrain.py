@@ -569,7 +569,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
     score = f"final score {results['final']['score_mean']:.1f} +- {results['final']['score_std']:.1f}, " \
         if args.policy else ""
-    print(f"sql {args.source} ({args.quality}, alpha {alpha}), seeds {seeds}: {score}{step} steps; critics and value "
+    data = args.source_dataset or f"{args.source} ({args.quality})"
+    print(f"sql {data}, alpha {alpha}, seeds {seeds}: {score}{step} steps; critics and value "
           f"in {out / 'sql.msgpack'}, results in {out}")
     return results
 

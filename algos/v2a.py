@@ -1659,7 +1659,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
             for name, values in shares.items()))
     pbar.close()
 
-    print(f"v2a {args.source} -> {args.target} ({args.quality}), seeds {seeds}, after {step} steps: " + ", ".join(
+    data = f"{args.source_dataset or args.source} -> {args.target_dataset or f'{args.target} ({args.quality})'}"  # the datasets trained on
+    print(f"v2a {data}, seeds {seeds}, after {step} steps: " + ", ".join(
         f"lam {entry['lam']:g} xi {entry['xi']:g} final score {entry['score_mean']:.1f} +- {entry['score_std']:.1f}"
         for entry in results["final"]["by_setting"]) + f"; results in {out}")
     return results

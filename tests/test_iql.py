@@ -1,7 +1,9 @@
 """algos/iql.py: losses against numbers worked out by hand, per-sample weight shapes, vmapped seeds equal single
 seeds, --resume equals an uninterrupted run bit for bit, and a tiny end-to-end run writes a well-formed
 results.json. Tiny networks and a few hundred steps: whether IQL learns is a benchmark, not a test."""
+import contextlib
 import importlib.util
+import io
 import json
 import math
 from pathlib import Path
@@ -167,13 +169,17 @@ def _flags(datasets, out, *extra):
 
 @pytest.fixture(scope="module")
 def finished_run(datasets, tmp_path_factory):
-    out = tmp_path_factory.mktemp("iql_run")
-    returned = iql.main(_flags(datasets, out))
-    return out, returned
+    out, printed = tmp_path_factory.mktemp("iql_run"), io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        returned = iql.main(_flags(datasets, out))
+    return out, returned, printed.getvalue()
 
 
-def test_end_to_end_results_json(finished_run):
-    out, returned = finished_run
+def test_end_to_end_results_json(datasets, finished_run):
+    out, returned, printed = finished_run
+    # the closing line names the datasets trained on, not the default domains the flags left in place
+    assert printed.splitlines()[-1].startswith(
+        f"iql --data merged {datasets['source']} -> {datasets['target']}, seeds [3, 4]: final score ")
     results = json.loads((out / "results.json").read_text())
     assert results == json.loads(json.dumps(returned))
     assert results["algo"] == "iql" and results["finished"] and results["step"] == 250
