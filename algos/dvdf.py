@@ -1178,7 +1178,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
             for entry in latest["by_setting"]) + f"; mean h of kept source {np.mean(kept_h):.3f}")
     pbar.close()
 
-    data = f"{args.source_dataset or args.source} -> {args.target_dataset or f'{args.target} ({args.quality})'}"  # the datasets trained on
+    data = f"{args.source_dataset or args.source} -> {args.target_dataset or f'{args.target} ({args.quality})'}"
     print(f"{algo} {data}, seeds {seeds}, after {step} steps: " + ", ".join(
         f"lam {entry['lam']:g} xi {entry['xi']:g} final score {entry['score_mean']:.1f} +- {entry['score_std']:.1f}"
         for entry in results["final"]["by_setting"]) + f"; results in {out}")

@@ -601,7 +601,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     pbar.close()
 
     final = results["final"]
-    data = f"{args.source_dataset or args.source} -> {args.target_dataset or f'{args.target} ({args.quality})'}"  # the datasets trained on
+    data = f"{args.source_dataset or args.source} -> {args.target_dataset or f'{args.target} ({args.quality})'}"
     print(f"iql --data {args.data} {data}, seeds {seeds}: final score "
           f"{final['score_mean']:.1f} +- {final['score_std']:.1f} after {step} steps; results in {out}")
     return results

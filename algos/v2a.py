@@ -1659,7 +1659,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
             for name, values in shares.items()))
     pbar.close()
 
-    data = f"{args.source_dataset or args.source} -> {args.target_dataset or f'{args.target} ({args.quality})'}"  # the datasets trained on
+    data = f"{args.source_dataset or args.source} -> {args.target_dataset or f'{args.target} ({args.quality})'}"
     print(f"v2a {data}, seeds {seeds}, after {step} steps: " + ", ".join(
         f"lam {entry['lam']:g} xi {entry['xi']:g} final score {entry['score_mean']:.1f} +- {entry['score_std']:.1f}"
         for entry in results["final"]["by_setting"]) + f"; results in {out}")
