@@ -10,7 +10,7 @@ the sweep's grid values (runs that would still share a cell are told apart by th
 task, over seeds: the final normalised score (the last evaluation) and the mean of each seed's last 5
 evaluations, each as mean +- std over seeds (ddof 0). Writes, atomically:
     NAME.md    two tables (final; mean of the last 5 evaluations), a row per task and a column per algorithm, the
-               best mean of each row in bold, unfinished runs marked, and the command (and sweep spec) behind it
+               best finished mean of each row in bold, unfinished runs marked, and the command (and spec) behind it
     NAME.png   a panel per task: mean over seeds of the normalised score against gradient steps, +- 1 std shaded
     NAME.json  the numbers of both, per algorithm and task
 """
@@ -148,7 +148,8 @@ def table(cells: dict, tasks: list, algorithms: list, stat: str, data: dict | No
     lines = ["| task | " + " | ".join(algorithms) + extra + " |", "|---" * (len(algorithms) + 1 + bool(data)) + "|"]
     for task in tasks:
         row = [cells.get((task, algorithm)) for algorithm in algorithms]
-        best = max(round(cell[f"{stat}_mean"], 1) for cell in row if cell)
+        # a run under way may still fall: only finished runs compete for the bold
+        best = max((round(cell[f"{stat}_mean"], 1) for cell in row if cell and cell["finished"]), default=None)
         texts = []
         for cell in row:
             if cell is None:
@@ -218,7 +219,7 @@ def main(argv: list[str] | None = None) -> None:
              *(line for line in coverage(series, sweeps) for line in (line, "")),
              f"Normalised score 100 (J - J_random) / (J_expert - J_random) in the target domain, mean ± std over "
              f"{' or '.join(map(str, seeds))} seeds (std with ddof 0), {' or '.join(map(str, budgets))} gradient "
-             "steps; the best mean of each row in bold.", "",
+             "steps; the best mean of the finished runs of each row in bold.", "",
              "## Final score (last evaluation)", "", *table(cells, tasks, algorithms, "final", data), "",
              f"## Mean of the last {LAST} evaluations (of each seed; all of them where a run has fewer)", "",
              *table(cells, tasks, algorithms, "last5", data), ""]

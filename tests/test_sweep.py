@@ -209,7 +209,7 @@ def test_report_dataset_column_is_the_target_datas_own_level(setup, swept, tmp_p
 
 def test_report_by_hand_settings_and_unfinished_runs(tmp_path):
     """Outside a sweep: a dvdf run of two (lam, xi) settings gives two columns, its scores picked by the grid; an
-    unfinished iql run is marked with the step it reached."""
+    unfinished iql run is marked with the step it reached, and is not bold though its mean is the row's highest."""
     args = {"source": "halfcheetah-kinematic", "target": "halfcheetah", "quality": "expert", "steps": 30}
     grid = [{"lam": lam, "xi": 0.5, "seed": seed} for lam in (0.7, 1.0) for seed in (0, 1)]
     runs = {"dvdf": {"algo": "dvdf", "finished": True, "step": 30, "args": args, "grid": grid,
@@ -217,19 +217,19 @@ def test_report_by_hand_settings_and_unfinished_runs(tmp_path):
                      "evaluations": [{"step": 10, "scores": [10, 20, 30, 50]}, {"step": 20, "scores": [12, 22, 40, 60]},
                                      {"step": 30, "scores": [14, 26, 50, 70]}]},
             "iql": {"algo": "iql", "finished": False, "step": 20, "args": args | {"data": "target"},
-                    "evaluations": [{"step": 10, "scores": [5, 7]}, {"step": 20, "scores": [9, 11]}]}}
+                    "evaluations": [{"step": 10, "scores": [95, 97]}, {"step": 20, "scores": [99, 101]}]}}
     for name, results in runs.items():
         (tmp_path / "runs" / name).mkdir(parents=True)
         (tmp_path / "runs" / name / "results.json").write_text(json.dumps(results))
     report.main([str(tmp_path / "runs"), "--out", str(tmp_path / "hand")])
     markdown = (tmp_path / "hand.md").read_text()
-    # final: lam 0.7 seeds [14, 26], lam 1 seeds [50, 70], iql [9, 11]; over all 3 (or 2) evaluations: lam 0.7
-    # seeds [12, 22.67], lam 1 seeds [40, 60], iql seeds [7, 9]
+    # final: lam 0.7 seeds [14, 26], lam 1 seeds [50, 70], iql [99, 101]; over all 3 (or 2) evaluations: lam 0.7
+    # seeds [12, 22.67], lam 1 seeds [40, 60], iql seeds [97, 99]
     assert "| task | dvdf (lam=0.7, xi=0.5) | dvdf (lam=1, xi=0.5) | iql (target) |" in markdown
     assert ("| halfcheetah-kinematic -> halfcheetah (expert) | 20.0 ± 6.0 | **60.0 ± 10.0** | "
-            "10.0 ± 1.0 \\* (step 20 of 30) |") in markdown
+            "100.0 ± 1.0 \\* (step 20 of 30) |") in markdown
     assert ("| halfcheetah-kinematic -> halfcheetah (expert) | 17.3 ± 5.3 | **50.0 ± 10.0** | "
-            "8.0 ± 1.0 \\* (step 20 of 30) |") in markdown
+            "98.0 ± 1.0 \\* (step 20 of 30) |") in markdown
     assert "\\* unfinished" in markdown
 
 
