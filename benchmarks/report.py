@@ -156,7 +156,7 @@ def table(cells: dict, tasks: list, algorithms: list, stat: str, data: dict | No
                 texts.append("-")
                 continue
             text = f"{cell[f'{stat}_mean']:.1f} ± {cell[f'{stat}_std']:.1f}"
-            text = f"**{text}**" if round(cell[f"{stat}_mean"], 1) == best else text
+            text = f"**{text}**" if cell["finished"] and round(cell[f"{stat}_mean"], 1) == best else text
             texts.append(text + ("" if cell["finished"] else f" \\* (step {cell['step']} of {cell['budget']})"))
         lines.append(f"| {task} | " + " | ".join(texts) + (f" | {data[task]}" if data else "") + " |")
     return lines
