@@ -13,6 +13,9 @@ evaluations, each as mean +- std over seeds (ddof 0). Writes, atomically:
                best finished mean of each row in bold, unfinished runs marked, and the command (and spec) behind it
     NAME.png   a panel per task: mean over seeds of the normalised score against gradient steps, +- 1 std shaded
     NAME.json  the numbers of both, per algorithm and task
+--include NAME.json adds the runs of an earlier report whose folders are not here (made on another machine, or in
+an earlier session whose runs/ is gone): a run found here replaces the recorded one of its cell, the recorded ones
+count towards their sweep's progress and are marked (+) in the tables.
 """
 from __future__ import annotations
 
@@ -75,7 +78,7 @@ def runs(results: dict, config: dict | None) -> list[dict]:
     return series
 
 
-def collect(folder: Path) -> tuple[list[dict], list[dict], list[str]]:
+def collect(folder: Path, empty_ok: bool = False) -> tuple[list[dict], list[dict], list[str]]:
     """Every series under the folder in sweep order then path order, the sweeps they came from, and notes."""
     configs = sweep_configurations(folder)
     order = {path: index for index, path in enumerate(configs)}
@@ -91,7 +94,7 @@ def collect(folder: Path) -> tuple[list[dict], list[dict], list[str]]:
             sweeps.append(manifest)
         series += [run | {"folder": str(path.parent), "config": config and config["name"], "sweep": manifest}
                    for run in runs(results, config)]
-    if not series:
+    if not series and not empty_ok:
         raise SystemExit(f"No results.json with evaluations under {folder}.")
     # runs that would share a cell (the same algorithm and task outside a sweep) keep apart by their folders
     keys = [(run["algorithm"], run["task"]) for run in series]
@@ -117,6 +120,35 @@ def coverage(series: list[dict], sweeps: list[dict]) -> list[str]:
                          + (f", {waiting} not started (-)" if waiting else "") + "; `" + manifest["command"]
                          + "` runs the rest.**")
     return lines
+
+
+def recorded(paths: list[Path], summaries: list[dict], sweeps: list[dict]) -> list[dict]:
+    """The summaries of earlier reports' NAME.json files whose cells (algorithm, task) no run here fills, each
+    attached to its sweep (one of `sweeps` with the same spec, or its own, appended to `sweeps`)."""
+    have, found = {(s["algorithm"], s["task"]) for s in summaries}, []
+    for path in paths:
+        try:
+            report = json.loads(path.read_text())
+            entries, old_sweeps = report["results"], report.get("sweeps", [])
+        except FileNotFoundError:
+            raise SystemExit(f"No file at {path}: --include takes the NAME.json of an earlier report.py run.")
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise SystemExit(f"{path} is not the NAME.json of a report.py run (no 'results' list).")
+        names = {}  # a recorded run's folder ends with its configuration's folder in its sweep
+        for old in old_sweeps:
+            manifest = next((m for m in sweeps if m["spec"] == old["spec"]), None)
+            if manifest is None:
+                sweeps.append(manifest := dict(old))
+            for config in configurations(old["spec"], ROOT):
+                names[Path(config["folder"]).as_posix()] = (config["name"], manifest)
+        for entry in entries:
+            if (entry["algorithm"], entry["task"]) in have:
+                continue
+            tail = "/".join(Path(entry["folder"]).parts[-2:])
+            name, manifest = names.get(tail, (None, None))
+            found.append(entry | {"config": name, "sweep": manifest, "recorded": str(path)})
+            have.add((entry["algorithm"], entry["task"]))
+    return found
 
 
 def summarise(run: dict) -> dict:
@@ -157,8 +189,9 @@ def table(cells: dict, tasks: list, algorithms: list, stat: str, data: dict | No
                 continue
             text = f"{cell[f'{stat}_mean']:.1f} ± {cell[f'{stat}_std']:.1f}"
             text = f"**{text}**" if cell["finished"] and round(cell[f"{stat}_mean"], 1) == best else text
-            texts.append(text + ("" if cell["finished"] else f" \\* (step {cell['step']} of {cell['budget']})"))
-        lines.append(f"| {task} | " + " | ".join(texts) + (f" | {data[task]}" if data else "") + " |")
+            texts.append(text + ("" if cell["finished"] else f" \\* (step {cell['step']} of {cell['budget']})")
+                         + (" (+)" if cell.get("recorded") else ""))
+        lines.append(f"| {task} | " + " | ".join(texts) + (f" | {data.get(task, '-')}" if data else "") + " |")
     return lines
 
 
@@ -198,6 +231,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path,
                         help="output path without suffix (default benchmarks/results/<folder name>)")
     parser.add_argument("--title", help="title of the table and the figure (default: the folder name)")
+    parser.add_argument("--include", type=Path, nargs="+", default=[], metavar="NAME.json",
+                        help="also the runs of an earlier report whose folders are not here (a run here wins)")
     parser.add_argument("--dataset-column", action="store_true",
                         help="add the mean ± std normalised episode return of each task's full target dataset")
     args = parser.parse_args(argv)
@@ -205,10 +240,18 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"No folder at {args.results}.")
     out = args.out or ROOT / "benchmarks" / "results" / args.results.resolve().name
     title = args.title or args.results.resolve().name
-    series, sweeps, notes = collect(args.results.resolve())
+    series, sweeps, notes = collect(args.results.resolve(), empty_ok=bool(args.include))
     summaries = [summarise(run) for run in series]
+    data = target_data_scores(series) if args.dataset_column else None  # of the runs here: it loads their data
+    if extra := recorded(args.include, summaries, sweeps):
+        # series stands for every run below: coverage counts the recorded ones; sweep runs in the spec's order
+        series = series + extra
+        planned = {c["name"]: i for m in sweeps for i, c in enumerate(configurations(m["spec"], ROOT))}
+        both = sorted(zip(series, summaries + extra), key=lambda pair: planned.get(pair[0]["config"], len(planned)))
+        series, summaries = [pair[0] for pair in both], [pair[1] for pair in both]
+    if not summaries:
+        raise SystemExit(f"No results under {args.results} nor in {', '.join(map(str, args.include))}.")
     cells = {(s["task"], s["algorithm"]): s for s in summaries}
-    data = target_data_scores(series) if args.dataset_column else None
     tasks = list(dict.fromkeys(s["task"] for s in summaries))
     algorithms = list(dict.fromkeys(s["algorithm"] for s in summaries))
 
@@ -228,13 +271,17 @@ def main(argv: list[str] | None = None) -> None:
                   "data's own level), mean ± std over episodes.", ""]
     if not all(s["finished"] for s in summaries):
         lines += ["\\* unfinished: the run's last evaluation so far (step reached of its budget).", ""]
+    for path in args.include:
+        count = sum(s.get("recorded") == str(path) for s in summaries)
+        lines += [f"(+) {count} run{'s' * (count != 1)} recorded in `{path}` by an earlier report (their folders are "
+                  "not on this machine; the numbers are those recorded there).", ""]
     lines += [f"![learning curves]({Path(out).name}.png)", ""] + [f"Note: {note}" for note in notes]
 
     out.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(out.with_name(out.name + ".md"), "\n".join(lines).rstrip() + "\n")
     write_atomic(out.with_name(out.name + ".json"), json.dumps(
         {"command": command, "sweeps": [{k: m[k] for k in ("command", "spec_file", "spec")} for m in sweeps],
-         "results": summaries}, indent=1))
+         "results": [{k: v for k, v in s.items() if k not in ("config", "sweep")} for s in summaries]}, indent=1))
     plot(cells, tasks, algorithms, title, out.with_name(out.name + ".png"))
     print("\n".join(lines[lines.index("## Final score (last evaluation)"):]))
     print(f"wrote {out}.md, {out}.png and {out}.json")

@@ -194,6 +194,40 @@ def test_report_tables_and_curves(swept, tmp_path):
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
 
 
+def test_report_include_completes_a_sweep_from_an_earlier_report(swept, tmp_path):
+    """A sweep whose first run's folder is gone (another machine, an earlier session) and whose second run is
+    here: --include the earlier report's JSON and the table is the whole sweep's again, the recorded cell marked
+    (+), the sweep not partial; a run here wins over the recorded one of its cell."""
+    out, _ = swept
+    report.main([str(out), "--out", str(tmp_path / "earlier")])
+    earlier = json.loads((tmp_path / "earlier.json").read_text())
+    # the recorded iql-merged run reads 999 in the earlier report: the run here must replace it
+    merged = next(r for r in earlier["results"] if r["algorithm"] == "iql-merged")
+    merged_final = f"{merged['final_mean']:.1f} ± {merged['final_std']:.1f}"
+    merged["final_mean"] = 999.0
+    (tmp_path / "earlier.json").write_text(json.dumps(earlier))
+    here = tmp_path / "here"
+    shutil.copytree(out, here)
+    shutil.rmtree(here / "iql-target")
+    report.main([str(here), "--out", str(tmp_path / "alone")])
+    assert "**Partial results: 1 of the 2 runs" in (tmp_path / "alone.md").read_text()
+
+    report.main([str(here), "--out", str(tmp_path / "joined"), "--include", str(tmp_path / "earlier.json")])
+    markdown = (tmp_path / "joined.md").read_text()
+    assert "Partial" not in markdown
+    target = next(r for r in earlier["results"] if r["algorithm"] == "iql-target")
+    row = next(line for line in markdown.split("## ")[1].splitlines()
+               if line.startswith("| source -> target (medium) |"))
+    assert f"{target['final_mean']:.1f} ± {target['final_std']:.1f}" in row and row.count("(+)") == 1
+    assert merged_final in row and "999" not in markdown
+    assert f"(+) 1 run recorded in `{tmp_path / 'earlier.json'}`" in markdown
+    joined = json.loads((tmp_path / "joined.json").read_text())["results"]
+    assert [(r["algorithm"], r.get("recorded") is not None) for r in joined] == [("iql-target", True),
+                                                                                ("iql-merged", False)]
+    with pytest.raises(SystemExit, match="No file at .*: --include takes the NAME.json"):
+        report.main([str(here), "--include", str(tmp_path / "missing.json")])
+
+
 def test_report_dataset_column_is_the_target_datas_own_level(setup, swept, tmp_path):
     out, _ = swept
     report.main([str(out), "--out", str(tmp_path / "data"), "--dataset-column"])
