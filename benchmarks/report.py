@@ -24,6 +24,7 @@ import json
 import os
 import shlex
 import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -211,7 +212,8 @@ def plot(cells: dict, tasks: list, algorithms: list, title: str, path: Path) -> 
             steps, mean, std = (np.array(cell["curve"][key]) for key in ("steps", "mean", "std"))
             axis.plot(steps, mean, color=colours[algorithm], label=algorithm)
             axis.fill_between(steps, mean - std, mean + std, color=colours[algorithm], alpha=0.2)
-        axis.set(title=task, xlabel="gradient steps", ylabel="normalised score")
+        axis.set_title(textwrap.fill(task, 48), fontsize=10)  # long dataset names wrap at their hyphens
+        axis.set(xlabel="gradient steps", ylabel="normalised score")
         axis.grid(alpha=0.3)
     for axis in axes.flat[len(tasks):]:
         axis.set_visible(False)
