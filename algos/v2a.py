@@ -216,7 +216,8 @@ LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0  # the original IQL's log-std bounds, and V
 HOLDOUT_MAX = 10_000  # held-out transitions per dataset at most: enough for a precise AUC, cheap to score
 SOURCE_HOLDOUT_SEED = 0  # the source hold-out is the same for every seed, so seed k equals a 1-seed run
 GROUP_KEYS = ("quality", "domain")  # per-episode metadata whose share among kept samples is reported
-STAGE_CHUNK = 10_000  # steps between two saves of an unfinished pre-training stage
+STAGE_CHUNKS = (100, 1_000, 10_000)  # the chunk sizes a pre-training stage runs between two saves
+STAGE_SAVE_SECONDS = 60.0  # a stage saves and reports progress about this often, at most every 10,000 steps
 CACHE_VERSION = 1  # part of every stage's cache key: bump it when a stage's computation changes
 FILTER_WEIGHT_MAX = 100.0  # V2A clamps the Q-loss weights of kept source samples (exp(h) <= e: a safeguard)
 RELABEL_CHUNK = 256  # trajectories (or windows) encoded per call when relabelling
@@ -1295,12 +1296,27 @@ def read_artifact(path: str, kind: str, flag: str, obs_dim: int, act_dim: int) -
     return jax.tree.map(lambda x: x[0], params), info | {"path": str(path)}
 
 
+def stage_chunk(remaining: int, seconds_per_step: Optional[float]) -> int:
+    """The steps to run before the next save: the largest of STAGE_CHUNKS expected to take at most
+    STAGE_SAVE_SECONDS at the measured speed (the smallest while the speed is unknown or slow), and at most
+    `remaining`; a remainder below the smallest size runs as one chunk. Sizes from one short list keep compilations
+    to a handful."""
+    size = STAGE_CHUNKS[0]
+    if seconds_per_step is not None:
+        size = max([size] + [n for n in STAGE_CHUNKS if n * seconds_per_step <= STAGE_SAVE_SECONDS])
+    fitting = [n for n in STAGE_CHUNKS if n <= min(size, remaining)]
+    return max(fitting) if fitting else remaining
+
+
 def run_stage(title: str, path: Path, runner, train, in_axes: tuple, inputs: tuple, steps: int):
-    """Train a pre-training stage for `steps` steps in chunks of STAGE_CHUNK with a progress bar.
+    """Train a pre-training stage for `steps` steps in chunks (stage_chunk) with a progress bar.
 
     train(runner, *inputs, num_steps) -> (runner, metrics) is the stage's train for one seed, run vmapped with
     in_axes over a seed axis of 1, as the stage's own script runs it. After every chunk the runner is saved to
     <path>.partial.msgpack (the path is keyed by all the stage depends on), so an interrupted stage resumes there.
+    The first chunk is STAGE_CHUNKS[0] steps; later ones are sized to the measured speed, so a slow stage (the V2A
+    encoder on a CPU runs a few steps per second) still reports and saves about every minute. The chunking does not
+    change the result: a scan of a + b steps equals a scan of a then one of b.
     """
     partial_path = path.with_name(path.stem + ".partial.msgpack")
     step = 0
@@ -1308,15 +1324,17 @@ def run_stage(title: str, path: Path, runner, train, in_axes: tuple, inputs: tup
         saved = serialization.msgpack_restore(partial_path.read_bytes())
         runner, step = serialization.from_state_dict(runner, saved["runner"]), int(saved["step"])
         print(f"{title}: resuming from step {step} ({partial_path})")
-    compiled, metrics = {}, {}
+    compiled, metrics, seconds_per_step = {}, {}, None
     pbar = tqdm(total=steps, initial=step, unit="step", dynamic_ncols=True, desc=title)
     while step < steps:
-        num_steps = min(STAGE_CHUNK, steps - step)
+        num_steps = stage_chunk(steps - step, seconds_per_step)
         if num_steps not in compiled:
             chunk = jax.jit(jax.vmap(partial(train, num_steps=num_steps), in_axes=in_axes))
             compiled[num_steps] = chunk.lower(runner, *inputs).compile()
+        start = time.perf_counter()
         runner, metrics = compiled[num_steps](runner, *inputs)
         runner = jax.block_until_ready(runner)
+        seconds_per_step = (time.perf_counter() - start) / num_steps
         step += num_steps
         write_atomic(partial_path, serialization.msgpack_serialize(
             {"runner": serialization.to_state_dict(jax.device_get(runner)), "step": step}))

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import serialization
 
 from envs import load_dataset
 from synthetic import assert_one_sentence_exit
@@ -414,12 +415,48 @@ def _toy_train(runner: _Toy, scale, num_steps: int):
     return runner, {"total": totals.mean()}
 
 
+@pytest.mark.parametrize("remaining, seconds_per_step, expected", [
+    (50_000, None, 100),      # speed unknown: the smallest chunk first
+    (50_000, 0.5, 100),       # 100 steps take 50 s, 1,000 would take 500 s
+    (50_000, 2.0, 100),       # slower than a minute per 100 steps: still the smallest
+    (50_000, 0.01, 1_000),    # 1,000 take 10 s, 10,000 would take 100 s
+    (50_000, 0.006, 10_000),  # 10,000 take 60 s: at the limit
+    (50_000, 1e-5, 10_000),   # never more than the largest size
+    (2_500, 1e-5, 1_000),     # the largest size that fits what is left
+    (900, 1e-5, 100),
+    (40, 1e-5, 40),           # a remainder below the smallest size runs at once
+    (40, None, 40),
+])
+def test_stage_chunks_follow_the_measured_speed(remaining, seconds_per_step, expected):
+    assert dvdf.STAGE_CHUNKS == (100, 1_000, 10_000) and dvdf.STAGE_SAVE_SECONDS == 60.0
+    assert dvdf.stage_chunk(remaining, seconds_per_step) == expected
+
+
+def test_a_slow_stage_saves_after_its_first_small_chunk(tmp_path, monkeypatch):
+    start = _Toy(jnp.zeros(1), jax.random.PRNGKey(0)[None])
+    saved_steps = []
+    real_write = dvdf.write_atomic
+
+    def record(path, content):
+        saved_steps.append(int(serialization.msgpack_restore(content)["step"]))
+        real_write(path, content)
+
+    monkeypatch.setattr(dvdf, "write_atomic", record)
+    monkeypatch.setattr(dvdf, "STAGE_SAVE_SECONDS", 0.0)  # every chunk is "slow": all stay at the smallest size
+    dvdf.run_stage("toy", tmp_path / "slow.msgpack", start, _toy_train, (0, 0), (jnp.ones(1),), 250)
+    assert saved_steps == [100, 200, 250]
+    saved_steps.clear()
+    monkeypatch.setattr(dvdf, "STAGE_SAVE_SECONDS", 1e9)  # every size is fast enough: 100 first, then the largest
+    dvdf.run_stage("toy", tmp_path / "fast.msgpack", start, _toy_train, (0, 0), (jnp.ones(1),), 12_345)
+    assert saved_steps == [100, 10_100, 11_100, 12_100, 12_200, 12_300, 12_345]
+
+
 def test_an_interrupted_stage_resumes_where_it_stopped(tmp_path, monkeypatch):
     start = _Toy(jnp.zeros(1), jax.random.PRNGKey(0)[None])
     scale = jnp.ones(1)
     whole, _, _ = dvdf.run_stage("toy", tmp_path / "whole.msgpack", start, _toy_train, (0, 0), (scale,), 100)
 
-    monkeypatch.setattr(dvdf, "STAGE_CHUNK", 30)
+    monkeypatch.setattr(dvdf, "STAGE_CHUNKS", (30,))
     real_write, writes = dvdf.write_atomic, []
 
     def killed_after_second_chunk(path, content):
