@@ -211,11 +211,11 @@ def test_grid_runs_are_independent_of_their_place_and_diagnostics_follow_the_fil
         kept_better = "dynamics_score" if lam == 1.0 else "advantage"  # what the filter ranks by
         assert diagnostics[f"{kept_better}_kept"][i] > diagnostics[f"{kept_better}_dropped"][i]
         shares = diagnostics["kept_share"]["quality"]
-        assert shares["expert"][i] + shares["random"][i] == pytest.approx(1.0)
+        assert float(shares["expert"][i] + shares["random"][i]) == pytest.approx(1.0)
         batch = diagnostics["batch_share"]["quality"]
         rates = diagnostics["keep_rate"]["quality"]
         assert sum(batch[n][i] * rates[n][i] for n in ("expert", "random")) == pytest.approx(
-            diagnostics["kept_fraction"][i])
+            float(diagnostics["kept_fraction"][i]))
     assert np.isfinite(losses["critic_loss"]).all()
 
 
@@ -313,7 +313,7 @@ def test_end_to_end_results_json(finished_run, datasets):
         np.testing.assert_allclose(evaluation["scores"],
                                    100 * (np.array(evaluation["returns"]) - REF_MIN) / (REF_MAX - REF_MIN))
         assert [(s["lam"], s["xi"]) for s in evaluation["by_setting"]] == [(0.5, 0.5), (1.0, 0.5)]
-        assert evaluation["by_setting"][1]["score_mean"] == pytest.approx(np.mean(evaluation["scores"][2:]))
+        assert evaluation["by_setting"][1]["score_mean"] == pytest.approx(float(np.mean(evaluation["scores"][2:])))
         assert all(math.isfinite(x) for values in evaluation["losses"].values() for x in values)
         diagnostics = evaluation["filter"]
         assert diagnostics["kept_fraction"] == [0.5] * 4

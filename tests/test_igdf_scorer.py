@@ -40,9 +40,9 @@ def test_nce_loss_by_hand():
     expected = np.mean([[softplus(-row[0])] + [softplus(x) for x in row[1:]] for row in logits])
     loss, got_logits = scorer.nce_loss(jnp.array(sa), jnp.array(target_next), jnp.array(source_next))
     np.testing.assert_allclose(got_logits, logits)
-    assert float(loss) == pytest.approx(expected, rel=1e-6)
+    assert float(loss) == pytest.approx(float(expected), rel=1e-6)
     # row 3 alone (all logits 0): log 2 everywhere
-    assert np.mean([softplus(0.0)] * 4) == pytest.approx(math.log(2))
+    assert float(np.mean([softplus(0.0)] * 4)) == pytest.approx(math.log(2))
 
 
 def test_nce_loss_needs_b_minus_1_negatives():
@@ -138,7 +138,7 @@ def test_end_to_end_results_and_artifact(finished_run):
         assert all(math.isfinite(x) for values in evaluation["losses"].values() for x in values)
     # the shift of 1.0 in every dimension is easy: held-out target transitions score above held-out source ones
     assert min(results["final"]["separation"]["auc"]) > 0.9
-    assert results["final"]["auc_mean"] == pytest.approx(np.mean(results["final"]["separation"]["auc"]))
+    assert results["final"]["auc_mean"] == pytest.approx(float(np.mean(results["final"]["separation"]["auc"])))
 
     artifact = scorer.serialization.msgpack_restore((out / "scorer.msgpack").read_bytes())
     info = json.loads((out / "scorer.json").read_text())

@@ -50,7 +50,7 @@ def test_critic_loss_by_hand():
     assert float(loss) == pytest.approx(3.875, rel=1e-6)
     # unit weights: the sum over the two critics of their mean squared errors
     plain = iql.critic_loss(jnp.array(q), jnp.array(target), jnp.ones(4))
-    assert float(plain) == pytest.approx(((q - target) ** 2).mean(1).sum(), rel=1e-6)
+    assert float(plain) == pytest.approx(float(((q - target) ** 2).mean(1).sum()), rel=1e-6)
 
 
 ADVANTAGE = np.array([0.0, -1.0, 0.5, 2.0])  # exp(3 * 2) = 403 is clipped to 100
@@ -68,7 +68,7 @@ def test_deterministic_actor_loss_by_hand():
     # squared errors per sample, mean over the 2 action dims: [0.125, 0.02, 0.1, 0.125]
     expected = (1.0 * 0.125 + math.exp(-3.0) * 0.02 + math.exp(1.5) * 0.1 + 100.0 * 0.125) / 4
     loss = iql.deterministic_actor_loss(jnp.array(MEAN), jnp.array(ACTIONS), weight)
-    assert float(loss) == pytest.approx(expected, rel=1e-6)
+    assert float(loss) == pytest.approx(float(expected), rel=1e-6)
 
 
 def test_gaussian_actor_loss_by_hand():
@@ -79,9 +79,9 @@ def test_gaussian_actor_loss_by_hand():
     nll = (0.5 * z2 + log_std + 0.5 * math.log(2 * math.pi)).sum(1)
     expected = (np.array([1.0, math.exp(-3.0), math.exp(1.5), 100.0]) * nll).mean()
     loss = iql.gaussian_actor_loss(jnp.array(MEAN), jnp.array(log_std), jnp.array(ACTIONS), weight)
-    assert float(loss) == pytest.approx(expected, rel=1e-5)
+    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
     # first sample by hand: z^2 = [0, 1], nll = 0.5 + log 0.5 + log(2 pi)
-    assert nll[0] == pytest.approx(0.5 + math.log(0.5) + math.log(2 * math.pi))
+    assert float(nll[0]) == pytest.approx(0.5 + math.log(0.5) + math.log(2 * math.pi))
 
 
 def test_per_sample_weights_have_the_per_sample_loss_shape():
@@ -202,8 +202,8 @@ def test_end_to_end_results_json(datasets, finished_run):
         assert all(math.isfinite(x) for values in evaluation["losses"].values() for x in values)
     final = results["final"]
     assert final["scores"] == results["evaluations"][-1]["scores"]
-    assert final["score_mean"] == pytest.approx(np.mean(final["scores"]))
-    assert final["score_std"] == pytest.approx(np.std(final["scores"]))
+    assert final["score_mean"] == pytest.approx(float(np.mean(final["scores"])))
+    assert final["score_std"] == pytest.approx(float(np.std(final["scores"])))
 
     timing = results["timing"]
     assert timing["steps_per_second"] > 0 and timing["compile_seconds"] > 0
@@ -284,7 +284,7 @@ def test_reward_scaling_uses_the_episode_return_range(datasets):
     data, target_full, info = iql.load_data(args, [0])
     returns = iql.episode_returns(target_full)
     assert len(returns) == 10 and data.source is None
-    assert info["reward_scale"] == pytest.approx(1000.0 / (returns.max() - returns.min()))
+    assert info["reward_scale"] == pytest.approx(float(1000.0 / (returns.max() - returns.min())))
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -119,7 +119,7 @@ def test_end_to_end_results_and_artifact(finished_run):
                                    100 * (np.array(evaluation["returns"]) - REF_MIN) / (REF_MAX - REF_MIN))
         for name in ("value_loss", "critic_loss", "actor_loss", "advantage_mean"):
             assert len(evaluation["losses"][name]) == 2 and all(map(math.isfinite, evaluation["losses"][name]))
-    assert results["final"]["score_mean"] == pytest.approx(np.mean(results["evaluations"][-1]["scores"]))
+    assert results["final"]["score_mean"] == pytest.approx(float(np.mean(results["evaluations"][-1]["scores"])))
     assert results["timing"]["updates_per_second"] == pytest.approx(2 * results["timing"]["steps_per_second"])
 
     artifact = sql.serialization.msgpack_restore((out / "sql.msgpack").read_bytes())

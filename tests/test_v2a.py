@@ -168,9 +168,9 @@ def test_padding_and_masks_do_not_leak_into_the_loss():
                                                               jnp.ones((1, 7)), None)
     (_, (long_reconstruction, long_kl)), _ = loss_and_grads(encoder_params, decoder_params, jnp.array(longer),
                                                             jnp.ones((1, 12)), None)
-    assert float(reconstruction) == pytest.approx((7 * short_reconstruction + 12 * long_reconstruction) / 19,
+    assert float(reconstruction) == pytest.approx(float((7 * short_reconstruction + 12 * long_reconstruction) / 19),
                                                   rel=1e-5)
-    assert float(kl) == pytest.approx((short_kl + long_kl) / 2, rel=1e-5)
+    assert float(kl) == pytest.approx(float((short_kl + long_kl) / 2), rel=1e-5)
 
 
 def test_encoder_training_steps_alternate_and_stay_finite():
@@ -247,13 +247,13 @@ def test_sqlz_losses_by_hand():
     hinge = 1.0 + u / (2 * alpha)
     expected = np.mean(np.where(hinge > 0, hinge**2, 0.0) + v / alpha)
     loss, u_returned = value_loss(value, critic_target, batch, jnp.array(z), alpha)
-    assert float(loss) == pytest.approx(expected, rel=1e-5)
+    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
     np.testing.assert_allclose(u_returned, u, rtol=1e-5, atol=1e-6)
 
     # Q loss: y = r + discount (1 - d) V(s', z); sum over the two critics of the mean squared error
     y = batch.rewards + discount * (1.0 - batch.terminals) * _v(value, next_obs_z)
     expected = ((_twin_q(critic, obs_z, batch.actions) - y) ** 2).mean(1).sum()
-    assert float(critic_loss(critic, value, batch, jnp.array(z))) == pytest.approx(expected, rel=1e-5)
+    assert float(critic_loss(critic, value, batch, jnp.array(z))) == pytest.approx(float(expected), rel=1e-5)
 
     # A(s, a, z) with the online critics
     expected = _twin_q(critic, obs_z, batch.actions).min(0) - v
@@ -261,7 +261,7 @@ def test_sqlz_losses_by_hand():
                                rtol=1e-5, atol=1e-6)
     # z matters: another trajectory's z gives another loss and advantage
     other = jnp.array(z[::-1])
-    assert float(critic_loss(critic, value, batch, other)) != pytest.approx(expected.sum(), rel=1e-3)
+    assert float(critic_loss(critic, value, batch, other)) != pytest.approx(float(expected.sum()), rel=1e-3)
     assert not np.allclose(advantage(critic, value, batch.observations, batch.actions, other), expected)
 
 
