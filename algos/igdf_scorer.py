@@ -83,6 +83,9 @@ class Args:
     """a Minari id or D4RL-format HDF5 path to use instead of the generated source dataset"""
     target_dataset: Optional[str] = None
     """a Minari id or D4RL-format HDF5 path to use instead of the generated target dataset"""
+    physics: Literal["papers", "v5"] = "papers"
+    """simulator of the generated datasets and of the evaluation: papers (gym v3 on mujoco-py, the papers' and
+    D4RL's, reproduced in current MuJoCo) or v5 (Gymnasium's v5 environments as they ship)"""
     holdout_fraction: float = 0.1
     """fraction of each dataset (at most 10,000 transitions) held out to measure the separation, in (0, 0.5]"""
     # --- training ---
@@ -294,9 +297,9 @@ def held_out(dataset, indices) -> tuple:
 
 def load_data(args: Args, seeds: list[int]):
     """Training data per seed (stacked), held-out sets, and a description of the data."""
-    target_full = load_dataset(args.target_dataset, domain=args.target,
+    target_full = load_dataset(args.target_dataset, domain=args.target, physics=args.physics,
                                quality=None if args.target_dataset else args.quality)
-    source = load_dataset(args.source_dataset, domain=args.source,
+    source = load_dataset(args.source_dataset, domain=args.source, physics=args.physics,
                           quality=None if args.source_dataset else args.quality)
     if (source.obs_dim, source.act_dim) != (target_full.obs_dim, target_full.act_dim):
         raise SystemExit(f"The source dataset has observation/action sizes {source.obs_dim}/{source.act_dim} "
@@ -358,7 +361,9 @@ def package_versions() -> dict:
 # ---------------------------------------------------------------- main
 def open_run(args: Args) -> tuple[Path, Optional[dict]]:
     """The output folder, and the checkpoint to continue with --resume (whose flags must be this run's)."""
-    out = Path(args.out or f"runs/igdf_scorer/{args.source}_to_{args.target}-{args.quality}/seed{args.seed}")
+    physics_tag = "-v5physics" if args.physics == "v5" else ""  # the papers' physics names no folder
+    out = Path(args.out or f"runs/igdf_scorer/{args.source}_to_{args.target}-{args.quality}{physics_tag}/"
+               f"seed{args.seed}")
     checkpoint_path = out / "checkpoint.msgpack"
     if args.resume and not checkpoint_path.exists():
         raise SystemExit(f"--resume found no checkpoint at {checkpoint_path}; run without --resume to start.")

@@ -28,7 +28,7 @@ drawn with jax.random indices, and `jax.lax.scan` runs --eval-every gradient ste
 no host round-trip; on several accelerators the seed axis is sharded across them (jax.sharding, when the seeds
 divide evenly among them). Evaluation: --eval-episodes episodes per seed of the deterministic action tanh(mu(s)) in
 the target domain; the normalised score is 100 (J - J_random) / (J_expert - J_random) with the target domain's
-reference returns (envs.reference_scores). Flags out of range end with one sentence naming the flag.
+reference returns (envs.reference_info; --references). Flags out of range end with one sentence naming the flag.
 
 Outputs in --out (default runs/iql/<data>/<source>_to_<target>-<quality>/seed<seed>), each written to a temporary
 file and renamed, so it is there whole or not at all:
@@ -64,7 +64,7 @@ from flax import serialization
 from flax.training.train_state import TrainState
 from tqdm import tqdm
 
-from envs import check_domain, evaluate, load_dataset, reference_scores, subsample
+from envs import check_domain, evaluate, load_dataset, reference_info, subsample
 
 Quality = Literal["random", "medium", "medium-replay", "medium-expert", "expert"]
 
@@ -95,6 +95,12 @@ class Args:
     """a Minari id or D4RL-format HDF5 path to use instead of the generated source dataset"""
     target_dataset: Optional[str] = None
     """a Minari id or D4RL-format HDF5 path to use instead of the generated target dataset"""
+    physics: Literal["papers", "v5"] = "papers"
+    """simulator of the generated datasets and of the evaluation: papers (gym v3 on mujoco-py, the papers' and
+    D4RL's, reproduced in current MuJoCo) or v5 (Gymnasium's v5 environments as they ship)"""
+    references: Literal["d4rl", "zoo"] = "d4rl"
+    """score references: d4rl (D4RL's for the original tasks in the papers' physics, as the papers; each domain's
+    own otherwise) or zoo (each domain's own random and expert returns)"""
     data: Literal["merged", "target", "source"] = "merged"
     """train on source + target, on target only, or on source only"""
     # --- training and evaluation ---
@@ -135,31 +141,35 @@ LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0  # the original IQL's state-independent log
 class MLP(nn.Module):
     hidden: tuple[int, ...]
     out_dim: int
+    layer_norm: bool = False
 
     @nn.compact
     def __call__(self, x):
         for width in self.hidden:
-            x = nn.relu(nn.Dense(width)(x))
+            x = nn.Dense(width)(x)
+            x = nn.relu(nn.LayerNorm()(x) if self.layer_norm else x)
         return nn.Dense(self.out_dim)(x)
 
 
 class TwinCritic(nn.Module):
     """Two independent critics Q(s, a) evaluated as one batched network: output [2, batch]."""
     hidden: tuple[int, ...]
+    layer_norm: bool = False
 
     @nn.compact
     def __call__(self, obs, action):
         twin = nn.vmap(MLP, variable_axes={"params": 0}, split_rngs={"params": True},
                        in_axes=None, out_axes=0, axis_size=2)
-        return twin(self.hidden, 1)(jnp.concatenate([obs, action], axis=-1)).squeeze(-1)
+        return twin(self.hidden, 1, self.layer_norm)(jnp.concatenate([obs, action], axis=-1)).squeeze(-1)
 
 
 class ValueNet(nn.Module):
     hidden: tuple[int, ...]
+    layer_norm: bool = False
 
     @nn.compact
     def __call__(self, obs):
-        return MLP(self.hidden, 1)(obs).squeeze(-1)
+        return MLP(self.hidden, 1, self.layer_norm)(obs).squeeze(-1)
 
 
 class Actor(nn.Module):
@@ -398,11 +408,11 @@ def to_transitions(dataset, reward_scale: float) -> Transitions:
 
 def load_data(args: Args, seeds: list[int]):
     """The source dataset, the full target dataset, and one target subsample per seed (as device arrays)."""
-    target_full = load_dataset(args.target_dataset, domain=args.target,
+    target_full = load_dataset(args.target_dataset, domain=args.target, physics=args.physics,
                                quality=None if args.target_dataset else args.quality)
     source = None
     if args.data in ("merged", "source"):
-        source = load_dataset(args.source_dataset, domain=args.source,
+        source = load_dataset(args.source_dataset, domain=args.source, physics=args.physics,
                               quality=None if args.source_dataset else args.quality)
         if (source.obs_dim, source.act_dim) != (target_full.obs_dim, target_full.act_dim):
             raise SystemExit(f"The source dataset has observation/action sizes {source.obs_dim}/{source.act_dim} "
@@ -486,7 +496,9 @@ def evaluation_entry(step: int, result, metrics) -> dict:
 # ---------------------------------------------------------------- main
 def open_run(args: Args) -> tuple[Path, Optional[dict]]:
     """The output folder, and the checkpoint to continue with --resume (whose flags must be this run's)."""
-    out = Path(args.out or f"runs/iql/{args.data}/{args.source}_to_{args.target}-{args.quality}/seed{args.seed}")
+    physics_tag = "-v5physics" if args.physics == "v5" else ""  # the papers' physics names no folder
+    out = Path(args.out or f"runs/iql/{args.data}/{args.source}_to_{args.target}-{args.quality}{physics_tag}/"
+               f"seed{args.seed}")
     checkpoint_path = out / "checkpoint.msgpack"
     if args.resume and not checkpoint_path.exists():
         raise SystemExit(f"--resume found no checkpoint at {checkpoint_path}; run without --resume to start.")
@@ -516,8 +528,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
     seeds = [args.seed + k for k in range(args.num_seeds)]
     data, target_full, data_info = load_data(args, seeds)
-    ref_min, ref_max = reference_scores(args.target, target_full)  # exits with a sentence when unknown
-    data_info |= {"ref_min_score": ref_min, "ref_max_score": ref_max}
+    references = reference_info(args.target, target_full, args.physics, args.references)  # exits when unknown
+    ref_min, ref_max = references["random"], references["expert"]
+    data_info |= {"ref_min_score": ref_min, "ref_max_score": ref_max, "references": references["source"]}
     init, train = make_train(args, target_full.obs_dim, target_full.act_dim)
     policy = make_policy(args, target_full.act_dim)
     hparams = Hyperparams(expectile=jnp.full(args.num_seeds, args.expectile, jnp.float32),
@@ -576,7 +589,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
         start = time.perf_counter()
         result = evaluate(policy, runner.state.actor.params, args.target, num_episodes=args.eval_episodes,
-                          seed=args.seed + step, ref_scores=(ref_min, ref_max))
+                          seed=args.seed + step, ref_scores=(ref_min, ref_max),
+                              physics=args.physics)
         eval_seconds += time.perf_counter() - start
         evaluations.append(evaluation_entry(step, result, metrics))
 

@@ -25,7 +25,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, NamedTuple, Optional
+from typing import Any, Literal, NamedTuple, Optional
 
 # `python algos/sac.py` puts algos/ on the path, not the repository root that holds envs/.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -48,6 +48,9 @@ class Args:
     # experiment
     env: str = "halfcheetah"
     """domain name from envs.DOMAINS, e.g. halfcheetah or halfcheetah-kinematic"""
+    physics: Literal["papers", "v5"] = "papers"
+    """simulator: papers (gym v3 on mujoco-py, the papers' and D4RL's, reproduced in current MuJoCo) or v5
+    (Gymnasium's v5 environments as they ship)"""
     seed: int = 0
     out: Optional[str] = None
     """output directory; default runs/sac/<env>/seed<seed>"""
@@ -369,7 +372,7 @@ def main(args: Args) -> dict:
         raise SystemExit(f"{out} already holds a checkpoint; pass --resume to continue it or choose another --out.")
     (out / "snapshots").mkdir(parents=True, exist_ok=True)
 
-    env, eval_env = make_env(args.env), make_env(args.env)
+    env, eval_env = make_env(args.env, args.physics), make_env(args.env, args.physics)
     obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
     if not (np.all(env.action_space.low == -1) and np.all(env.action_space.high == 1)):
         raise SystemExit(f"{args.env} has actions outside [-1, 1]; this SAC assumes tanh actions need no rescale.")
@@ -393,6 +396,9 @@ def main(args: Args) -> dict:
             saved_args = json.loads(str(arrays["args"]))
             if saved_args["env"] != args.env:
                 raise SystemExit(f"The checkpoint in {out} is for --env {saved_args['env']}, not {args.env}.")
+            if saved_args.get("physics", "v5") != args.physics:  # runs from before --physics ran in v5
+                raise SystemExit(f"The checkpoint in {out} was trained in the {saved_args.get('physics', 'v5')} "
+                                 f"physics, not {args.physics}: pass --physics {saved_args.get('physics', 'v5')}.")
             state = tree_from_arrays("state", state, arrays)
             act_key = jnp.asarray(arrays["act_key"])
             np_rng.bit_generator.state = json.loads(str(arrays["np_rng"]))

@@ -57,7 +57,7 @@ from flax import serialization
 from flax.training.train_state import TrainState
 from tqdm import tqdm
 
-from envs import check_domain, domain_info, evaluate, load_dataset, reference_scores
+from envs import check_domain, domain_info, evaluate, load_dataset, reference_info
 
 Quality = Literal["random", "medium", "medium-replay", "medium-expert", "expert"]
 
@@ -80,6 +80,12 @@ class Args:
     """quality of the generated source dataset"""
     source_dataset: Optional[str] = None
     """a Minari id or D4RL-format HDF5 path to use instead of the generated source dataset"""
+    physics: Literal["papers", "v5"] = "papers"
+    """simulator of the generated datasets and of the evaluation: papers (gym v3 on mujoco-py, the papers' and
+    D4RL's, reproduced in current MuJoCo) or v5 (Gymnasium's v5 environments as they ship)"""
+    references: Literal["d4rl", "zoo"] = "d4rl"
+    """score references: d4rl (D4RL's for the original tasks in the papers' physics, as the papers; each domain's
+    own otherwise) or zoo (each domain's own random and expert returns)"""
     eval_domain: Optional[str] = None
     """domain the policy is evaluated in; default --source"""
     # --- training and evaluation ---
@@ -108,6 +114,11 @@ class Args:
     """clip of the policy's weights max(Q - V, 0)"""
     actor: Literal["deterministic", "gaussian"] = "deterministic"
     """weighted squared error on tanh(mu(s)) (IGDF/DVDF authors), or weighted Gaussian log-likelihood (SQL)"""
+    layer_norm: bool = False
+    """LayerNorm after every hidden layer of the critics and value"""
+    reward_scaling: bool = False
+    """multiply rewards by 1000 / (max - min episode return) of the source dataset (IQL's and IVR's MuJoCo
+    normalisation)"""
 
 
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0  # the original IQL's state-independent log-std bounds
@@ -122,31 +133,35 @@ def default_alpha(source: str) -> float:
 class MLP(nn.Module):
     hidden: tuple[int, ...]
     out_dim: int
+    layer_norm: bool = False
 
     @nn.compact
     def __call__(self, x):
         for width in self.hidden:
-            x = nn.relu(nn.Dense(width)(x))
+            x = nn.Dense(width)(x)
+            x = nn.relu(nn.LayerNorm()(x) if self.layer_norm else x)
         return nn.Dense(self.out_dim)(x)
 
 
 class TwinCritic(nn.Module):
     """Two independent critics Q(s, a) evaluated as one batched network: output [2, batch]."""
     hidden: tuple[int, ...]
+    layer_norm: bool = False
 
     @nn.compact
     def __call__(self, obs, action):
         twin = nn.vmap(MLP, variable_axes={"params": 0}, split_rngs={"params": True},
                        in_axes=None, out_axes=0, axis_size=2)
-        return twin(self.hidden, 1)(jnp.concatenate([obs, action], axis=-1)).squeeze(-1)
+        return twin(self.hidden, 1, self.layer_norm)(jnp.concatenate([obs, action], axis=-1)).squeeze(-1)
 
 
 class ValueNet(nn.Module):
     hidden: tuple[int, ...]
+    layer_norm: bool = False
 
     @nn.compact
     def __call__(self, obs):
-        return MLP(self.hidden, 1)(obs).squeeze(-1)
+        return MLP(self.hidden, 1, self.layer_norm)(obs).squeeze(-1)
 
 
 class Actor(nn.Module):
@@ -242,7 +257,7 @@ def make_train(args: Args, obs_dim: int, act_dim: int):
     value here equal the ones dvdf.py trains (the actor never touches them).
     """
     actor_net = Actor(act_dim, args.hidden, gaussian=args.actor == "gaussian")
-    critic_net, value_net = TwinCritic(args.hidden), ValueNet(args.hidden)
+    critic_net, value_net = TwinCritic(args.hidden, args.layer_norm), ValueNet(args.hidden, args.layer_norm)
 
     def init(rng) -> Runner:
         rng, actor_key, critic_key, value_key = jax.random.split(rng, 4)
@@ -355,9 +370,39 @@ def check_args(args: Args) -> None:
     need(args.max_weight > 0, f"--max-weight must be positive, got {args.max_weight}.")
 
 
-def to_transitions(dataset) -> Transitions:
-    return Transitions(observations=dataset.observations, actions=dataset.actions, rewards=dataset.rewards,
+def to_transitions(dataset, reward_scale: float = 1.0) -> Transitions:
+    return Transitions(observations=dataset.observations, actions=dataset.actions,
+                       rewards=(dataset.rewards * reward_scale).astype(np.float32),
                        next_observations=dataset.next_observations, terminals=dataset.terminals)
+
+
+def reward_scale_of(dataset) -> float:
+    """IQL's MuJoCo reward scale, 1000 / (max - min episode return) over the dataset's episodes."""
+    _, episode = np.unique(dataset.episode_ids, return_inverse=True)
+    returns = np.bincount(episode, weights=dataset.rewards.astype(np.float64))
+    if returns.max() - returns.min() <= 0:
+        raise SystemExit("--reward-scaling needs episodes with different returns, but every episode of the source "
+                         "dataset has the same return.")
+    return float(1000.0 / (returns.max() - returns.min()))
+
+
+LOSS_LIMIT = 1e10  # a squared TD error beyond this (|Q - y| ~ 1e5) leaves any MuJoCo return scale float32 can fit
+
+
+def divergence(metrics: dict, value_bound: Optional[float]) -> Optional[str]:
+    """Why a chunk's metrics say a stage diverged, or None: a non-finite metric, a loss beyond LOSS_LIMIT, or a mean
+    Q beyond `value_bound` (a discounted return no reward of the data can reach: 10 max|r| / (1 - discount))."""
+    for name, value in metrics.items():
+        if not np.all(np.isfinite(np.asarray(value))):
+            return f"{name} is not finite"
+    for name, value in metrics.items():
+        if name.endswith("_loss") and float(np.max(np.abs(np.asarray(value)))) > LOSS_LIMIT:
+            return f"{name} reached {float(np.max(np.abs(np.asarray(value)))):.3g}, beyond {LOSS_LIMIT:.0e}"
+    if value_bound is not None and "q_mean" in metrics:
+        q_mean = float(np.max(np.abs(np.asarray(metrics["q_mean"]))))
+        if q_mean > value_bound:
+            return f"|mean Q| reached {q_mean:.3g}, beyond {value_bound:.3g}, ten times any discounted return of the data"
+    return None
 
 
 def fingerprint(transitions) -> str:
@@ -421,7 +466,8 @@ def evaluation_entry(step: int, result, metrics) -> dict:
 # ---------------------------------------------------------------- main
 def open_run(args: Args) -> tuple[Path, Optional[dict]]:
     """The output folder, and the checkpoint to continue with --resume (whose flags must be this run's)."""
-    out = Path(args.out or f"runs/sql/{args.source}-{args.quality}/seed{args.seed}")
+    physics_tag = "-v5physics" if args.physics == "v5" else ""  # the papers' physics names no folder
+    out = Path(args.out or f"runs/sql/{args.source}-{args.quality}{physics_tag}/seed{args.seed}")
     checkpoint_path = out / "checkpoint.msgpack"
     if args.resume and not checkpoint_path.exists():
         raise SystemExit(f"--resume found no checkpoint at {checkpoint_path}; run without --resume to start.")
@@ -452,19 +498,24 @@ def main(argv: Optional[list[str]] = None) -> dict:
     eval_domain = args.eval_domain or args.source
 
     seeds = [args.seed + k for k in range(args.num_seeds)]
-    source_dataset = load_dataset(args.source_dataset, domain=args.source,
+    source_dataset = load_dataset(args.source_dataset, domain=args.source, physics=args.physics,
                                   quality=None if args.source_dataset else args.quality)
     obs_dim, act_dim = source_dataset.obs_dim, source_dataset.act_dim
     if (obs_dim, act_dim) != (domain_info(eval_domain).obs_dim, domain_info(eval_domain).act_dim):
         raise SystemExit(f"--eval-domain {eval_domain} has other observation/action sizes than the source dataset; "
                          f"pick a domain of the same task.")
-    ref_min = ref_max = None
+    ref_min = ref_max = references = None
     if args.policy:  # exits with a sentence when the evaluation domain has no known references
-        ref_min, ref_max = reference_scores(eval_domain, source_dataset if eval_domain == args.source else None)
-    source = jax.device_put(to_transitions(source_dataset))
+        references = reference_info(eval_domain, source_dataset if eval_domain == args.source else None,
+                                    args.physics, args.references)
+        ref_min, ref_max = references["random"], references["expert"]
+    reward_scale = reward_scale_of(source_dataset) if args.reward_scaling else 1.0
+    source = jax.device_put(to_transitions(source_dataset, reward_scale))
+    value_bound = 10.0 * float(np.abs(source_dataset.rewards).max()) * reward_scale / max(1.0 - args.discount, 1e-3)
     data_info = {"source_dataset": source_dataset.name, "source_size": source_dataset.size,
                  "source_fingerprint": fingerprint(dataset_arrays(source_dataset)), "eval_domain": eval_domain,
-                 "ref_min_score": ref_min, "ref_max_score": ref_max}
+                 "ref_min_score": ref_min, "ref_max_score": ref_max, "reward_scale": reward_scale,
+                 "references": None if references is None else references["source"]}
     init, train = make_train(args, obs_dim, act_dim)
     policy = make_policy(args, act_dim)
     hparams = Hyperparams(alpha=jnp.full(args.num_seeds, alpha, jnp.float32))
@@ -504,7 +555,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
                 "source_dataset": source_dataset.name, "source_size": source_dataset.size,
                 "source_fingerprint": data_info["source_fingerprint"], "obs_dim": obs_dim, "act_dim": act_dim,
                 "hidden": list(args.hidden), "alpha": alpha, "batch_size": args.batch_size, "lr": args.lr,
-                "discount": args.discount, "tau": args.tau}
+                "discount": args.discount, "tau": args.tau, "layer_norm": args.layer_norm,
+                "reward_scale": reward_scale}
         write_atomic(out / "sql.msgpack", serialization.msgpack_serialize(artifact))
         write_atomic(out / "sql.json", json.dumps(info, indent=1).encode())
 
@@ -531,11 +583,17 @@ def main(argv: Optional[list[str]] = None) -> dict:
         runner, metrics = jax.block_until_ready(compiled[num_steps](runner, source, hparams))
         train_seconds += time.perf_counter() - start
         step += num_steps
+        diverged = divergence(jax.device_get(metrics), value_bound)
+        if diverged:  # nothing of this chunk is saved: the last artefact and checkpoint stay the sound ones
+            raise SystemExit(f"SQL diverged in the {step - num_steps}-{step} chunk ({diverged}); the artefact "
+                             f"in {out} stays at step {step - num_steps}. Try --reward-scaling --layer-norm, or a "
+                             f"larger --alpha.")
 
         if args.policy:
             start = time.perf_counter()
             result = evaluate(policy, runner.state.actor.params, eval_domain, num_episodes=args.eval_episodes,
-                              seed=args.seed + step, ref_scores=(ref_min, ref_max))
+                              seed=args.seed + step, ref_scores=(ref_min, ref_max),
+                              physics=args.physics)
             eval_seconds += time.perf_counter() - start
             evaluations.append(evaluation_entry(step, result, metrics))
         else:

@@ -93,7 +93,7 @@ from flax import serialization
 from flax.training.train_state import TrainState
 from tqdm import tqdm
 
-from envs import check_domain, evaluate, load_dataset, reference_scores, subsample
+from envs import check_domain, evaluate, load_dataset, reference_info, subsample
 
 Quality = Literal["random", "medium", "medium-replay", "medium-expert", "expert"]
 
@@ -126,6 +126,12 @@ class Args:
     """a Minari id or D4RL-format HDF5 path to use instead of the generated source dataset (whole trajectories)"""
     target_dataset: Optional[str] = None
     """a Minari id or D4RL-format HDF5 path to use instead of the generated target dataset"""
+    physics: Literal["papers", "v5"] = "papers"
+    """simulator of the generated datasets and of the evaluation: papers (gym v3 on mujoco-py, the papers' and
+    D4RL's, reproduced in current MuJoCo) or v5 (Gymnasium's v5 environments as they ship)"""
+    references: Literal["d4rl", "zoo"] = "d4rl"
+    """score references: d4rl (D4RL's for the original tasks in the papers' physics, as the papers; each domain's
+    own otherwise) or zoo (each domain's own random and expert returns)"""
     # --- training and evaluation ---
     steps: int = 1_000_000
     """gradient steps of the filtered IQL"""
@@ -228,31 +234,35 @@ PROBE_STEPS, PROBE_LR, PROBE_L2 = 2_000, 0.5, 1e-3  # the linear probe's gradien
 class MLP(nn.Module):
     hidden: tuple[int, ...]
     out_dim: int
+    layer_norm: bool = False
 
     @nn.compact
     def __call__(self, x):
         for width in self.hidden:
-            x = nn.relu(nn.Dense(width)(x))
+            x = nn.Dense(width)(x)
+            x = nn.relu(nn.LayerNorm()(x) if self.layer_norm else x)
         return nn.Dense(self.out_dim)(x)
 
 
 class TwinCritic(nn.Module):
     """Two independent critics Q(s, a) evaluated as one batched network: output [2, batch]."""
     hidden: tuple[int, ...]
+    layer_norm: bool = False
 
     @nn.compact
     def __call__(self, obs, action):
         twin = nn.vmap(MLP, variable_axes={"params": 0}, split_rngs={"params": True},
                        in_axes=None, out_axes=0, axis_size=2)
-        return twin(self.hidden, 1)(jnp.concatenate([obs, action], axis=-1)).squeeze(-1)
+        return twin(self.hidden, 1, self.layer_norm)(jnp.concatenate([obs, action], axis=-1)).squeeze(-1)
 
 
 class ValueNet(nn.Module):
     hidden: tuple[int, ...]
+    layer_norm: bool = False
 
     @nn.compact
     def __call__(self, obs):
-        return MLP(self.hidden, 1)(obs).squeeze(-1)
+        return MLP(self.hidden, 1, self.layer_norm)(obs).squeeze(-1)
 
 
 class Actor(nn.Module):
@@ -1223,9 +1233,9 @@ def trajectory_groups(groups: dict, starts: np.ndarray) -> dict:
 
 def load_data(args: Args, seeds: list[int]):
     """The source dataset, the full target dataset and one target subsample per seed (host objects)."""
-    target_full = load_dataset(args.target_dataset, domain=args.target,
+    target_full = load_dataset(args.target_dataset, domain=args.target, physics=args.physics,
                                quality=None if args.target_dataset else args.quality)
-    source = load_dataset(args.source_dataset, domain=args.source,
+    source = load_dataset(args.source_dataset, domain=args.source, physics=args.physics,
                           quality=None if args.source_dataset else args.quality)
     if (source.obs_dim, source.act_dim) != (target_full.obs_dim, target_full.act_dim):
         raise SystemExit(f"The source dataset has observation/action sizes {source.obs_dim}/{source.act_dim} "
@@ -1467,7 +1477,9 @@ def scorer_stage(args: Args, source, target, obs_dim: int, act_dim: int) -> tupl
 def open_run(args: Args) -> tuple[Path, Optional[dict]]:
     """The output folder, and the checkpoint to continue with --resume (whose flags must be this run's)."""
     grid = f"lam{'-'.join(f'{v:g}' for v in args.lam)}_xi{'-'.join(f'{v:g}' for v in args.xi)}"
-    out = Path(args.out or f"runs/v2a/{args.source}_to_{args.target}-{args.quality}/{grid}/seed{args.seed}")
+    physics_tag = "-v5physics" if args.physics == "v5" else ""  # the papers' physics names no folder
+    out = Path(args.out or f"runs/v2a/{args.source}_to_{args.target}-{args.quality}{physics_tag}/{grid}/"
+               f"seed{args.seed}")
     checkpoint_path = out / "checkpoint.msgpack"
     if args.resume and not checkpoint_path.exists():
         raise SystemExit(f"--resume found no checkpoint at {checkpoint_path}; run without --resume to start.")
@@ -1516,12 +1528,13 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
     seeds = [args.seed + k for k in range(args.num_seeds)]
     if args.representation_only:  # the source alone: no target data, no references
-        source = load_dataset(args.source_dataset, domain=args.source,
+        source = load_dataset(args.source_dataset, domain=args.source, physics=args.physics,
                               quality=None if args.source_dataset else args.quality)
         obs_dim, act_dim = source.obs_dim, source.act_dim
     else:
         source, target_full, targets = load_data(args, seeds)
-        ref_min, ref_max = reference_scores(args.target, target_full)  # exits with a sentence when unknown
+        references = reference_info(args.target, target_full, args.physics, args.references)  # exits when unknown
+        ref_min, ref_max = references["random"], references["expert"]
         obs_dim, act_dim = target_full.obs_dim, target_full.act_dim
 
     # stages 1-3, and the relabelling: frozen, shared by every run of the grid
@@ -1570,7 +1583,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     data_info = {"source_dataset": source.name, "source_size": source.size, "target_dataset": target_full.name,
                  "target_full_size": target_full.size, "target_size": targets[0].size,
                  "source_trajectories": len(trajectory_z), "source_groups": group_names, "ref_min_score": ref_min,
-                 "ref_max_score": ref_max}
+                 "ref_max_score": ref_max, "references": references["source"]}
 
     # the grid: lam outermost, then xi, then seed
     source_size = args.batch_size // 2
@@ -1645,7 +1658,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
             actor_params = jax.tree.map(lambda x: x[index * len(seeds):(index + 1) * len(seeds)],
                                         runner.state.actor.params)
             result = evaluate(policy, actor_params, args.target, num_episodes=args.eval_episodes,
-                              seed=args.seed + step, ref_scores=(ref_min, ref_max))
+                              seed=args.seed + step, ref_scores=(ref_min, ref_max),
+                              physics=args.physics)
             returns.append(result.mean_return)
             scores.append(result.normalized_score)
         eval_seconds += time.perf_counter() - start

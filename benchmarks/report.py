@@ -65,7 +65,9 @@ def runs(results: dict, config: dict | None) -> list[dict]:
     scores = np.array([e["scores"] for e in results["evaluations"]], dtype=np.float64).reshape(len(steps), -1)
     common = {"task": task, "steps": steps, "finished": results["finished"], "step": results["step"],
               "budget": args["steps"], "target": (args.get("target_dataset"), args.get("target") or args["source"],
-                                                  args["quality"])}
+                                                  args["quality"]),
+              # runs from before --physics / --references ran in v5 with each domain's own references
+              "physics": args.get("physics", "v5"), "references": args.get("references", "zoo")}
     settings = results.get("settings") or [None]
     series = []
     for setting in settings:
@@ -171,7 +173,8 @@ def target_data_scores(series: list[dict]) -> dict:
     for run in series:
         if run["task"] not in found:
             name, domain, quality = run["target"]
-            mean, std, _ = dataset_score(load_dataset(name, domain=domain, quality=quality), domain)
+            dataset = load_dataset(name, domain=domain, quality=quality, physics=run["physics"])
+            mean, std, _ = dataset_score(dataset, domain, run["physics"], run["references"])
             found[run["task"]] = f"{mean:.1f} ± {std:.1f}"
     return found
 

@@ -12,7 +12,9 @@ Sources accepted by `load_dataset`:
 - a D4RL-format HDF5 file (keys observations, actions, rewards, next_observations, terminals, optional timeouts):
   the format of ODRL, OTDF and the DVDF code. next_observations is required: rebuilding it from observations[i+1]
   crosses episode boundaries (an ODRL/OTDF loader bug).
-- this project's generated datasets, named by (domain, quality): the Minari id `generated_dataset_id(domain, quality)`.
+- this project's generated datasets, named by (domain, quality) and physics: the Minari id
+  `generated_dataset_id(domain, quality, physics)`, crossdomain/<domain>/<quality>-v0 in the papers' physics and
+  crossdomain-v5/<domain>/<quality>-v0 in v5's.
 
 Conventions:
 - terminals is 1.0 only on a true termination; a time-limit truncation is never a terminal (bootstrap through it).
@@ -26,6 +28,9 @@ Conventions:
   `save_hdf5` stores the same list as the file attribute "episode_metadata".
 - Reference returns (random, expert) for normalised scores: Minari's ref_min_score / ref_max_score metadata, or
   the HDF5 file attributes (or scalar keys) of the same names.
+- Physics: a dataset records the physics it was made in (Minari metadata or HDF5 attribute "physics": papers
+  or v5; Minari's own mujoco/* datasets are v5); `load_dataset(..., physics=)` prints one line when it differs
+  from the run's. A dataset that does not say stays silent (D4RL, ODRL and OTDF files are the papers' physics).
 - Ant: every dataset and evaluation uses the 27-dim Ant observation (qpos[2:] and qvel, Gymnasium v5 with
   include_cfrc_ext_in_observation=False). 105-dim (v5 default) and 111-dim (old D4RL/ODRL) Ant observations are
   cut to their first 27 columns; the dropped columns are contact forces (always zero in the old files).
@@ -46,7 +51,8 @@ import h5py
 import numpy as np
 
 QUALITIES = ("random", "medium", "medium-replay", "expert", "medium-expert")
-GENERATED_NAMESPACE = "crossdomain"
+GENERATED_NAMESPACE = "crossdomain"  # the papers' physics; v5 physics: crossdomain-v5
+MINARI_V5_NAMESPACE = "mujoco/"  # Minari's own MuJoCo datasets, collected in Gymnasium's v5 environments
 EPISODE_METADATA_KEYS = ("domain", "quality", "policy")  # read from episode infos when no list is stored
 ANT_OBS_DIM = 27
 ANT_CONTACT_OBS_DIMS = (105, 111)  # 27 + 78 contact forces (v5 default), 27 + 84 (gym v2/v3, D4RL/ODRL files)
@@ -70,6 +76,7 @@ class Dataset:
     ref_max_score: float | None = None  # mean return of an expert policy in the dataset's domain
     episode_metadata: tuple = ()  # one dict per episode id, or empty
     name: str = ""
+    physics: str | None = None  # "papers" or "v5" where the dataset says which simulator made it, else None
 
     def __post_init__(self):
         n = len(self.rewards)
@@ -103,9 +110,14 @@ class Dataset:
         return self.actions.shape[1]
 
 
-def generated_dataset_id(domain: str, quality: str) -> str:
-    """The Minari id under which this project's generator stores the dataset of (domain, quality)."""
-    return f"{GENERATED_NAMESPACE}/{domain}/{quality}-v0"
+def generated_namespace(physics: str = "papers") -> str:
+    """The Minari namespace of this project's generated datasets in a physics: crossdomain, crossdomain-v5."""
+    return GENERATED_NAMESPACE if physics == "papers" else f"{GENERATED_NAMESPACE}-{physics}"
+
+
+def generated_dataset_id(domain: str, quality: str, physics: str = "papers") -> str:
+    """The Minari id under which this project's generator stores the dataset of (domain, quality, physics)."""
+    return f"{generated_namespace(physics)}/{domain}/{quality}-v0"
 
 
 def reduce_ant_observations(observations: np.ndarray) -> np.ndarray:
@@ -124,7 +136,7 @@ def reduce_ant_observations(observations: np.ndarray) -> np.ndarray:
 # Loading
 # ----------------------------------------------------------------------------------------------------------------
 def load_dataset(name: str | None = None, *, domain: str | None = None, quality: str | None = None,
-                 download: bool = False) -> Dataset:
+                 download: bool = False, physics: str = "papers") -> Dataset:
     """Load a dataset as flat transitions.
 
     name: a Minari id (the generator's named mixtures, crossdomain/mix/<name>-v0, are made when missing), or a
@@ -133,6 +145,8 @@ def load_dataset(name: str | None = None, *, domain: str | None = None, quality:
     domain: checks observation and action sizes against the domain (and reduces 105/111-dim Ant observations).
     quality: one of QUALITIES; used only when name is None.
     download: fetch a Minari id that is not in the local store.
+    physics: the run's physics: which generated dataset name=None means, and the physics a dataset that says it
+        was made in another one is announced against (one printed line).
     """
     if domain is not None:
         from envs.domains import check_domain
@@ -143,14 +157,18 @@ def load_dataset(name: str | None = None, *, domain: str | None = None, quality:
                   "generated one.")
         if quality not in QUALITIES:
             _fail(f"Unknown dataset quality {quality!r}; choose one of {', '.join(QUALITIES)}.")
-        dataset = _load_generated(domain, quality)
+        dataset = _load_generated(domain, quality, physics)
     elif _looks_like_file(name):
         dataset = _load_hdf5(name)
     else:
         generator = _find_generator()
-        if generator is not None and name.startswith(generator.MIXTURE_NAMESPACE + "/") and name.endswith("-v0"):
-            generator.ensure_mixture(name[len(generator.MIXTURE_NAMESPACE) + 1:-3])  # a named mixture, on demand
+        mixture = None if generator is None else generator.parse_mixture_id(name)
+        if mixture is not None:
+            generator.ensure_mixture(*mixture)  # a named mixture, on demand
         dataset = _load_minari(name, download=download)
+    if dataset.physics is not None and dataset.physics != physics:
+        print(f"note: {dataset.name} was made in the {dataset.physics} physics and this run uses the {physics} "
+              f"physics (--physics {dataset.physics} runs in the data's own).", flush=True)
     if domain is not None:
         dataset = _match_domain(dataset, domain)
     return dataset
@@ -192,15 +210,15 @@ def _find_generator():
     return importlib.import_module("envs.generate")
 
 
-def _load_generated(domain: str, quality: str) -> Dataset:
-    dataset_id = generated_dataset_id(domain, quality)
+def _load_generated(domain: str, quality: str, physics: str) -> Dataset:
+    dataset_id = generated_dataset_id(domain, quality, physics)
     generator = _find_generator()
     if generator is not None:  # makes it when missing, or again when the policy zoo changed
-        generator.ensure_dataset(domain, quality)
+        generator.ensure_dataset(domain, quality, physics)
     if not _minari_exists(dataset_id):
         _fail(f"The generated dataset {dataset_id} is not in the local Minari store "
               f"({_minari_path(dataset_id)}); make it with the dataset generator (envs/generate.py, "
-              f"ensure_dataset({domain!r}, {quality!r})) or pass a Minari id or HDF5 path instead.")
+              f"ensure_dataset({domain!r}, {quality!r}, {physics!r})) or pass a Minari id or HDF5 path instead.")
     return _load_minari(dataset_id, download=False)
 
 
@@ -249,10 +267,13 @@ def _load_minari(dataset_id: str, *, download: bool) -> Dataset:
         _fail(f"Minari dataset {dataset_id} holds no episodes.")
 
     episode_metadata = _episode_metadata_from_minari(metadata, len(fields["rewards"]), info_metadata, dataset_id)
+    physics = metadata.get("physics")
+    if physics is None and dataset_id.startswith(MINARI_V5_NAMESPACE):
+        physics = "v5"
     return _make_dataset(
         {key: np.concatenate(values) for key, values in fields.items()},
         ref_min_score=metadata.get("ref_min_score"), ref_max_score=metadata.get("ref_max_score"),
-        episode_metadata=episode_metadata, name=dataset_id)
+        episode_metadata=episode_metadata, name=dataset_id, physics=physics)
 
 
 def _metadata_from_infos(infos) -> dict:
@@ -306,6 +327,7 @@ def _load_hdf5(path: str) -> Dataset:
         episode_ids = file["episode_ids"][()] if "episode_ids" in file else None
         ref_min_score, ref_max_score = _read_scalar(file, "ref_min_score"), _read_scalar(file, "ref_max_score")
         stored_metadata = file.attrs.get("episode_metadata")
+        physics = file.attrs.get("physics")
 
     n = len(arrays["rewards"])
     if n == 0:
@@ -339,10 +361,12 @@ def _load_hdf5(path: str) -> Dataset:
     return _make_dataset(
         dict(observations=observations, actions=arrays["actions"].reshape(n, -1), rewards=arrays["rewards"],
              next_observations=next_observations, terminals=terminals, timeouts=timeouts, episode_ids=episode_ids),
-        ref_min_score=ref_min_score, ref_max_score=ref_max_score, episode_metadata=episode_metadata, name=path)
+        ref_min_score=ref_min_score, ref_max_score=ref_max_score, episode_metadata=episode_metadata, name=path,
+        physics=None if physics is None else str(physics))
 
 
-def _make_dataset(arrays: dict, *, ref_min_score, ref_max_score, episode_metadata: tuple, name: str) -> Dataset:
+def _make_dataset(arrays: dict, *, ref_min_score, ref_max_score, episode_metadata: tuple, name: str,
+                  physics: str | None = None) -> Dataset:
     as_float = lambda key: np.ascontiguousarray(arrays[key], dtype=np.float32)  # MuJoCo observations are float64
     return Dataset(
         observations=as_float("observations"), actions=as_float("actions"),
@@ -351,7 +375,7 @@ def _make_dataset(arrays: dict, *, ref_min_score, ref_max_score, episode_metadat
         episode_ids=np.asarray(arrays["episode_ids"], dtype=np.int32),
         ref_min_score=None if ref_min_score is None else float(ref_min_score),
         ref_max_score=None if ref_max_score is None else float(ref_max_score),
-        episode_metadata=tuple(episode_metadata), name=name)
+        episode_metadata=tuple(episode_metadata), name=name, physics=physics)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -404,6 +428,8 @@ def save_hdf5(dataset: Dataset, path: str) -> None:
             if dataset.episode_metadata:
                 file.attrs["episode_metadata"] = json.dumps(list(dataset.episode_metadata))
             file.attrs["name"] = dataset.name
+            if dataset.physics is not None:
+                file.attrs["physics"] = dataset.physics
         os.replace(temporary, path)
     except BaseException:
         if os.path.exists(temporary):

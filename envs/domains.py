@@ -12,6 +12,24 @@ Names:
     <task>-kinematic-<part>-<level>          ODRL joint-range levels, level in easy, medium, hard
     <task>-morph-<part>-<level>              ODRL morphology levels
 
+Physics (`physics=`, every function here; algos/ scripts take `--physics`):
+    papers  (the default) the simulator of the papers and of D4RL: gym v2/v3 environments on mujoco-py
+            (MuJoCo 2.0-2.1), reproduced in current MuJoCo by undoing three model-wide changes and two reward
+            changes made since, on top of which the shift applies:
+            - capsule masses and inertias by the old compiler rule (MuJoCo <= 2.1.1: a cylinder of the capsule's
+              radius, its length the cylindrical part extended by half the radius at each end), written into the
+              model as explicit body inertials (MuJoCo 2.1.2 made capsule inertia exact);
+            - contact margins by the old rule, the larger of the two geoms' margins: every geom margin is halved,
+              since MuJoCo 3.5.0 adds the two (all geoms of a task carry one margin, so half + half = the max);
+            - Walker2d's old feet, right foot friction 0.9 and left 1.9 (Gymnasium's walker2d.xml; walker2d_v5.xml
+              gives both 1.9);
+            - Hopper, Walker2d and Ant: the alive bonus is paid on the terminating step too (v3 paid it whenever
+              termination was on; v5 pays it only while healthy);
+            - Ant: no contact cost (under mujoco-py 2.x the contact forces read zero, so v3's cost was always 0,
+              the reason D4RL's Ant observations carry 84 zero columns).
+    v5      Gymnasium's v5 environments exactly as they ship (Minari's own mujoco/*-v0 datasets were made there).
+`python -m envs show <name> [--physics v5]` lists the model-wide edits beside the shift's.
+
 Conventions chosen here:
 - Angles are in the model's own unit: radians for HalfCheetah, degrees for the others (as the XML declares).
 - Capsules the papers give by end points are written as pos + half-length + orientation (MuJoCo 4 refuses a
@@ -26,6 +44,7 @@ Conventions chosen here:
 """
 from __future__ import annotations
 
+import copy
 import difflib
 import functools
 import warnings
@@ -60,6 +79,12 @@ TASKS: dict[str, Task] = {
     "ant": Task("Ant-v5", "ant.xml", 27, 8, (("include_cfrc_ext_in_observation", False),)),
 }
 
+# The task's model file in each physics: Walker2d's v5 file changed the right foot's friction (0.9 -> 1.9).
+_PAPERS_XML = {"walker2d": "walker2d.xml"}
+PHYSICS = ("papers", "v5")
+DEFAULT_PHYSICS = "papers"
+_ALIVE_BONUS_TASKS = ("hopper", "walker2d", "ant")  # v3 paid healthy_reward (1.0) on the terminating step too
+
 GRAVITY_LEVELS = ("0.1", "0.5", "2.0", "5.0")
 LEVELS = ("easy", "medium", "hard")
 
@@ -87,7 +112,10 @@ class DomainInfo:
     env_id: str
     obs_dim: int
     act_dim: int
-    changes: tuple[Change, ...]
+    changes: tuple[Change, ...]  # the shift's, against the task in the same physics
+    physics: str = DEFAULT_PHYSICS
+    physics_changes: tuple[Change, ...] = ()  # the physics' model-wide edits, against the v5 model
+    semantics: tuple[str, ...] = ()  # the physics' reward differences from v5, in words
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -352,34 +380,190 @@ def check_domain(name: str, flag: str = "domain") -> str:
     raise UnknownDomain(f"Unknown {flag} '{name}': {hint}")
 
 
-def task_spec(task: str) -> mujoco.MjSpec:
-    return mujoco.MjSpec.from_file(str(_ASSETS / TASKS[task].xml))
+def check_physics(physics: str) -> str:
+    """Return `physics` if it is one of PHYSICS; otherwise exit with one sentence naming the choices."""
+    if physics in PHYSICS:
+        return physics
+    raise SystemExit(f"Unknown physics '{physics}': choose papers (the simulator of the papers and D4RL, the "
+                     f"default) or v5 (Gymnasium's v5 environments as they ship).")
 
 
-def build_spec(name: str) -> tuple[mujoco.MjSpec, tuple[Change, ...]]:
-    """The edited MjSpec of a domain and the changes made to the task's original model."""
+def task_spec(task: str, physics: str = DEFAULT_PHYSICS) -> mujoco.MjSpec:
+    xml = _PAPERS_XML.get(task, TASKS[task].xml) if check_physics(physics) == "papers" else TASKS[task].xml
+    return mujoco.MjSpec.from_file(str(_ASSETS / xml))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The papers' physics: the model-wide edits that undo what MuJoCo and Gymnasium changed since mujoco-py
+# ---------------------------------------------------------------------------------------------------------
+def legacy_geom_inertia(geom_type: int, size, mass_or_density: float, *, is_mass: bool = False):
+    """(mass, principal inertia in the geom frame) of a primitive geom under MuJoCo <= 2.1.1's compiler.
+
+    Only the capsule differs from today's rule: it counted as a cylinder of radius r and length 2 h + r (its
+    cylindrical part, half-length h, extended by half the radius at each end); spheres, boxes, cylinders and
+    ellipsoids are the same in both. `mass_or_density` is the geom's density, or its mass with is_mass=True.
+    """
+    r = size[0]
+    if geom_type == mujoco.mjtGeom.mjGEOM_CAPSULE:
+        length = 2 * size[1] + r
+        volume = np.pi * r * r * length
+        inertia = lambda m: (m * (3 * r * r + length ** 2) / 12, m * (3 * r * r + length ** 2) / 12, m * r * r / 2)
+    elif geom_type == mujoco.mjtGeom.mjGEOM_CYLINDER:
+        volume = np.pi * r * r * 2 * size[1]
+        inertia = lambda m: (m * (3 * r * r + 4 * size[1] ** 2) / 12,) * 2 + (m * r * r / 2,)
+    elif geom_type == mujoco.mjtGeom.mjGEOM_SPHERE:
+        volume = 4 / 3 * np.pi * r ** 3
+        inertia = lambda m: (2 / 5 * m * r * r,) * 3
+    elif geom_type == mujoco.mjtGeom.mjGEOM_BOX:
+        a, b, c = size[:3]
+        volume = 8 * a * b * c
+        inertia = lambda m: (m / 3 * (b * b + c * c), m / 3 * (a * a + c * c), m / 3 * (a * a + b * b))
+    elif geom_type == mujoco.mjtGeom.mjGEOM_ELLIPSOID:
+        a, b, c = size[:3]
+        volume = 4 / 3 * np.pi * a * b * c
+        inertia = lambda m: (m / 5 * (b * b + c * c), m / 5 * (a * a + c * c), m / 5 * (a * a + b * b))
+    else:
+        raise ValueError(f"no legacy inertia rule for geom type {geom_type}")
+    mass = mass_or_density if is_mass else mass_or_density * volume
+    return mass, np.asarray(inertia(mass))
+
+
+def _legacy_inertials(ed: _Editor) -> None:
+    """Give every body the explicit inertial that MuJoCo <= 2.1.1 computed from its geoms.
+
+    The geoms' frames and sizes come from compiling the (shifted) spec; the masses from their densities (or
+    explicit masses) by the old rule; the body's mass, centre of mass and principal axes combine them as the
+    compiler does (parallel-axis theorem, eigen-decomposition). settotalmass, where the model has it, still
+    rescales afterwards, as it did then."""
+    spec = ed.spec
+    compiled = spec.compile()
+    geoms, bodies = list(spec.geoms), list(spec.bodies)  # in the compiled order (depth first), world first
+    assert len(geoms) == compiled.ngeom and len(bodies) == compiled.nbody
+    for body_id in range(1, compiled.nbody):
+        ids = [g for g in range(compiled.ngeom) if compiled.geom_bodyid[g] == body_id]
+        if not ids:
+            continue
+        masses, centres, tensors = [], [], []
+        for g in ids:
+            given = geoms[g].mass
+            mass, principal = legacy_geom_inertia(
+                compiled.geom_type[g], compiled.geom_size[g], given if np.isfinite(given) else geoms[g].density,
+                is_mass=bool(np.isfinite(given)))
+            rotation = np.zeros(9)
+            mujoco.mju_quat2Mat(rotation, compiled.geom_quat[g])
+            rotation = rotation.reshape(3, 3)
+            masses.append(mass), centres.append(compiled.geom_pos[g]), tensors.append(
+                rotation @ np.diag(principal) @ rotation.T)
+        total = float(np.sum(masses))
+        centre = np.sum([m * c for m, c in zip(masses, centres)], axis=0) / total
+        tensor = sum(i + m * (np.dot(c - centre, c - centre) * np.eye(3) - np.outer(c - centre, c - centre))
+                     for m, c, i in zip(masses, centres, tensors))
+        principal, axes = np.linalg.eigh(tensor)
+        if np.linalg.det(axes) < 0:
+            axes[:, 0] *= -1
+        quat = np.zeros(4)
+        mujoco.mju_mat2Quat(quat, axes.ravel())
+        body = bodies[body_id]
+        body.mass, body.ipos, body.iquat, body.inertia = total, list(centre), list(quat), list(principal)
+        body.explicitinertial = True
+    spec.compiler.inertiafromgeom = mujoco.mjtInertiaFromGeom.mjINERTIAFROMGEOM_AUTO
+
+
+def _legacy_margins(ed: _Editor) -> None:
+    """Halve every geom margin: MuJoCo >= 3.5.0 adds the two geoms' margins where the old rule took the larger;
+    with one margin m on every geom (true of all four tasks, checked here) m/2 + m/2 = max(m, m)."""
+    margins = {round(float(geom.margin), 12) for geom in ed.spec.geoms}
+    if len(margins) != 1:
+        raise ValueError(f"geom margins differ ({sorted(margins)}): halving them would not give the old max rule")
+    margin = margins.pop()
+    if margin == 0:
+        return
+    for geom in ed.spec.geoms:
+        geom.margin = geom.margin / 2
+    ed.changes.append(Change(f"geom (all {len(ed.spec.geoms)})", "margin", (margin,), (margin / 2,),
+                             "contact margin: the old max rule"))
+
+
+def _papers_edits(task: str, ed: _Editor) -> None:
+    """The papers' physics, applied after the shift (the shift's edits set the geometry the inertia comes from)."""
+    _legacy_margins(ed)
+    _legacy_inertials(ed)
+
+
+def _papers_base_changes(task: str) -> list[Change]:
+    """What the papers' model file itself differs in from the v5 one (Walker2d's right foot)."""
+    if task not in _PAPERS_XML:
+        return []
+    old, new = task_spec(task, "v5"), task_spec(task, "papers")
+    changes = []
+    for geom in new.geoms:
+        before = old.geom(geom.name)
+        if not np.allclose(before.friction, geom.friction):
+            changes.append(Change(f"geom {geom.name}", "friction", tuple(before.friction), tuple(geom.friction),
+                                  f"Gymnasium's {_PAPERS_XML[task]}, the v3 model"))
+    return changes
+
+
+def _semantics(task: str, physics: str) -> tuple[str, ...]:
+    if physics != "papers":
+        return ()
+    notes = []
+    if task in _ALIVE_BONUS_TASKS:
+        notes.append("reward: the alive bonus (1.0) is paid on the terminating step too, as in v3")
+    if task == "ant":
+        notes.append("reward: no contact cost (contact_cost_weight 0), as under mujoco-py 2.x")
+    return tuple(notes)
+
+
+def build_spec(name: str, physics: str = DEFAULT_PHYSICS) -> tuple[mujoco.MjSpec, tuple[Change, ...]]:
+    """The edited MjSpec of a domain and the changes the shift made to the task's model in that physics."""
+    spec, changes, _ = _build(name, physics)
+    return spec, changes
+
+
+def _build(name: str, physics: str):
     task, edit = _REGISTRY[check_domain(name)]
-    editor = _Editor(task_spec(task))
+    editor = _Editor(task_spec(task, physics))
     edit(editor)
-    return editor.spec, tuple(editor.changes)
+    shift_changes = tuple(editor.changes)
+    physics_changes = ()
+    if physics == "papers":
+        editor.changes = []
+        _papers_edits(task, editor)
+        physics_changes = tuple(_papers_base_changes(task)) + tuple(editor.changes)
+    return editor.spec, shift_changes, physics_changes
 
 
 @functools.lru_cache(maxsize=None)
-def domain_info(name: str) -> DomainInfo:
+def domain_info(name: str, physics: str = DEFAULT_PHYSICS) -> DomainInfo:
     task, _ = _REGISTRY[check_domain(name)]
     t = TASKS[task]
-    return DomainInfo(name, task, t.env_id, t.obs_dim, t.act_dim, build_spec(name)[1])
+    _, changes, physics_changes = _build(name, check_physics(physics))
+    if physics == "papers":  # the old inertia rule, body by body, as compiled (after settotalmass) against v5
+        v5, papers = compile_model(name, "v5"), compile_model(name, "papers")
+        for body in range(1, papers.nbody):
+            if not np.isclose(v5.body_mass[body], papers.body_mass[body], rtol=1e-9, atol=0):
+                label = mujoco.mj_id2name(papers, mujoco.mjtObj.mjOBJ_BODY, body) or f"#{body}"
+                physics_changes += (Change(f"body {label}", "mass", (float(v5.body_mass[body]),),
+                                           (float(papers.body_mass[body]),), "old capsule rule, inertia too"),)
+    return DomainInfo(name, task, t.env_id, t.obs_dim, t.act_dim, changes, physics, physics_changes,
+                      _semantics(task, physics))
 
 
-def compile_model(name: str) -> mujoco.MjModel:
-    """The domain's compiled model, built in memory.
+def compile_model(name: str, physics: str = DEFAULT_PHYSICS) -> mujoco.MjModel:
+    """The domain's compiled model, built in memory (a fresh copy each call; built once per domain and physics).
 
     Not through `MjSpec.to_xml()`: that writes the compiled masses with 6 significant digits, which would make
     every shifted model differ from the original in its masses by ~1e-6."""
-    task, _ = _REGISTRY[check_domain(name)]
-    if name == task:
+    return copy.copy(_compiled(check_domain(name), check_physics(physics)))
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(name: str, physics: str) -> mujoco.MjModel:
+    task, _ = _REGISTRY[name]
+    if name == task and physics == "v5":
         return mujoco.MjModel.from_xml_path(str(_ASSETS / TASKS[task].xml))
-    spec, _ = build_spec(name)
+    spec, _, _ = _build(name, physics)
     return spec.compile()
 
 
@@ -394,17 +578,36 @@ def _install_model(env: gym.Env, model: mujoco.MjModel) -> None:
         renderer.model, renderer.data = base.model, base.data
 
 
-def make_env(name: str, **gym_kwargs) -> gym.Env:
-    """A Gymnasium environment of the domain (1000-step time limit, the task's v5 defaults)."""
-    info = domain_info(name)
+class PapersRewards(gym.Wrapper, gym.utils.RecordConstructorArgs):
+    """v3's reward on a v5 env: the alive bonus is paid on the terminating step too (v3 paid it whenever
+    termination was on, v5 only while healthy). Ant's contact cost is switched off by its own flag instead."""
+
+    def __init__(self, env: gym.Env, alive_bonus: float):
+        gym.utils.RecordConstructorArgs.__init__(self, alive_bonus=alive_bonus)
+        gym.Wrapper.__init__(self, env)
+        self.alive_bonus = alive_bonus
+
+    def step(self, action):
+        observation, reward, terminated, truncated, info = self.env.step(action)
+        return observation, reward + self.alive_bonus * float(terminated), terminated, truncated, info
+
+
+def make_env(name: str, physics: str = DEFAULT_PHYSICS, **gym_kwargs) -> gym.Env:
+    """A Gymnasium environment of the domain in `physics` (1000-step time limit, the task's v5 defaults)."""
+    info = domain_info(name, check_physics(physics))
     kwargs = dict(TASKS[info.task].gym_kwargs)
+    if physics == "papers" and info.task == "ant":
+        kwargs["contact_cost_weight"] = 0.0
     kwargs.update(gym_kwargs)
     env = gym.make(info.env_id, **kwargs)
-    if name != info.task:
-        _install_model(env, compile_model(name))
+    if name != info.task or physics != "v5":
+        _install_model(env, compile_model(name, physics))
+    if physics == "papers" and info.task in _ALIVE_BONUS_TASKS:
+        env = PapersRewards(env, float(env.unwrapped._healthy_reward))
     return env
 
 
-def make_vec_env(name: str, num_envs: int, **gym_kwargs) -> gym.vector.VectorEnv:
+def make_vec_env(name: str, num_envs: int, physics: str = DEFAULT_PHYSICS, **gym_kwargs) -> gym.vector.VectorEnv:
     """`num_envs` copies of the domain in one synchronous vector env (auto-reset on the step after an end)."""
-    return gym.vector.SyncVectorEnv([functools.partial(make_env, name, **gym_kwargs) for _ in range(num_envs)])
+    return gym.vector.SyncVectorEnv([functools.partial(make_env, name, physics, **gym_kwargs)
+                                     for _ in range(num_envs)])

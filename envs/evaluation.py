@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from envs.domains import domain_info, make_vec_env
+from envs.domains import DEFAULT_PHYSICS, domain_info, make_vec_env
 from envs.scores import normalized_score
 
 
@@ -33,20 +33,21 @@ def _batched(policy_fn: Callable) -> Callable:
 
 
 def evaluate(policy_fn: Callable, params, domain: str, *, num_episodes: int = 10, seed: int = 0,
-             ref_scores: tuple[float, float] | None = None) -> EvalResult:
+             ref_scores: tuple[float, float] | None = None, physics: str = DEFAULT_PHYSICS) -> EvalResult:
     """Roll out S policies for `num_episodes` each with deterministic actions.
 
     policy_fn(params_of_one_seed, observations [N, obs_dim]) -> actions [N, act_dim] in [-1, 1], pure JAX;
     `params` is that function's parameter tree with a leading seed axis S. Policy s is the run of seed
     `seed + s`, and its episode n starts from env seed (seed + s) * 1000 + n: seed k of an N-seed run is
     evaluated on the same episodes as a 1-seed run with seed + k. Pass the same `policy_fn` object each call.
+    `physics`: the simulator the domain runs in (envs.domains: papers, the default, or v5).
     """
     if num_episodes < 1:
         raise SystemExit(f"num_episodes must be at least 1, got {num_episodes}.")
     num_seeds = jax.tree_util.tree_leaves(params)[0].shape[0]
     obs_dim = domain_info(domain).obs_dim
     total = num_seeds * num_episodes
-    envs = make_vec_env(domain, total)
+    envs = make_vec_env(domain, total, physics)
     low, high = envs.single_action_space.low, envs.single_action_space.high
     act = _batched(policy_fn)
     env_seeds = [(seed + s) * 1000 + n for s in range(num_seeds) for n in range(num_episodes)]

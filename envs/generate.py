@@ -17,12 +17,14 @@ Qualities (the D4RL recipe applied to any domain):
 Every episode's MuJoCo state (qpos, qvel) is stored in its `infos`, so any transition can be re-simulated.
 Dataset metadata: ref_min_score / ref_max_score (the domain's random and expert returns), and
 "episode_metadata", a JSON list with one {"domain", "quality", "policy"} per episode.
-Dataset ids: crossdomain/<domain>/<quality>-v0 (envs.generated_dataset_id).
+Dataset ids: crossdomain/<domain>/<quality>-v0 in the papers' physics (the default), crossdomain-v5/... with
+--physics v5 (envs.generated_dataset_id); the dataset's metadata says which ("physics").
 
 Mixtures: one dataset of whole trajectories from several (domain, quality) components, each rolled out in its own
 domain, with each episode's domain and quality in episode_metadata (DVDF's motivating example, V2A's heterogeneous
-sources). The named mixtures are in MIXTURES and stored as crossdomain/mix/<name>-v0 (made on demand by the
-loader like any generated dataset); ref_min_score / ref_max_score are those of the first component's domain.
+sources). The named mixtures are in MIXTURES and stored as crossdomain/mix/<name>-v0 (crossdomain-v5/mix/... in
+v5 physics; made on demand by the loader like any generated dataset); ref_min_score / ref_max_score are those of
+the first component's domain.
 
     python -m envs.generate --mixture halfcheetah-kinematic-random-expert
 """
@@ -38,13 +40,13 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from envs.datasets import QUALITIES, generated_dataset_id
-from envs.domains import check_domain, domain_info, make_env
+from envs.datasets import QUALITIES, generated_dataset_id, generated_namespace
+from envs.domains import DEFAULT_PHYSICS, PHYSICS, check_domain, check_physics, domain_info, make_env
 
 POLICY_DIR = Path(__file__).parent / "policies"
 REFERENCES = Path(__file__).parent / "references.json"
 DEFAULT_SIZE = 1_000_000
-MIXTURE_NAMESPACE = "crossdomain/mix"
+MIXTURE_NAMESPACE = "crossdomain/mix"  # the papers' physics; crossdomain-v5/mix in v5 physics
 HETEROGENEOUS_TASKS = ("halfcheetah", "hopper")
 HETEROGENEOUS_TARGET_QUALITIES = ("medium", "expert")
 
@@ -122,9 +124,9 @@ def _require_policy(domain: str, name: str) -> Path:
 # Rollouts
 # ----------------------------------------------------------------------------------------------------------
 def rollout(domain: str, policy: Policy, num_transitions: int, rng: np.random.Generator, first_seed: int,
-            quality: str, progress=None) -> list[dict]:
+            quality: str, progress=None, physics: str = DEFAULT_PHYSICS) -> list[dict]:
     """Play episodes until `num_transitions` transitions; the last episode is cut (a truncation, not an end)."""
-    env = make_env(domain)
+    env = make_env(domain, physics)
     model_data = env.unwrapped.data
     episodes, collected, episode_seed = [], 0, first_seed
     while collected < num_transitions:
@@ -154,10 +156,11 @@ def rollout(domain: str, policy: Policy, num_transitions: int, rng: np.random.Ge
     return episodes
 
 
-def policy_return(domain: str, policy: Policy, episodes: int = 10, seed: int = 10_000) -> tuple[float, float]:
+def policy_return(domain: str, policy: Policy, episodes: int = 10, seed: int = 10_000,
+                  physics: str = DEFAULT_PHYSICS) -> tuple[float, float]:
     """Mean and std of the return of a policy over `episodes` episodes, actions as in the datasets (sampled)."""
     rng = np.random.default_rng(seed)
-    env = make_env(domain)
+    env = make_env(domain, physics)
     returns = []
     for e in range(episodes):
         obs, _ = env.reset(seed=seed + e)
@@ -218,8 +221,17 @@ def plan(domain: str, quality: str, size: int) -> list[tuple[Policy, int, str]]:
     return pieces
 
 
-def mixture_id(name: str) -> str:
-    return f"{MIXTURE_NAMESPACE}/{name}-v0"
+def mixture_id(name: str, physics: str = DEFAULT_PHYSICS) -> str:
+    return f"{generated_namespace(physics)}/mix/{name}-v0"
+
+
+def parse_mixture_id(dataset_id: str) -> tuple[str, str] | None:
+    """(name, physics) of a mixture id of either physics, None for any other id."""
+    for physics in PHYSICS:
+        prefix = f"{generated_namespace(physics)}/mix/"
+        if dataset_id.startswith(prefix) and dataset_id.endswith("-v0"):
+            return dataset_id[len(prefix):-3], physics
+    return None
 
 
 def check_mixture(name: str) -> list[tuple[str, str, int]]:
@@ -233,10 +245,10 @@ def mixture_plan(components) -> list[tuple[str, Policy, int, str]]:
     return [(domain, *piece) for domain, quality, size in components for piece in plan(domain, quality, size)]
 
 
-def zoo_fingerprint(pieces, references: tuple[float, float]) -> str:
-    """Hash of the policies a dataset is made from and of its reference returns: a cached dataset of an older
-    zoo is made again."""
-    digest = hashlib.sha256(repr(references).encode())
+def zoo_fingerprint(pieces, references: tuple[float, float], physics: str = DEFAULT_PHYSICS) -> str:
+    """Hash of the policies a dataset is made from, of its reference returns and of its physics: a cached dataset
+    of an older zoo (or of the generator before it knew two physics) is made again."""
+    digest = hashlib.sha256(repr(references).encode() + f"physics={physics}".encode())
     for *domain, policy, count, label in pieces:  # (domain,) policy, count, label: mixtures name the domain
         digest.update(f"{''.join(domain)}{policy.name}:{count}:{label}".encode())
         for w, b in policy.layers or []:
@@ -245,35 +257,39 @@ def zoo_fingerprint(pieces, references: tuple[float, float]) -> str:
 
 
 def generate(domain: str, quality: str, size: int | None = None, seed: int = 0, dataset_id: str | None = None,
-             force: bool = False):
+             force: bool = False, physics: str = DEFAULT_PHYSICS):
     """Make the dataset and store it in the local Minari store; returns the Minari dataset."""
-    check_domain(domain)
+    check_domain(domain), check_physics(physics)
     if quality not in QUALITIES:
         raise SystemExit(f"Unknown quality '{quality}': choose one of {', '.join(QUALITIES)}.")
     size = default_size(domain, quality) if size is None else size
     if size < 1:
         raise SystemExit(f"--size must be a positive number of transitions, got {size}.")
-    dataset_id = dataset_id or generated_dataset_id(domain, quality)
+    dataset_id = dataset_id or generated_dataset_id(domain, quality, physics)
     pieces = [(domain, *piece) for piece in plan(domain, quality, size)]
-    description = (f"{quality} data of domain {domain} (envs.make_env('{domain}'); the stored env spec is the "
-                   f"unshifted v5 task), seed {seed}; infos hold qpos/qvel for re-simulation.")
-    fingerprint = zoo_fingerprint([piece[1:] for piece in pieces], reference_returns(domain))
-    return _store(dataset_id, pieces, fingerprint, seed, force, {"domain": domain, "quality": quality}, description)
+    description = (f"{quality} data of domain {domain} (envs.make_env('{domain}', '{physics}'); the stored env spec "
+                   f"is the unshifted v5 task), {physics} physics, seed {seed}; infos hold qpos/qvel for "
+                   f"re-simulation.")
+    fingerprint = zoo_fingerprint([piece[1:] for piece in pieces], reference_returns(domain), physics)
+    return _store(dataset_id, pieces, fingerprint, seed, force, {"domain": domain, "quality": quality}, description,
+                  physics)
 
 
-def generate_mixture(name: str, seed: int = 0, force: bool = False):
-    """Make the named mixture (MIXTURES) and store it as crossdomain/mix/<name>-v0; returns the Minari dataset."""
+def generate_mixture(name: str, seed: int = 0, force: bool = False, physics: str = DEFAULT_PHYSICS):
+    """Make the named mixture (MIXTURES) and store it as crossdomain/mix/<name>-v0 (crossdomain-v5/mix/... in v5
+    physics); returns the Minari dataset."""
     components = check_mixture(name)
     pieces = mixture_plan(components)
     first = components[0][0]
     parts = ", ".join(f"{size:,} {quality} of {domain}" for domain, quality, size in components)
-    description = (f"mixture {name}: whole trajectories, {parts}; seed {seed}; episode_metadata names each "
-                   f"episode's domain and quality; the reference scores are those of {first}.")
-    return _store(mixture_id(name), pieces, zoo_fingerprint(pieces, reference_returns(first)), seed, force,
-                  {"mixture": json.dumps(components)}, description)
+    description = (f"mixture {name}: whole trajectories, {parts}; {physics} physics, seed {seed}; episode_metadata "
+                   f"names each episode's domain and quality; the reference scores are those of {first}.")
+    return _store(mixture_id(name, physics), pieces, zoo_fingerprint(pieces, reference_returns(first), physics), seed,
+                  force, {"mixture": json.dumps(components)}, description, physics)
 
 
-def _store(dataset_id: str, pieces, fingerprint: str, seed: int, force: bool, metadata: dict, description: str):
+def _store(dataset_id: str, pieces, fingerprint: str, seed: int, force: bool, metadata: dict, description: str,
+           physics: str = DEFAULT_PHYSICS):
     """Roll out the (domain, policy, transitions, label) pieces in order and store them under dataset_id, unless
     a dataset of that id, fingerprint, seed and size is there already."""
     import minari
@@ -295,31 +311,31 @@ def _store(dataset_id: str, pieces, fingerprint: str, seed: int, force: bool, me
     episodes = []
     with tqdm(total=size, desc=f"{dataset_id}", unit="transition", unit_scale=True, file=sys.stdout) as bar:
         for domain, policy, count, label in pieces:
-            episodes += rollout(domain, policy, count, rng, seed * 1_000_000 + len(episodes), label, bar)
+            episodes += rollout(domain, policy, count, rng, seed * 1_000_000 + len(episodes), label, bar, physics)
     buffers = [EpisodeBuffer(id=i, observations=e["observations"], actions=e["actions"], rewards=e["rewards"],
                              terminations=e["terminations"], truncations=e["truncations"], infos=e["infos"])
                for i, e in enumerate(episodes)]
-    task_env = make_env(first_domain)
+    task_env = make_env(first_domain, physics)
     dataset = minari.create_dataset_from_buffers(
         dataset_id, buffers, env=task_env, eval_env=task_env.spec, algorithm_name="SAC behaviour policies (algos/sac.py)",
         description=description, ref_min_score=ref_min, ref_max_score=ref_max, code_permalink="envs/generate.py",
         author="crossdomain", author_email="none")
     dataset.storage.update_metadata({
         "episode_metadata": json.dumps([e["metadata"] for e in episodes]), **metadata, "seed": seed,
-        "zoo_fingerprint": fingerprint})
+        "zoo_fingerprint": fingerprint, "physics": physics})
     return dataset
 
 
-def ensure_dataset(domain: str, quality: str) -> None:
+def ensure_dataset(domain: str, quality: str, physics: str = DEFAULT_PHYSICS) -> None:
     """Hook called by envs.load_dataset: make the generated dataset if it is missing or was made from another
     version of the zoo (its fingerprint differs); a dataset this zoo cannot remake is left as it is."""
     import minari
 
-    dataset_id = generated_dataset_id(domain, quality)
+    dataset_id = generated_dataset_id(domain, quality, physics)
     exists = dataset_id in minari.list_local_datasets()
     try:
         size = default_size(domain, quality)
-        fingerprint = zoo_fingerprint(plan(domain, quality, size), reference_returns(domain))
+        fingerprint = zoo_fingerprint(plan(domain, quality, size), reference_returns(domain), physics)
     except SystemExit:
         if exists:
             return
@@ -328,24 +344,24 @@ def ensure_dataset(domain: str, quality: str) -> None:
         return
     _announce(dataset_id, size)
     start = time.time()
-    generate(domain, quality)
+    generate(domain, quality, physics=physics)
     print(f"Generated in {time.time() - start:.0f} s.", flush=True)
 
 
-def ensure_mixture(name: str) -> None:
-    """Hook called by envs.load_dataset for crossdomain/mix/<name>-v0: make the named mixture if it is missing or
-    was made from another version of the zoo."""
+def ensure_mixture(name: str, physics: str = DEFAULT_PHYSICS) -> None:
+    """Hook called by envs.load_dataset for crossdomain/mix/<name>-v0 (or crossdomain-v5/mix/...): make the named
+    mixture if it is missing or was made from another version of the zoo."""
     import minari
 
     components = check_mixture(name)
-    dataset_id = mixture_id(name)
-    fingerprint = zoo_fingerprint(mixture_plan(components), reference_returns(components[0][0]))
+    dataset_id = mixture_id(name, physics)
+    fingerprint = zoo_fingerprint(mixture_plan(components), reference_returns(components[0][0]), physics)
     if (dataset_id in minari.list_local_datasets()
             and minari.load_dataset(dataset_id).storage.metadata.get("zoo_fingerprint") == fingerprint):
         return
     _announce(dataset_id, sum(size for _, _, size in components))
     start = time.time()
-    generate_mixture(name)
+    generate_mixture(name, physics=physics)
     print(f"Generated in {time.time() - start:.0f} s.", flush=True)
 
 
@@ -364,11 +380,13 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--id", default=None, help="Minari id to store under (default crossdomain/<domain>/<quality>-v0)")
     parser.add_argument("--force", action="store_true", help="replace an existing dataset of that id")
+    parser.add_argument("--physics", choices=PHYSICS, default=DEFAULT_PHYSICS,
+                        help="papers (the simulator of the papers and D4RL, default) or v5 (Gymnasium's v5)")
     args = parser.parse_args(argv)
     if args.mixture:
-        dataset = generate_mixture(args.mixture, args.seed, args.force)
+        dataset = generate_mixture(args.mixture, args.seed, args.force, args.physics)
     elif args.domain and args.quality:
-        dataset = generate(args.domain, args.quality, args.size, args.seed, args.id, args.force)
+        dataset = generate(args.domain, args.quality, args.size, args.seed, args.id, args.force, args.physics)
     else:
         parser.error("give --domain and --quality, or --mixture")
     print(f"{dataset.spec.dataset_id}: {dataset.total_steps:,} transitions, {dataset.total_episodes} episodes")

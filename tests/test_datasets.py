@@ -137,14 +137,15 @@ def test_episode_metadata_from_minari_metadata_and_infos(store):
 
 def test_generated_dataset_by_domain_and_quality(store, monkeypatch):
     assert generated_dataset_id("hopper-gravity", "medium") == "crossdomain/hopper-gravity/medium-v0"
+    assert generated_dataset_id("hopper-gravity", "medium", "v5") == "crossdomain-v5/hopper-gravity/medium-v0"
     calls = []
 
     class FakeGenerator:  # stands in for envs/generate.py
         @staticmethod
-        def ensure_dataset(domain, quality):  # the real one also remakes a dataset of an older zoo
+        def ensure_dataset(domain, quality, physics):  # the real one also remakes a dataset of an older zoo
             calls.append((domain, quality))
-            if generated_dataset_id(domain, quality) not in minari.list_local_datasets():
-                write_minari(generated_dataset_id(domain, quality), make_episodes())
+            if generated_dataset_id(domain, quality, physics) not in minari.list_local_datasets():
+                write_minari(generated_dataset_id(domain, quality, physics), make_episodes())
 
     monkeypatch.setattr(datasets, "_find_generator", lambda: FakeGenerator)
     data = load_dataset(domain="halfcheetah", quality="medium")

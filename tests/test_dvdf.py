@@ -284,7 +284,8 @@ STAGE_FLAGS = ["--seed", "3", "--hidden", "16", "16", "--sql-steps", "100", "--s
 def _flags(datasets, out, *extra):
     return ["--source-dataset", datasets["source"], "--target-dataset", datasets["target"], "--out", str(out),
             "--cache-dir", datasets["cache"], "--steps", "200", "--eval-every", "100", "--eval-episodes", "1",
-            "--num-seeds", "2", "--batch-size", "32", "--lam", "0.5", "1.0", *STAGE_FLAGS, *extra]
+            "--num-seeds", "2", "--batch-size", "32", "--lam", "0.5", "1.0", "--references", "zoo", *STAGE_FLAGS,
+            *extra]
 
 
 @pytest.fixture(scope="module")

@@ -126,6 +126,32 @@ def test_cached_dataset_is_remade_when_the_zoo_changes(zoo, capsys):
     assert not np.array_equal(first.actions, remade.actions)
 
 
+def test_datasets_record_their_physics_and_a_mismatch_is_announced(zoo, capsys):
+    """Each physics has its own ids; the metadata says which; loading data of the other physics says so once;
+    the transitions are those of the dataset's own physics."""
+    for physics in ("papers", "v5"):
+        generate.generate("hopper-kinematic", "random", size=300, physics=physics)
+    papers = load_dataset("crossdomain/hopper-kinematic/random-v0")  # the default physics' id
+    v5 = load_dataset("crossdomain-v5/hopper-kinematic/random-v0", physics="v5")
+    assert papers.name == "crossdomain/hopper-kinematic/random-v0" and papers.physics == "papers"
+    assert v5.name == "crossdomain-v5/hopper-kinematic/random-v0" and v5.physics == "v5"
+    assert minari.load_dataset(v5.name).storage.metadata["physics"] == "v5"
+    assert "note:" not in capsys.readouterr().out
+    load_dataset(v5.name, domain="hopper-kinematic")  # v5 data in a papers-physics run
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    assert printed == [f"note: {v5.name} was made in the v5 physics and this run uses the papers physics "
+                       f"(--physics v5 runs in the data's own)."]
+    for dataset, physics in ((papers, "papers"), (v5, "v5")):  # re-simulate a transition in each physics
+        episode = next(minari.load_dataset(dataset.name).iterate_episodes())
+        errors = {}
+        for other in ("papers", "v5"):
+            env = make_env("hopper-kinematic", other)
+            env.reset(seed=0)
+            env.unwrapped.set_state(episode.infos["qpos"][5], episode.infos["qvel"][5])
+            errors[other] = float(np.abs(env.step(episode.actions[5])[0] - episode.observations[6]).max())
+        assert errors[physics] < 1e-6 < 1e-5 < errors["v5" if physics == "papers" else "papers"]
+
+
 def test_mixture_is_made_on_demand_with_each_episodes_domain_and_quality(zoo, monkeypatch, tmp_path):
     refs = json.loads(generate.REFERENCES.read_text()) | {"hopper-morph": {"random": -10.0, "expert": 2000.0}}
     generate.REFERENCES.write_text(json.dumps(refs))

@@ -23,7 +23,8 @@ iql = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(iql)
 
 OBS_DIM, ACT_DIM = 17, 6  # HalfCheetah
-REF_MIN, REF_MAX = -300.0, 3000.0  # written into the target file: the run's normalised-score references
+REF_MIN, REF_MAX = -300.0, 3000.0  # written into the target file: its own references (--references zoo)
+D4RL_MIN, D4RL_MAX = -280.178953, 12135.0  # halfcheetah's in D4RL: the default references in the papers' physics
 
 
 # ---------------------------------------------------------------- losses, by hand on a 4-sample batch
@@ -191,14 +192,17 @@ def test_end_to_end_results_json(datasets, finished_run):
         assert flag in args
     assert args["data"] == "merged" and args["expectile"] == 0.7 and args["temperature"] == 3.0
     assert results["data"]["target_size"] == 100 and results["data"]["source_size"] == 2000
-    assert (results["data"]["ref_min_score"], results["data"]["ref_max_score"]) == (REF_MIN, REF_MAX)
+    # the default is the papers' physics end to end: evaluated in it, normalised by D4RL's references as the papers
+    assert args["physics"] == "papers" and args["references"] == "d4rl"
+    assert (results["data"]["ref_min_score"], results["data"]["ref_max_score"]) == (D4RL_MIN, D4RL_MAX)
+    assert results["data"]["references"].startswith("D4RL")
 
     assert [e["step"] for e in results["evaluations"]] == [100, 200, 250]  # the last chunk is the remainder
     for evaluation in results["evaluations"]:
         assert len(evaluation["returns"]) == len(evaluation["scores"]) == 2
         assert all(math.isfinite(x) for x in evaluation["returns"] + evaluation["scores"])
         np.testing.assert_allclose(evaluation["scores"],
-                                   100 * (np.array(evaluation["returns"]) - REF_MIN) / (REF_MAX - REF_MIN))
+                                   100 * (np.array(evaluation["returns"]) - D4RL_MIN) / (D4RL_MAX - D4RL_MIN))
         assert all(math.isfinite(x) for values in evaluation["losses"].values() for x in values)
     final = results["final"]
     assert final["scores"] == results["evaluations"][-1]["scores"]
@@ -226,6 +230,21 @@ def test_baselines_and_original_iql_variants_run(datasets, tmp_path, extra):
         assert results["data"]["source_dataset"] is None and results["data"]["reward_scale"] != 1.0
     else:
         assert results["data"]["target_size"] == 0 and results["data"]["source_size"] == 2000
+
+
+@pytest.mark.parametrize("physics", ["papers", "v5"])
+def test_physics_and_references_flags_reach_the_evaluation(datasets, tmp_path, monkeypatch, physics):
+    """--physics selects the simulator the policy is evaluated in (the papers' by default); --references zoo
+    normalises by the target data's own references instead of D4RL's."""
+    seen = []
+    evaluate = iql.evaluate
+    monkeypatch.setattr(iql, "evaluate", lambda *a, **k: seen.append(k["physics"]) or evaluate(*a, **k))
+    flags = _flags(datasets, tmp_path / "run", "--references", "zoo", *(["--physics", "v5"] if physics == "v5" else []))
+    flags[flags.index("--steps") + 1], flags[flags.index("--num-seeds") + 1] = "100", "1"
+    results = iql.main(flags)
+    assert seen == [physics] and results["args"]["physics"] == physics
+    assert (results["data"]["ref_min_score"], results["data"]["ref_max_score"]) == (REF_MIN, REF_MAX)
+    assert results["data"]["references"] == f"the dataset {datasets['target']}"
 
 
 def _runner_leaves(out: Path):

@@ -36,9 +36,10 @@ def zoo(tmp_path, monkeypatch):
                  **{f"b{i}": np.zeros(s[1], np.float32) for i, s in enumerate(sizes)})
     (run / "eval.csv").write_text("step,eval_return_mean,eval_return_std\n" + "".join(
         f"{step},{logged},{logged / 10}\n" for step, (logged, _, _) in SNAPSHOTS.items()))
+    (run / "args.json").write_text(json.dumps({"env": "hopper-morph", "physics": "papers"}))
 
-    def measured(domain, policy, episodes, seed=10_000):  # the return, looked up by the snapshot's weights
-        assert domain == "hopper-morph" and episodes == 10
+    def measured(domain, policy, episodes, seed=10_000, physics="papers"):  # looked up by the snapshot's weights
+        assert domain == "hopper-morph" and episodes == 10 and physics == "papers"  # the run's own physics
         if policy.layers is None:
             return RANDOM, 1.0
         step = int(policy.layers[0][0][0, 0])
@@ -49,7 +50,8 @@ def zoo(tmp_path, monkeypatch):
 
     monkeypatch.setattr(policy_zoo, "policy_return", measured)
     monkeypatch.setattr(policy_zoo, "POLICY_DIR", tmp_path / "policies")
-    monkeypatch.setattr(policy_zoo, "NOTES", {})  # the real zoo's notes (hopper-morph has one) left out
+    monkeypatch.setattr(policy_zoo, "NOTES", {})  # the real zoo's notes left out
+    monkeypatch.setattr(policy_zoo, "OLD_ZOO_NOTES", {})
     monkeypatch.setattr(policy_zoo, "REFERENCES", tmp_path / "references.json")
     results = tmp_path / "results"
     for name in ("RESULTS", "TABLE", "TABLE_JSON", "CURVES"):
@@ -74,12 +76,15 @@ def test_zoo_picks_expert_medium_and_replay_and_writes_table_and_curves(zoo):
     table = json.loads((zoo / "results" / "policies.json").read_text())["hopper-morph"]
     assert table["curve"] == [[step, logged, logged / 10] for step, (logged, _, _) in SNAPSHOTS.items()]
     markdown = (zoo / "results" / "policies.md").read_text()
-    # 60% of 2500; the run folder and the steps it trained (its last evaluation)
-    assert "| hopper-morph | expert | 150000 | 2800.0 +- 5.0 | 100 | 1500: reached | seed0 (150k) |" in markdown
-    assert "| hopper-morph | medium | 50000 | 1300.0 +- 5.0 | 46 | - | - |" in markdown
+    # OTDF's hopper-morph expert 3153, 2800 / 3153 = 89%, the bar 85% of it; the run folder and its steps trained
+    assert ("| hopper-morph | expert | 150000 | 2800.0 +- 5.0 | 100 | 3153 (OTDF) | 89% | 2680: reached | papers | "
+            "seed0 (150k) |") in markdown
+    assert "| hopper-morph | medium | 50000 | 1300.0 +- 5.0 | 46 | - | - | - | papers | - |" in markdown
+    assert refs["source"].endswith("papers physics)")
     assert "Notes:" not in markdown
     assert (zoo / "results" / "policies.png").read_bytes()[:4] == b"\x89PNG"
-    assert policy_zoo.expert_bar("hopper") == 2500 and policy_zoo.expert_bar("ant-morph") == pytest.approx(1800)
+    assert policy_zoo.expert_bar("hopper") == 2750 and policy_zoo.expert_bar("ant-morph") == 4860  # 85% of anchors
+    assert policy_zoo.expert_bar("hopper-gravity-0.5") == pytest.approx(0.6 * 2750)  # no anchor: 60% of the task's
     assert generate.POLICY_DIR != policy_zoo.POLICY_DIR  # the real zoo untouched
 
 
@@ -105,7 +110,8 @@ def test_a_fine_tuned_run_is_named_and_its_replay_starts_with_the_loaded_actor(z
              for i, (rows, cols) in enumerate([(11, 4), (4, 4), (4, 6)])
              for param, shape in (("kernel", (rows, cols)), ("bias", (cols,)))}
     np.savez(zoo / "source.npz", **start)  # the checkpoint sac.py --init-from loaded (its actor only, here)
-    (run / "args.json").write_text(json.dumps({"env": "hopper-morph", "init_from": str(zoo / "source.npz")}))
+    (run / "args.json").write_text(json.dumps({"env": "hopper-morph", "init_from": str(zoo / "source.npz"),
+                                               "physics": "papers"}))
     policy_zoo.main(["--runs", str(zoo / "runs"), "--domains", "hopper-morph"])
     replay = zoo / "policies" / "hopper-morph" / "replay"
     assert sorted(p.name for p in replay.iterdir()) == ["actor_0.npz", "actor_25000.npz"]
@@ -115,7 +121,7 @@ def test_a_fine_tuned_run_is_named_and_its_replay_starts_with_the_loaded_actor(z
             np.testing.assert_array_equal(actor[f"w{i}"], start[f"{prefix}['fc{i}']['kernel']"])
             np.testing.assert_array_equal(actor[f"b{i}"], start[f"{prefix}['fc{i}']['bias']"])
     markdown = (zoo / "results" / "policies.md").read_text()
-    assert f"| 1500: reached | seed0 (150k), fine-tuned from {zoo.parent.name}/{zoo.name} |" in markdown
+    assert f"| 2680: reached | papers | seed0 (150k), fine-tuned from {zoo.parent.name}/{zoo.name} |" in markdown
     assert json.loads((zoo / "results" / "policies.json").read_text())["hopper-morph"]["init_from"] == \
         str(zoo / "source.npz")
 

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from envs import load_dataset
 from synthetic import assert_one_sentence_exit, write_d4rl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -174,3 +175,46 @@ def test_resume_after_kill_gives_the_same_final_parameters(source_file, finished
 ])
 def test_flags_out_of_range_end_with_one_sentence(flags, message, tmp_path):
     assert_one_sentence_exit(sql.main, ["--out", str(tmp_path), *flags], message)
+
+
+def test_divergence_guard_by_hand():
+    bound = 10.0 * 2.0 / (1 - 0.99)  # ten times the largest discounted return of rewards in [-2, 2]
+    assert sql.divergence({"q_mean": np.array([150.0, -199.0]), "value_loss": np.array([1.0, 2.0])}, bound) is None
+    assert sql.divergence({"q_mean": np.array([2100.0]), "value_loss": np.array([1.0])}, bound).startswith(
+        "|mean Q| reached 2.1e+03, beyond 2e+03")
+    assert sql.divergence({"q_mean": np.array([10.0, -2100.0]), "value_loss": np.array([1.0])}, bound) is not None
+    assert sql.divergence({"q_mean": np.array([1.0]), "critic_loss": np.array([np.nan])}, bound) == \
+        "critic_loss is not finite"
+    assert sql.divergence({"q_mean": np.array([1.0]), "critic_loss": np.array([2e10])}, None) == \
+        "critic_loss reached 2e+10, beyond 1e+10"
+    assert sql.divergence({"q_mean": np.array([1e9]), "critic_loss": np.array([1.0])}, None) is None  # no bound given
+
+
+def test_a_diverging_stage_stops_with_one_sentence_and_keeps_the_last_sound_artifact(tmp_path):
+    """Rewards x 1e6: the critic loss passes LOSS_LIMIT in the first chunk; the run stops naming the stage, the
+    chunk and what to try, and writes no artefact of the diverged chunk."""
+    rng = np.random.default_rng(1)
+    path = write_d4rl(tmp_path / "huge.hdf5", rng, 2000, 100, ref=(REF_MIN, REF_MAX))
+    import h5py
+    with h5py.File(path, "r+") as file:
+        file["rewards"][...] = file["rewards"][()] * 1e6
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as stop:
+        sql.main(_flags(path, out, "--no-policy", "--steps", "2000", "--eval-every", "100"))
+    text = str(stop.value)
+    assert text.startswith("SQL diverged in the ") and "Try --reward-scaling --layer-norm" in text and "\n" not in text
+    saved = json.loads((out / "sql.json").read_text()) if (out / "sql.json").exists() else None
+    first_bad = int(text.split("SQL diverged in the ")[1].split("-")[0])
+    assert saved is None or saved["step"] == first_bad  # the artefact stays at the last sound chunk
+
+
+def test_layer_norm_and_reward_scaling_flags(source_file, tmp_path):
+    results = sql.main(_flags(source_file, tmp_path / "run", "--no-policy", "--layer-norm", "--reward-scaling",
+                              "--steps", "100"))
+    returns = np.array([s.sum() for s in np.split(np.asarray(load_dataset(source_file).rewards, np.float64), 20)])
+    assert results["data"]["reward_scale"] == pytest.approx(1000.0 / (returns.max() - returns.min()), rel=1e-6)
+    artifact = sql.serialization.msgpack_restore((tmp_path / "run" / "sql.msgpack").read_bytes())
+    paths = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(artifact)[0]]
+    assert any("LayerNorm_0" in path for path in paths) and any("LayerNorm_1" in path for path in paths)
+    info = json.loads((tmp_path / "run" / "sql.json").read_text())
+    assert info["layer_norm"] is True and info["reward_scale"] == results["data"]["reward_scale"]

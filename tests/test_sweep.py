@@ -233,10 +233,11 @@ def test_report_dataset_column_is_the_target_datas_own_level(setup, swept, tmp_p
     report.main([str(out), "--out", str(tmp_path / "data"), "--dataset-column"])
     markdown = (tmp_path / "data.md").read_text()
     assert "| task | iql-target | iql-merged | target data |" in markdown
-    # by hand: the target file's 10 episodes of 100 steps, normalised with its references (-300, 3000)
+    # by hand: the target file's 10 episodes of 100 steps, normalised with the references the runs used: D4RL's
+    # halfcheetah (-280.178953, 12135.0), the default in the papers' physics
     with h5py.File(setup["datasets"]["target"]) as file:
         returns = np.asarray(file["rewards"], np.float64).reshape(10, 100).sum(axis=1)
-    scores = 100 * (returns + 300) / 3300
+    scores = 100 * (returns + 280.178953) / (12135.0 + 280.178953)
     row = next(line for line in markdown.splitlines() if line.startswith("| source -> target (medium) |"))
     assert row.endswith(f"| {scores.mean():.1f} ± {scores.std():.1f} |")
 

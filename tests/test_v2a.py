@@ -404,8 +404,8 @@ def datasets(tmp_path_factory):
 
 
 def _flags(datasets, out, *extra):
-    return ["--source-dataset", datasets["source"], "--target-dataset", datasets["target"], "--source",
-            "halfcheetah-morph", "--out", str(out), "--cache-dir", datasets["cache"], "--seed", "3", "--num-seeds", "2",
+    return ["--source-dataset", datasets["source"], "--target-dataset", datasets["target"], "--references", "zoo",
+            "--source", "halfcheetah-morph", "--out", str(out), "--cache-dir", datasets["cache"], "--seed", "3", "--num-seeds", "2",
             "--encoder-steps", "20", "--sqlz-steps", "20", "--scorer-steps", "20", "--steps", "100", "--eval-every",
             "50", "--eval-episodes", "1", "--hidden", "16", "16", "--gru-hidden", "8", "--z-dim", "4", "--window",
             "20", "--encoder-batch-size", "4", "--sqlz-batch-size", "32", "--scorer-batch-size", "16", "--repr-dim",
