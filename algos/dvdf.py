@@ -161,6 +161,11 @@ class Args:
     """source transitions per SQL step"""
     alpha: Optional[float] = None
     """SQL's regularisation strength; default 0.1, or 0.2 when the source is an Ant domain (DVDF's configs)"""
+    sql_layer_norm: bool = True
+    """LayerNorm after every hidden layer of SQL's critics and value (--no-sql-layer-norm: the authors' networks)"""
+    sql_reward_scaling: bool = True
+    """SQL on source rewards x 1000 / (max - min episode return) (IQL's and IVR's normalisation);
+    --no-sql-reward-scaling: the authors' raw rewards"""
     sql_artifact: Optional[str] = None
     """use these critics and value (sql.msgpack of algos/sql_pretrain.py, its first seed) instead of stage 1"""
     # --- stage 2: the contrastive dynamics scorer ---
@@ -447,9 +452,9 @@ def gaussian_actor_loss(mean, log_std, actions, weight, mask):
 
 
 # ---------------------------------------------------------------- stage 1: SQL (sql_pretrain.py's critics and value)
-def make_sql_train(hidden, lr, batch_size, discount, tau, obs_dim, act_dim):
+def make_sql_train(hidden, lr, batch_size, discount, tau, obs_dim, act_dim, layer_norm: bool = False):
     """init(rng) -> SQLRunner and train(runner, source, hparams, num_steps): sql_pretrain.py without the policy."""
-    critic_net, value_net = TwinCritic(hidden), ValueNet(hidden)
+    critic_net, value_net = TwinCritic(hidden, layer_norm), ValueNet(hidden, layer_norm)
 
     def init(rng) -> SQLRunner:
         rng, _actor_key, critic_key, value_key = jax.random.split(rng, 4)  # sql_pretrain.py's split
@@ -475,12 +480,12 @@ def make_sql_train(hidden, lr, batch_size, discount, tau, obs_dim, act_dim):
 
         def critic_loss_fn(params):
             q = critic_net.apply(params, batch.observations, batch.actions)
-            return critic_loss(q, target, jnp.ones_like(target))
+            return critic_loss(q, target, jnp.ones_like(target)), q.mean()
 
-        q_loss, grads = jax.value_and_grad(critic_loss_fn)(state.critic.params)
+        (q_loss, q_mean), grads = jax.value_and_grad(critic_loss_fn, has_aux=True)(state.critic.params)
         critic = state.critic.apply_gradients(grads=grads)
         critic_target_params = optax.incremental_update(critic.params, state.critic_target_params, tau)
-        metrics = {"value_loss": v_loss, "critic_loss": q_loss, "advantage_mean": advantage.mean()}
+        metrics = {"value_loss": v_loss, "critic_loss": q_loss, "advantage_mean": advantage.mean(), "q_mean": q_mean}
         return SQLState(critic, critic_target_params, value), metrics
 
     def train(runner: SQLRunner, source: Transitions, hparams: SQLHyperparams, num_steps: int):
@@ -585,7 +590,7 @@ def held_out(dataset, indices) -> tuple:
 
 # ---------------------------------------------------------------- stage 3: filtered IQL
 def make_train(args: Args, obs_dim: int, act_dim: int, sql_hidden, scorer_hidden, repr_dim: int,
-               groups: tuple = ()):
+               groups: tuple = (), sql_layer_norm: bool = False):
     """Returns init(rng) -> Runner and train(runner, data, frozen, hparams, num_steps) -> (runner, metrics).
 
     Pure functions of one run; main() runs them as jax.jit(jax.vmap(...)) over the (lam, xi, seed) grid with data
@@ -594,7 +599,8 @@ def make_train(args: Args, obs_dim: int, act_dim: int, sql_hidden, scorer_hidden
     """
     actor_net = Actor(act_dim, args.hidden, gaussian=args.actor == "gaussian")
     critic_net, value_net = TwinCritic(args.hidden), ValueNet(args.hidden)
-    sql_critic_net, sql_value_net = TwinCritic(tuple(sql_hidden)), ValueNet(tuple(sql_hidden))
+    sql_critic_net = TwinCritic(tuple(sql_hidden), sql_layer_norm)
+    sql_value_net = ValueNet(tuple(sql_hidden), sql_layer_norm)
     scorer_net = Scorer(tuple(scorer_hidden), repr_dim)
     source_size = args.batch_size // 2
     target_size = args.batch_size - source_size
@@ -868,6 +874,35 @@ def package_versions() -> dict:
     return versions
 
 
+def reward_scale_of(dataset) -> float:
+    """IQL's MuJoCo reward scale, 1000 / (max - min episode return) over the dataset's episodes."""
+    _, episode = np.unique(dataset.episode_ids, return_inverse=True)
+    returns = np.bincount(episode, weights=dataset.rewards.astype(np.float64))
+    if returns.max() - returns.min() <= 0:
+        raise SystemExit("Reward scaling needs episodes with different returns, but every episode of the source "
+                         "dataset has the same return: turn the scaling off for this dataset.")
+    return float(1000.0 / (returns.max() - returns.min()))
+
+
+LOSS_LIMIT = 1e10  # a squared TD error beyond this (|Q - y| ~ 1e5) leaves any MuJoCo return scale float32 can fit
+
+
+def divergence(metrics: dict, value_bound: Optional[float]) -> Optional[str]:
+    """Why a chunk's metrics say a stage diverged, or None: a non-finite metric, a loss beyond LOSS_LIMIT, or a mean
+    Q beyond `value_bound` (a discounted return no reward of the data can reach: 10 max|r| / (1 - discount))."""
+    for name, value in metrics.items():
+        if not np.all(np.isfinite(np.asarray(value))):
+            return f"{name} is not finite"
+    for name, value in metrics.items():
+        if name.endswith("_loss") and float(np.max(np.abs(np.asarray(value)))) > LOSS_LIMIT:
+            return f"{name} reached {float(np.max(np.abs(np.asarray(value)))):.3g}, beyond {LOSS_LIMIT:.0e}"
+    if value_bound is not None and "q_mean" in metrics:
+        q_mean = float(np.max(np.abs(np.asarray(metrics["q_mean"]))))
+        if q_mean > value_bound:
+            return f"|mean Q| reached {q_mean:.3g}, beyond {value_bound:.3g}, ten times any discounted return of the data"
+    return None
+
+
 def cache_key(inputs: dict) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -906,7 +941,8 @@ def stage_chunk(remaining: int, seconds_per_step: Optional[float]) -> int:
     return max(fitting) if fitting else remaining
 
 
-def run_stage(title: str, path: Path, runner, train, in_axes: tuple, inputs: tuple, steps: int):
+def run_stage(title: str, path: Path, runner, train, in_axes: tuple, inputs: tuple, steps: int,
+              value_bound: Optional[float] = None, advice: str = "try a smaller --lr"):
     """Train a pre-training stage for `steps` steps in chunks (stage_chunk) with a progress bar.
 
     train(runner, *inputs, num_steps) -> (runner, metrics) is the stage's train for one seed, run vmapped with
@@ -914,7 +950,8 @@ def run_stage(title: str, path: Path, runner, train, in_axes: tuple, inputs: tup
     <path>.partial.msgpack (the path is keyed by all the stage depends on), so an interrupted stage resumes there.
     The first chunk is STAGE_CHUNKS[0] steps; later ones are sized to the measured speed, so a slow stage (the V2A
     encoder on a CPU runs a few steps per second) still reports and saves about every minute. The chunking does not
-    change the result: a scan of a + b steps equals a scan of a then one of b.
+    change the result: a scan of a + b steps equals a scan of a then one of b. A chunk whose metrics diverge
+    (`divergence`, with `value_bound` for a value stage) stops the run with one sentence and is not saved.
     """
     partial_path = path.with_name(path.stem + ".partial.msgpack")
     step = 0
@@ -933,6 +970,10 @@ def run_stage(title: str, path: Path, runner, train, in_axes: tuple, inputs: tup
         runner, metrics = compiled[num_steps](runner, *inputs)
         runner = jax.block_until_ready(runner)
         seconds_per_step = (time.perf_counter() - start) / num_steps
+        diverged = divergence(jax.device_get(metrics), value_bound)
+        if diverged:  # the partial file keeps the last sound chunk; nothing is cached
+            raise SystemExit(f"{title} diverged in steps {step}-{step + num_steps} ({diverged}); nothing of it is "
+                             f"cached: {advice}.")
         step += num_steps
         write_atomic(partial_path, serialization.msgpack_serialize(
             {"runner": serialization.to_state_dict(jax.device_get(runner)), "step": step}))
@@ -953,20 +994,24 @@ def sql_stage(args: Args, source, obs_dim: int, act_dim: int) -> tuple[dict, dic
     info = {"kind": "sql", "version": CACHE_VERSION, "source_fingerprint": fingerprint(dataset_arrays(source)),
             "obs_dim": obs_dim, "act_dim": act_dim, "steps": args.sql_steps, "batch_size": args.sql_batch_size,
             "alpha": alpha, "lr": args.lr, "hidden": list(args.hidden), "discount": args.discount, "tau": args.tau,
-            "seeds": [args.seed]}
+            "seeds": [args.seed], "layer_norm": args.sql_layer_norm,
+            "reward_scale": reward_scale_of(source) if args.sql_reward_scaling else 1.0}
     path = Path(args.cache_dir) / f"sql-{cache_key(info)}.msgpack"
     if path.is_file() and path.with_suffix(".json").is_file():
         params, saved = read_artifact(str(path), "sql", "the cached SQL stage", obs_dim, act_dim)
         return params, saved | {"origin": "cache"}
     path.parent.mkdir(parents=True, exist_ok=True)
     init, train = make_sql_train(tuple(args.hidden), args.lr, args.sql_batch_size, args.discount, args.tau,
-                                 obs_dim, act_dim)
+                                 obs_dim, act_dim, args.sql_layer_norm)
     runner = jax.jit(jax.vmap(init))(jax.random.PRNGKey(args.seed)[None])
+    transitions = to_transitions(source)
+    transitions = transitions._replace(rewards=(transitions.rewards * info["reward_scale"]).astype(np.float32))
+    value_bound = 10.0 * float(np.abs(transitions.rewards).max()) / max(1.0 - args.discount, 1e-3)
     start = time.perf_counter()
     runner, metrics, partial_path = run_stage(
         f"stage 1/3: sql {args.source}", path, runner, train, (0, None, 0),
-        (jax.device_put(to_transitions(source)), SQLHyperparams(alpha=jnp.full(1, alpha, jnp.float32))),
-        args.sql_steps)
+        (jax.device_put(transitions), SQLHyperparams(alpha=jnp.full(1, alpha, jnp.float32))),
+        args.sql_steps, value_bound, "try --sql-reward-scaling --sql-layer-norm, or a larger --alpha")
     host_state = jax.device_get(runner.state)
     artifact = {"critic": serialization.to_state_dict(host_state.critic.params),
                 "value": serialization.to_state_dict(host_state.value.params)}
@@ -1118,7 +1163,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
                           keep_count=jnp.array([run["keep_count"] for run in grid], jnp.int32),
                           seed_index=jnp.array([seeds.index(run["seed"]) for run in grid], jnp.int32))
     init, train = make_train(args, obs_dim, act_dim, sql_info["hidden"], scorer_info["hidden"],
-                             scorer_info["repr_dim"], tuple((key, len(names)) for key, names in group_names.items()))
+                             scorer_info["repr_dim"], tuple((key, len(names)) for key, names in group_names.items()),
+                             sql_info.get("layer_norm", False))
     policy = make_policy(args, act_dim)
 
     start = time.perf_counter()

@@ -114,11 +114,11 @@ class Args:
     """clip of the policy's weights max(Q - V, 0)"""
     actor: Literal["deterministic", "gaussian"] = "deterministic"
     """weighted squared error on tanh(mu(s)) (IGDF/DVDF authors), or weighted Gaussian log-likelihood (SQL)"""
-    layer_norm: bool = False
-    """LayerNorm after every hidden layer of the critics and value"""
-    reward_scaling: bool = False
+    layer_norm: bool = True
+    """LayerNorm after every hidden layer of the critics and value (--no-layer-norm: the DVDF authors' networks)"""
+    reward_scaling: bool = True
     """multiply rewards by 1000 / (max - min episode return) of the source dataset (IQL's and IVR's MuJoCo
-    normalisation)"""
+    normalisation); --no-reward-scaling: the DVDF authors' raw rewards"""
 
 
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0  # the original IQL's state-independent log-std bounds
@@ -381,8 +381,8 @@ def reward_scale_of(dataset) -> float:
     _, episode = np.unique(dataset.episode_ids, return_inverse=True)
     returns = np.bincount(episode, weights=dataset.rewards.astype(np.float64))
     if returns.max() - returns.min() <= 0:
-        raise SystemExit("--reward-scaling needs episodes with different returns, but every episode of the source "
-                         "dataset has the same return.")
+        raise SystemExit("Reward scaling needs episodes with different returns, but every episode of the source "
+                         "dataset has the same return: turn the scaling off for this dataset.")
     return float(1000.0 / (returns.max() - returns.min()))
 
 
@@ -586,8 +586,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
         diverged = divergence(jax.device_get(metrics), value_bound)
         if diverged:  # nothing of this chunk is saved: the last artefact and checkpoint stay the sound ones
             raise SystemExit(f"SQL diverged in the {step - num_steps}-{step} chunk ({diverged}); the artefact "
-                             f"in {out} stays at step {step - num_steps}. Try --reward-scaling --layer-norm, or a "
-                             f"larger --alpha.")
+                             f"in {out} stays at step {step - num_steps}. Try --reward-scaling --layer-norm (the "
+                             f"defaults), or a larger --alpha.")
 
         if args.policy:
             start = time.perf_counter()

@@ -202,6 +202,11 @@ class Args:
     """source transitions per SQL step"""
     alpha: float = 0.2
     """SQL's regularisation strength"""
+    sql_layer_norm: bool = True
+    """LayerNorm after every hidden layer of SQL's critics and value (--no-sql-layer-norm: the authors' networks)"""
+    sql_reward_scaling: bool = True
+    """SQL on source rewards x 1000 / (max - min episode return) (IQL's and IVR's normalisation);
+    --no-sql-reward-scaling: the authors' raw rewards"""
     sqlz_target_every: int = 2
     """gradient steps between two Polyak updates of SQL's target critics"""
     # --- stage 3: the contrastive dynamics scorer ---
@@ -621,7 +626,7 @@ def with_z(obs, z):
     return jnp.concatenate([obs, z], axis=-1)
 
 
-def make_sqlz_losses(hidden, discount):
+def make_sqlz_losses(hidden, discount, layer_norm: bool = False):
     """(value_loss, critic_loss, advantage) of SQL with z, pure functions of the parameters:
 
     value_loss(value_params, critic_target_params, batch, z, alpha) -> (SQL's V loss on u = min(Q1', Q2')(s, a, z)
@@ -630,7 +635,7 @@ def make_sqlz_losses(hidden, discount):
         V(s', z): s' belongs to the same trajectory, so it gets the same z
     advantage(critic_params, value_params, obs, actions, z) -> A(s, a, z) = min(Q1, Q2)(s, a, z) - V(s, z)
     """
-    critic_net, value_net = TwinCritic(hidden), ValueNet(hidden)
+    critic_net, value_net = TwinCritic(hidden, layer_norm), ValueNet(hidden, layer_norm)
 
     def value_loss(value_params, critic_target_params, batch: Transitions, z, alpha):
         obs_z = with_z(batch.observations, z)
@@ -650,11 +655,12 @@ def make_sqlz_losses(hidden, discount):
     return value_loss, sqlz_critic_loss, advantage
 
 
-def make_sqlz_train(hidden, lr, batch_size, discount, tau, target_every, obs_dim, act_dim, z_dim):
+def make_sqlz_train(hidden, lr, batch_size, discount, tau, target_every, obs_dim, act_dim, z_dim,
+                    layer_norm: bool = False):
     """init(rng) -> SQLRunner and train(runner, data, hparams, num_steps): SQL's critics and value (as dvdf.py's
     stage 1) on [s, z], with the target critics updated every target_every steps."""
-    critic_net, value_net = TwinCritic(hidden), ValueNet(hidden)
-    value_loss, sqlz_critic_loss, _ = make_sqlz_losses(hidden, discount)
+    critic_net, value_net = TwinCritic(hidden, layer_norm), ValueNet(hidden, layer_norm)
+    value_loss, sqlz_critic_loss, _ = make_sqlz_losses(hidden, discount, layer_norm)
 
     def init(rng) -> SQLRunner:
         rng, _actor_key, critic_key, value_key = jax.random.split(rng, 4)  # sql_pretrain.py's split
@@ -672,12 +678,13 @@ def make_sqlz_train(hidden, lr, batch_size, discount, tau, target_every, obs_dim
             state.value.params, state.critic_target_params, batch, z, hparams.alpha)
         value = state.value.apply_gradients(grads=grads)
         q_loss, grads = jax.value_and_grad(sqlz_critic_loss)(state.critic.params, value.params, batch, z)
+        q_mean = critic_net.apply(state.critic.params, with_z(batch.observations, z), batch.actions).mean()
         critic = state.critic.apply_gradients(grads=grads)
         polyak = optax.incremental_update(critic.params, state.critic_target_params, tau)
         due = critic.step % target_every == 0  # critic.step counts the steps taken, this one included
         critic_target_params = jax.tree.map(lambda new, old: jnp.where(due, new, old), polyak,
                                             state.critic_target_params)
-        metrics = {"value_loss": v_loss, "critic_loss": q_loss, "advantage_mean": advantage.mean()}
+        metrics = {"value_loss": v_loss, "critic_loss": q_loss, "advantage_mean": advantage.mean(), "q_mean": q_mean}
         return SQLState(critic, critic_target_params, value), metrics
 
     def train(runner: SQLRunner, data: SQLZData, hparams: SQLHyperparams, num_steps: int):
@@ -883,7 +890,7 @@ def gaussian_actor_loss(mean, log_std, actions, weight, mask):
 
 # ---------------------------------------------------------------- stage 4: filtered IQL
 def make_train(args: Args, obs_dim: int, act_dim: int, sql_hidden, scorer_hidden, repr_dim: int,
-               groups: tuple = ()):
+               groups: tuple = (), sql_layer_norm: bool = False):
     """Returns init(rng) -> Runner and train(runner, data, frozen, hparams, num_steps) -> (runner, metrics).
 
     dvdf.py's make_train with the modality-aware advantage A(s, a, z): each source sample brings its trajectory's
@@ -892,7 +899,7 @@ def make_train(args: Args, obs_dim: int, act_dim: int, sql_hidden, scorer_hidden
     """
     actor_net = Actor(act_dim, args.hidden, gaussian=args.actor == "gaussian")
     critic_net, value_net = TwinCritic(args.hidden), ValueNet(args.hidden)
-    _, _, modality_advantage = make_sqlz_losses(tuple(sql_hidden), args.discount)
+    _, _, modality_advantage = make_sqlz_losses(tuple(sql_hidden), args.discount, sql_layer_norm)
     scorer_net = Scorer(tuple(scorer_hidden), repr_dim)
     source_size = args.batch_size // 2
     target_size = args.batch_size - source_size
@@ -1280,6 +1287,35 @@ def package_versions() -> dict:
     return versions
 
 
+def reward_scale_of(dataset) -> float:
+    """IQL's MuJoCo reward scale, 1000 / (max - min episode return) over the dataset's episodes."""
+    _, episode = np.unique(dataset.episode_ids, return_inverse=True)
+    returns = np.bincount(episode, weights=dataset.rewards.astype(np.float64))
+    if returns.max() - returns.min() <= 0:
+        raise SystemExit("Reward scaling needs episodes with different returns, but every episode of the source "
+                         "dataset has the same return: turn the scaling off for this dataset.")
+    return float(1000.0 / (returns.max() - returns.min()))
+
+
+LOSS_LIMIT = 1e10  # a squared TD error beyond this (|Q - y| ~ 1e5) leaves any MuJoCo return scale float32 can fit
+
+
+def divergence(metrics: dict, value_bound: Optional[float]) -> Optional[str]:
+    """Why a chunk's metrics say a stage diverged, or None: a non-finite metric, a loss beyond LOSS_LIMIT, or a mean
+    Q beyond `value_bound` (a discounted return no reward of the data can reach: 10 max|r| / (1 - discount))."""
+    for name, value in metrics.items():
+        if not np.all(np.isfinite(np.asarray(value))):
+            return f"{name} is not finite"
+    for name, value in metrics.items():
+        if name.endswith("_loss") and float(np.max(np.abs(np.asarray(value)))) > LOSS_LIMIT:
+            return f"{name} reached {float(np.max(np.abs(np.asarray(value)))):.3g}, beyond {LOSS_LIMIT:.0e}"
+    if value_bound is not None and "q_mean" in metrics:
+        q_mean = float(np.max(np.abs(np.asarray(metrics["q_mean"]))))
+        if q_mean > value_bound:
+            return f"|mean Q| reached {q_mean:.3g}, beyond {value_bound:.3g}, ten times any discounted return of the data"
+    return None
+
+
 def cache_key(inputs: dict) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -1318,7 +1354,8 @@ def stage_chunk(remaining: int, seconds_per_step: Optional[float]) -> int:
     return max(fitting) if fitting else remaining
 
 
-def run_stage(title: str, path: Path, runner, train, in_axes: tuple, inputs: tuple, steps: int):
+def run_stage(title: str, path: Path, runner, train, in_axes: tuple, inputs: tuple, steps: int,
+              value_bound: Optional[float] = None, advice: str = "try a smaller --lr"):
     """Train a pre-training stage for `steps` steps in chunks (stage_chunk) with a progress bar.
 
     train(runner, *inputs, num_steps) -> (runner, metrics) is the stage's train for one seed, run vmapped with
@@ -1326,7 +1363,8 @@ def run_stage(title: str, path: Path, runner, train, in_axes: tuple, inputs: tup
     <path>.partial.msgpack (the path is keyed by all the stage depends on), so an interrupted stage resumes there.
     The first chunk is STAGE_CHUNKS[0] steps; later ones are sized to the measured speed, so a slow stage (the V2A
     encoder on a CPU runs a few steps per second) still reports and saves about every minute. The chunking does not
-    change the result: a scan of a + b steps equals a scan of a then one of b.
+    change the result: a scan of a + b steps equals a scan of a then one of b. A chunk whose metrics diverge
+    (`divergence`, with `value_bound` for a value stage) stops the run with one sentence and is not saved.
     """
     partial_path = path.with_name(path.stem + ".partial.msgpack")
     step = 0
@@ -1345,6 +1383,10 @@ def run_stage(title: str, path: Path, runner, train, in_axes: tuple, inputs: tup
         runner, metrics = compiled[num_steps](runner, *inputs)
         runner = jax.block_until_ready(runner)
         seconds_per_step = (time.perf_counter() - start) / num_steps
+        diverged = divergence(jax.device_get(metrics), value_bound)
+        if diverged:  # the partial file keeps the last sound chunk; nothing is cached
+            raise SystemExit(f"{title} diverged in steps {step}-{step + num_steps} ({diverged}); nothing of it is "
+                             f"cached: {advice}.")
         step += num_steps
         write_atomic(partial_path, serialization.msgpack_serialize(
             {"runner": serialization.to_state_dict(jax.device_get(runner)), "step": step}))
@@ -1410,18 +1452,24 @@ def sqlz_stage(args: Args, source, source_trajectory, trajectory_z, encoder_info
             "act_dim": act_dim, "z_dim": int(trajectory_z.shape[1]), "steps": args.sqlz_steps,
             "batch_size": args.sqlz_batch_size, "alpha": args.alpha, "target_every": args.sqlz_target_every,
             "lr": args.lr, "hidden": list(args.hidden), "discount": args.discount, "tau": args.tau,
-            "seeds": [args.seed]}
+            "seeds": [args.seed], "layer_norm": args.sql_layer_norm,
+            "reward_scale": reward_scale_of(source) if args.sql_reward_scaling else 1.0}
     path, cached = cached_stage(args, "sqlz", info, obs_dim, act_dim)
     if cached is not None:
         return cached
     init, train = make_sqlz_train(tuple(args.hidden), args.lr, args.sqlz_batch_size, args.discount, args.tau,
-                                  args.sqlz_target_every, obs_dim, act_dim, int(trajectory_z.shape[1]))
+                                  args.sqlz_target_every, obs_dim, act_dim, int(trajectory_z.shape[1]),
+                                  args.sql_layer_norm)
     runner = jax.jit(jax.vmap(init))(jax.random.PRNGKey(args.seed)[None])
-    data = jax.device_put(SQLZData(to_transitions(source), source_trajectory, trajectory_z))
+    transitions = to_transitions(source)
+    transitions = transitions._replace(rewards=(transitions.rewards * info["reward_scale"]).astype(np.float32))
+    value_bound = 10.0 * float(np.abs(transitions.rewards).max()) / max(1.0 - args.discount, 1e-3)
+    data = jax.device_put(SQLZData(transitions, source_trajectory, trajectory_z))
     start = time.perf_counter()
     runner, metrics, partial_path = run_stage(
         "stage 2/4: sql with z", path, runner, train, (0, None, 0),
-        (data, SQLHyperparams(alpha=jnp.full(1, args.alpha, jnp.float32))), args.sqlz_steps)
+        (data, SQLHyperparams(alpha=jnp.full(1, args.alpha, jnp.float32))), args.sqlz_steps, value_bound,
+        "try --sql-reward-scaling --sql-layer-norm, or a larger --alpha")
     host_state = jax.device_get(runner.state)
     artifact = {"critic": serialization.to_state_dict(host_state.critic.params),
                 "value": serialization.to_state_dict(host_state.value.params)}
@@ -1597,7 +1645,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
                           keep_count=jnp.array([run["keep_count"] for run in grid], jnp.int32),
                           seed_index=jnp.array([seeds.index(run["seed"]) for run in grid], jnp.int32))
     init, train = make_train(args, obs_dim, act_dim, sqlz_info["hidden"], scorer_info["hidden"],
-                             scorer_info["repr_dim"], tuple((key, len(names)) for key, names in group_names.items()))
+                             scorer_info["repr_dim"], tuple((key, len(names)) for key, names in group_names.items()),
+                             sqlz_info.get("layer_norm", False))
     policy = make_policy(args, act_dim)
 
     start = time.perf_counter()

@@ -227,8 +227,8 @@ def _load_minari(dataset_id: str, *, download: bool) -> Dataset:
 
     if not _minari_exists(dataset_id):
         if not download:
-            _fail(f"Minari dataset {dataset_id} is not in the local store ({_minari_path(dataset_id)}) nor a file; fetch it "
-                  f"with `minari download {dataset_id}` or pass download=True (--download), or set "
+            _fail(f"Minari dataset {dataset_id} is not in the local store ({_minari_path(dataset_id)}) nor a file; fetch "
+                  f"it once with `minari download {dataset_id}` (or envs.load_dataset(..., download=True)), or set "
                   f"MINARI_DATASETS_PATH to where it is.")
         try:
             minari.download_dataset(dataset_id)
@@ -368,6 +368,12 @@ def _load_hdf5(path: str) -> Dataset:
 def _make_dataset(arrays: dict, *, ref_min_score, ref_max_score, episode_metadata: tuple, name: str,
                   physics: str | None = None) -> Dataset:
     as_float = lambda key: np.ascontiguousarray(arrays[key], dtype=np.float32)  # MuJoCo observations are float64
+    for key in ("observations", "actions", "rewards", "next_observations", "terminals"):
+        finite = np.isfinite(np.asarray(arrays[key], dtype=np.float64)).reshape(len(arrays[key]), -1).all(axis=1)
+        if not finite.all():
+            bad = np.flatnonzero(~finite)
+            _fail(f"Dataset {name}: {key} holds NaN or infinite values in {len(bad)} of {len(finite)} rows (the "
+                  f"first at row {bad[0]}); fix or drop those transitions before training on it.")
     return Dataset(
         observations=as_float("observations"), actions=as_float("actions"),
         rewards=as_float("rewards").reshape(-1), next_observations=as_float("next_observations"),

@@ -258,3 +258,23 @@ def test_save_hdf5_round_trip(tiny, store):
     assert_same(part, back)
     save_hdf5(tiny, str(path))  # overwrite in place
     assert_same(tiny, load_dataset(str(path)))
+
+
+@pytest.mark.parametrize("field", ["observations", "actions", "rewards", "next_observations"])
+def test_non_finite_values_are_refused_with_one_sentence(tmp_path, field):
+    """NaN or inf anywhere in a dataset would end a run with NaN scores; it is refused at load instead."""
+    path = tmp_path / "bad.hdf5"
+    rng = np.random.default_rng(0)
+    n = 50
+    arrays = {"observations": rng.normal(size=(n, 17)), "actions": rng.uniform(-1, 1, (n, 6)),
+              "rewards": rng.normal(size=n), "next_observations": rng.normal(size=(n, 17)),
+              "terminals": np.zeros(n, bool), "timeouts": (np.arange(n) % 10 == 9)}
+    arrays[field] = arrays[field].astype(np.float64)
+    arrays[field][[3, 7]] = [np.nan, np.inf] if arrays[field].ndim == 1 else np.nan
+    with h5py.File(path, "w") as file:
+        for key, value in arrays.items():
+            file[key] = value
+    with pytest.raises(SystemExit) as stop:
+        load_dataset(str(path))
+    assert str(stop.value) == (f"Dataset {path}: {field} holds NaN or infinite values in 2 of 50 rows (the first at "
+                               f"row 3); fix or drop those transitions before training on it.")

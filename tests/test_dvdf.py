@@ -237,7 +237,8 @@ def test_shared_helpers_are_identical_copies():
         (dvdf, sql, igdf, iql): ["write_atomic", "package_versions", "run_flags"],
         (dvdf, iql): ["expectile_loss", "advantage_weight"],
         (sql, iql): ["evaluation_entry", "deterministic_actor_loss", "gaussian_actor_loss", "make_policy"],
-        (dvdf, sql): ["sql_value_loss", "default_alpha", "fingerprint", "dataset_arrays"],
+        (dvdf, sql): ["sql_value_loss", "default_alpha", "fingerprint", "dataset_arrays", "reward_scale_of",
+                      "divergence"],
         (dvdf, igdf): ["Scorer", "ScorerRunner", "ScorerData", "nce_loss", "dynamics_score", "make_scorer_train",
                        "make_score_fn", "separation_auc", "held_out_separation", "holdout_split", "held_out",
                        "fingerprint", "dataset_arrays"],
@@ -247,6 +248,7 @@ def test_shared_helpers_are_identical_copies():
             sources = {inspect.getsource(getattr(module, name)) for module in modules}
             assert len(sources) == 1, f"{name} differs between {[m.__name__ for m in modules]}"
     assert dvdf.HOLDOUT_MAX == igdf.HOLDOUT_MAX and dvdf.SOURCE_HOLDOUT_SEED == igdf.SOURCE_HOLDOUT_SEED
+    assert dvdf.LOSS_LIMIT == sql.LOSS_LIMIT
 
 
 # ---------------------------------------------------------------- end to end through main()

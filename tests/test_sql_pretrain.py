@@ -200,7 +200,7 @@ def test_a_diverging_stage_stops_with_one_sentence_and_keeps_the_last_sound_arti
         file["rewards"][...] = file["rewards"][()] * 1e6
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as stop:
-        sql.main(_flags(path, out, "--no-policy", "--steps", "2000", "--eval-every", "100"))
+        sql.main(_flags(path, out, "--no-policy", "--no-reward-scaling", "--steps", "2000", "--eval-every", "100"))
     text = str(stop.value)
     assert text.startswith("SQL diverged in the ") and "Try --reward-scaling --layer-norm" in text and "\n" not in text
     saved = json.loads((out / "sql.json").read_text()) if (out / "sql.json").exists() else None

@@ -350,11 +350,11 @@ def test_shared_helpers_are_identical_copies_of_dvdf():
              "deterministic_actor_loss", "gaussian_actor_loss", "make_policy", "filter_diagnostics", "keep_count",
              "to_transitions", "fingerprint", "dataset_arrays", "episode_groups", "load_data", "write_atomic",
              "package_versions", "cache_key", "read_artifact", "stage_chunk", "run_stage", "run_flags",
-             "evaluation_entry", "run_shardings"]
+             "evaluation_entry", "run_shardings", "reward_scale_of", "divergence"]
     for name in names:
         assert inspect.getsource(getattr(v2a, name)) == inspect.getsource(getattr(dvdf, name)), name
     for constant in ("LOG_STD_MIN", "LOG_STD_MAX", "HOLDOUT_MAX", "SOURCE_HOLDOUT_SEED", "GROUP_KEYS", "STAGE_CHUNKS",
-                     "STAGE_SAVE_SECONDS", "CACHE_VERSION"):
+                     "STAGE_SAVE_SECONDS", "CACHE_VERSION", "LOSS_LIMIT"):
         assert getattr(v2a, constant) == getattr(dvdf, constant), constant
 
 

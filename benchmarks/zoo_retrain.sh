@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Retrain the behaviour-policy zoo (issue 21) in the background, one worker per CPU core, resumable.
+#
+#   nohup benchmarks/zoo_retrain.sh /work/zoo_runs 0 hopper halfcheetah-kinematic ... > q0.log 2>&1 &
+#   nohup benchmarks/zoo_retrain.sh /work/zoo_runs 1 hopper-kinematic halfcheetah ... > q1.log 2>&1 &
+#
+# Each worker trains its domains one after the other with `algos/sac.py` (1M steps, the default physics), pinned to
+# core <core> with a single-threaded XLA, into <root>/<domain>/seed0 (keep <root> outside the repository so that no
+# cleanup deletes it). Run again after an interruption: a domain with a checkpoint resumes, a finished one is
+# skipped. Harvest a domain whose expert passes its bar with
+#   python benchmarks/policy_zoo.py --runs <root> --domains <domain>
+# Logs: <root>/<domain>.log.
+set -euo pipefail
+root=$1; core=$2; shift 2
+repo="$(cd "$(dirname "$0")/.." && pwd)"
+python="${PYTHON:-python}"
+mkdir -p "$root"
+for domain in "$@"; do
+  out="$root/$domain/seed0"
+  if [ -f "$out/snapshots/actor_1000000.npz" ]; then continue; fi
+  resume=""; [ -f "$out/checkpoint.npz" ] && resume="--resume"
+  XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1" \
+    taskset -c "$core" "$python" "$repo/algos/sac.py" --env "$domain" --seed 0 --out "$out" $resume \
+    >> "$root/$domain.log" 2>&1
+done
