@@ -153,8 +153,10 @@ def plot(table: dict, path: Path) -> None:
             color = f"C{index}"
             if len(curve):
                 source = Path(entry["init_from"]).parent.parent.name if entry.get("init_from") else None
-                ax.plot(curve[:, 0], curve[:, 1], color=color,
-                        label=f"{domain} (fine-tuned from {source})" if source else domain)
+                label = f"{domain} (fine-tuned from {source})" if source else domain
+                if entry.get("physics", "v5") == "v5":
+                    label += ", v5: old zoo"
+                ax.plot(curve[:, 0], curve[:, 1], color=color, label=label)
                 ax.fill_between(curve[:, 0], curve[:, 1] - curve[:, 2], curve[:, 1] + curve[:, 2], color=color,
                                 alpha=0.2)
             ax.axhline(expert_bar(domain), color=color, linestyle="--", linewidth=0.8,
