@@ -76,6 +76,7 @@ def plot(record: dict, path: Path) -> None:
         ax.set_title(key.replace("_", " "))
         ax.set_xlabel("gradient step")
         ax.set_yscale("symlog", linthresh=1.0)
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x / 1000:.0f}k"))
     axes[0].legend(fontsize=8)
     fig.suptitle(f"SQL pre-training on {record['source']} ({record['quality']}), mean over {record['num_seeds']} "
                  f"seeds of each chunk's mean")
@@ -108,7 +109,8 @@ def main(argv=None) -> None:
         last = {key: v["curves"][key][-1] if v["curves"][key] else float("nan") for key in CURVES}
         lines.append(f"| {name} | `{' '.join(v['flags']) or '(defaults)'}` | {v['alpha']:g} | {v['reward_scale']:.3g} "
                      f"| {v['reached']:,} | {last['value_loss']:.3g} | {last['critic_loss']:.3g} | "
-                     f"{last['q_mean']:.3g} | {last['advantage_mean']:.3g} | {v['stopped'] or 'no'} |")
+                     f"{last['q_mean']:.3g} | {last['advantage_mean']:.3g} | "
+                     f"{(v['stopped'] or 'no').replace('|', chr(92) + '|')} |")
     write_atomic(stem.with_suffix(".md"), "\n".join(lines) + "\n")
     plot(record, stem.with_suffix(".png"))
     print("\n".join(lines))

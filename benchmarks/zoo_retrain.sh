@@ -8,7 +8,8 @@
 # core <core> with a single-threaded XLA, into <root>/<domain>/seed0 (keep <root> outside the repository so that no
 # cleanup deletes it). Run again after an interruption: a domain with a checkpoint resumes, a finished one is
 # skipped. Harvest a domain whose expert passes its bar with
-#   python benchmarks/policy_zoo.py --runs <root> --domains <domain>
+#   python benchmarks/policy_zoo.py --runs <root> --domains <domain> && touch <root>/<domain>/HARVESTED
+# and stop its sac.py process: the worker moves on to its next domain.
 # Logs: <root>/<domain>.log.
 set -euo pipefail
 root=$1; core=$2; shift 2
@@ -17,7 +18,8 @@ python="${PYTHON:-python}"
 mkdir -p "$root"
 for domain in "$@"; do
   out="$root/$domain/seed0"
-  if [ -f "$out/snapshots/actor_1000000.npz" ]; then continue; fi
+  # done: trained to 1M steps, or harvested into envs/policies/ (touch <root>/<domain>/HARVESTED)
+  if [ -f "$out/snapshots/actor_1000000.npz" ] || [ -f "$root/$domain/HARVESTED" ]; then continue; fi
   resume=""; [ -f "$out/checkpoint.npz" ] && resume="--resume"
   XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1" \
     taskset -c "$core" "$python" "$repo/algos/sac.py" --env "$domain" --seed 0 --out "$out" $resume \
