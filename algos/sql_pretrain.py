@@ -585,9 +585,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
         step += num_steps
         diverged = divergence(jax.device_get(metrics), value_bound)
         if diverged:  # nothing of this chunk is saved: the last artefact and checkpoint stay the sound ones
-            raise SystemExit(f"SQL diverged in the {step - num_steps}-{step} chunk ({diverged}); the artefact "
-                             f"in {out} stays at step {step - num_steps}. Try --reward-scaling --layer-norm (the "
-                             f"defaults), or a larger --alpha.")
+            kept = f"the artefact in {out} stays at step {step - num_steps}" if step > num_steps else \
+                "no artefact was written"
+            raise SystemExit(f"SQL diverged in the {step - num_steps}-{step} chunk ({diverged}); {kept}. Try "
+                             f"--reward-scaling --layer-norm (the defaults), or a larger --alpha.")
 
         if args.policy:
             start = time.perf_counter()
