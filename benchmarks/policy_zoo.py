@@ -99,6 +99,24 @@ def learning_curve(run: Path) -> list[list[float]]:
     return [[int(step), float(mean), float(std)] for step, mean, std in rows[:, :3]]
 
 
+def progress(runs: Path, seed: int) -> str:
+    """A markdown table of the SAC runs under `runs` (<runs>/<domain>/seed<seed>): steps trained, the last and the
+    best logged evaluation (deterministic actions, 5 episodes: the zoo measures sampled actions over 10 before a
+    harvest), the best snapshot and the domain's bar. For deciding when to harvest, and for handing over runs."""
+    lines = ["| domain | physics | steps trained | last evaluation | best evaluation (step) | best snapshot (step) | "
+             "expert bar |", "|---|---|---|---|---|---|---|"]
+    for run in sorted(runs.glob(f"*/seed{seed}")):
+        domain, curve, rows = run.parent.name, learning_curve(run), snapshots(run)
+        if not curve:
+            continue
+        best = max(curve, key=lambda row: row[1])
+        snapshot = max(rows, key=lambda row: row[1]) if rows else None
+        lines.append(f"| {domain} | {run_physics(run)} | {curve[-1][0]:,} | {curve[-1][1]:.0f} | {best[1]:.0f} "
+                     f"({best[0] // 1000}k) | " + (f"{snapshot[1]:.0f} ({snapshot[0] // 1000}k)" if snapshot else "-")
+                     + f" | {expert_bar(domain):.0f} |")
+    return "\n".join(lines) + "\n"
+
+
 def evenly_spaced(items: list, most: int) -> list:
     """At most `most` of `items`, evenly spaced, the first and the last kept (the zoo's replay snapshots)."""
     if len(items) <= most:
@@ -256,7 +274,9 @@ def render(table: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--domains", nargs="+", required=True)
+    parser.add_argument("--domains", nargs="+")
+    parser.add_argument("--progress", metavar="OUT.md", help="instead: write the table of the runs under --runs "
+                        "(steps, last and best evaluation, bar) to OUT.md")
     parser.add_argument("--runs", default="runs/sac", help="folder of SAC runs: <runs>/<domain>/seed<seed>")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--episodes", type=int, default=10)
@@ -265,6 +285,13 @@ def main(argv: list[str] | None = None) -> None:
                         help="re-measure this many snapshots with the best logged returns to choose the expert")
     parser.add_argument("--max-replay", type=int, default=5, help="keep at most this many replay snapshots")
     args = parser.parse_args(argv)
+    if args.progress:
+        write_atomic(Path(args.progress), f"# SAC runs of the zoo retraining\n\n`python benchmarks/policy_zoo.py "
+                     f"--runs {args.runs} --progress {args.progress}`\n\n" + progress(Path(args.runs), args.seed))
+        print(Path(args.progress).read_text())
+        return
+    if not args.domains:
+        parser.error("give --domains (or --progress)")
     table = json.loads(TABLE_JSON.read_text()) if TABLE_JSON.exists() else {}
     references = json.loads(REFERENCES.read_text()) if REFERENCES.exists() else {}
     for domain in args.domains:

@@ -32,7 +32,7 @@ Physics (`physics=`, every function here; algos/ scripts take `--physics`):
 
 Conventions chosen here:
 - Angles are in the model's own unit: radians for HalfCheetah, degrees for the others (as the XML declares).
-- Capsules the papers give by end points are written as pos + half-length + orientation (MuJoCo 4 refuses a
+- Capsules the papers give by end points are written as pos + half-length + orientation (current MuJoCo refuses a
   geom with both pos and fromto); the end points are kept in the `Change` description.
 - HalfCheetah keeps `settotalmass="14"`, as the old gym XML the papers edited did: a morphology shift
   redistributes the 14 kg instead of adding or removing mass.
@@ -55,7 +55,7 @@ import gymnasium as gym
 import mujoco
 import numpy as np
 
-# mujoco 4 warns at every HalfCheetah load that settotalmass is deprecated (on stderr and as a Python warning);
+# current mujoco warns at every HalfCheetah load that settotalmass is deprecated (on stderr and as a Python warning);
 # the behaviour is what the papers had. Silence that one message, pass every other MuJoCo warning on.
 warnings.filterwarnings("ignore", message=".*settotalmass.*")
 mujoco.set_mju_user_warning(lambda message: None if "settotalmass" in message else warnings.warn(message))

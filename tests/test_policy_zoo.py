@@ -128,3 +128,10 @@ def test_a_fine_tuned_run_is_named_and_its_replay_starts_with_the_loaded_actor(z
     (zoo / "source.npz").unlink()
     with pytest.raises(SystemExit, match="which is gone"):
         policy_zoo.main(["--runs", str(zoo / "runs"), "--domains", "hopper-morph"])
+
+
+def test_progress_table_of_the_runs(zoo, tmp_path):
+    """--progress: each run's steps, last and best logged evaluation, best snapshot and bar, for deciding harvests."""
+    out = tmp_path / "progress.md"
+    policy_zoo.main(["--runs", str(zoo / "runs"), "--progress", str(out)])
+    assert "| hopper-morph | papers | 150,000 | 2900 | 3100 (125k) | 3100 (125k) | 2680 |" in out.read_text()
