@@ -6,8 +6,8 @@ For each domain, from the actor snapshots of `python algos/sac.py --env <domain>
     expert   of the --expert-candidates snapshots with the best evaluation returns logged during training
              (deterministic actions, noisy on hopper and walker2d), the one with the best return re-measured with
              sampled actions; its reported return is measured again on other episodes (no selection bias)
-    medium   a snapshot whose return is 25-65% of the expert's (the one nearest 40%: D4RL's "about a third
-             to a half of expert"), re-checked over 10 episodes
+    medium   of the 6 snapshots whose logged return is nearest 40% of the expert's, the one whose return,
+             re-measured over 10 episodes, is nearest 40% within 25-65% (D4RL's "about a third to a half")
     replay   the snapshots before the medium one, every --replay-every steps, at most --max-replay of them evenly
              spaced (for medium-replay data; each snapshot is ~0.3 MB); for a run fine-tuned with `sac.py
              --init-from`, also the actor it started with, as actor_0 (its data begins with that actor)
@@ -204,12 +204,14 @@ def build(domain: str, run: Path, episodes: int, replay_every: int, expert_candi
     random_return = policy_return(domain, Policy(None, act_dim), episodes, physics=physics)
     # medium: re-measure candidates in the band, nearest the target first
     candidates = sorted((r for r in rows if r[0] < expert_step), key=lambda r: abs(r[1] / expert[0] - MEDIUM_TARGET))
-    medium = None
+    # of the 6 candidates nearest 40% by their logged return, the one measured nearest 40% inside the band
+    medium, nearest = None, None
     for step, _, path in candidates[:6]:
         measured = policy_return(domain, Policy(path, act_dim), episodes, physics=physics)
-        if MEDIUM_BAND[0] <= (measured[0] - random_return[0]) / (expert[0] - random_return[0]) <= MEDIUM_BAND[1]:
-            medium = (step, path, measured)
-            break
+        ratio = (measured[0] - random_return[0]) / (expert[0] - random_return[0])
+        if MEDIUM_BAND[0] <= ratio <= MEDIUM_BAND[1] and (nearest is None or
+                                                          abs(ratio - MEDIUM_TARGET) < abs(nearest - MEDIUM_TARGET)):
+            medium, nearest = (step, path, measured), ratio
     target = POLICY_DIR / domain
     shutil.rmtree(target, ignore_errors=True)  # a rebuilt zoo entry keeps nothing of the previous one
     (target / "replay").mkdir(parents=True, exist_ok=True)
