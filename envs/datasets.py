@@ -369,7 +369,7 @@ def _make_dataset(arrays: dict, *, ref_min_score, ref_max_score, episode_metadat
                   physics: str | None = None) -> Dataset:
     as_float = lambda key: np.ascontiguousarray(arrays[key], dtype=np.float32)  # MuJoCo observations are float64
     for key in ("observations", "actions", "rewards", "next_observations", "terminals"):
-        finite = np.isfinite(np.asarray(arrays[key], dtype=np.float64)).reshape(len(arrays[key]), -1).all(axis=1)
+        finite = np.isfinite(np.asarray(arrays[key])).reshape(len(arrays[key]), -1).all(axis=1)  # no float64 copy
         if not finite.all():
             bad = np.flatnonzero(~finite)
             _fail(f"Dataset {name}: {key} holds NaN or infinite values in {len(bad)} of {len(finite)} rows (the "

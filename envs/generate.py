@@ -259,7 +259,8 @@ def zoo_fingerprint(pieces, references: tuple[float, float], physics: str = DEFA
 def generate(domain: str, quality: str, size: int | None = None, seed: int = 0, dataset_id: str | None = None,
              force: bool = False, physics: str = DEFAULT_PHYSICS):
     """Make the dataset and store it in the local Minari store; returns the Minari dataset."""
-    check_domain(domain), check_physics(physics)
+    check_domain(domain)
+    check_physics(physics)
     if quality not in QUALITIES:
         raise SystemExit(f"Unknown quality '{quality}': choose one of {', '.join(QUALITIES)}.")
     size = default_size(domain, quality) if size is None else size

@@ -71,7 +71,8 @@ def reference_info(domain: str, dataset=None, physics: str = "papers", reference
     0 silently.
     """
     from envs.domains import check_domain, check_physics
-    check_domain(domain), check_physics(physics)
+    check_domain(domain)
+    check_physics(physics)
     if references not in REFERENCE_CHOICES:
         raise SystemExit(f"Unknown references '{references}': choose d4rl (D4RL's for the original tasks in the "
                          f"papers' physics, the default) or zoo (every domain's own).")
