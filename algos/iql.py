@@ -30,23 +30,14 @@ divide evenly among them). Evaluation: --eval-episodes episodes per seed of the 
 the target domain; the normalised score is 100 (J - J_random) / (J_expert - J_random) with the target domain's
 reference returns (envs.reference_info; --references). Flags out of range end with one sentence naming the flag.
 
-Outputs in --out (default runs/iql/<data>/<source>_to_<target>-<quality>/seed<seed>), each written to a temporary
-file and renamed, so it is there whole or not at all:
-    results.json        flags, seeds, every evaluation (per-seed return and score), the final scores with mean and
-                        std over seeds, timing (gradient steps/s, compile seconds, device) and package versions;
-                        rewritten after every evaluation ("finished": false until the last)
-    checkpoint.msgpack  everything needed by --resume (train states of all seeds, rng keys, step, evaluations),
-                        saved after every evaluation; a resumed run ends bit for bit where an uninterrupted one
-                        would (on CPU)
+Outputs in --out (default runs/iql/<data>/<source>_to_<target>-<quality>/seed<seed>), laid out as envs/run.py
+describes: results.json (flags, seeds, every evaluation with per-seed returns and scores, the final scores with mean
+and std over seeds, timing, package versions; strict JSON, rewritten whole after every evaluation) and
+checkpoint.msgpack (everything --resume needs; a resumed run ends bit for bit where an uninterrupted one would, on
+CPU).
 """
-import json
-import os
-import platform
 import sys
-import time
-from dataclasses import asdict, dataclass
-from functools import partial
-from importlib import metadata
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, Optional
 
@@ -60,11 +51,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import tyro
-from flax import serialization
 from flax.training.train_state import TrainState
-from tqdm import tqdm
 
-from envs import check_domain, evaluate, load_dataset, reference_info, subsample
+from envs import evaluate, load_dataset, reference_info, subsample
+from envs.run import check_common_flags, evaluation_entry, need, open_run, physics_tag, train_loop
 
 Quality = Literal["random", "medium", "medium-replay", "medium-expert", "expert"]
 
@@ -370,26 +360,12 @@ def make_policy(args: Args, act_dim: int):
 # ---------------------------------------------------------------- data
 def check_args(args: Args) -> None:
     """Exit with one sentence naming the flag and its valid range."""
-    check_domain(args.source, flag="--source")
-    check_domain(args.target, flag="--target")
-
-    def need(ok: bool, message: str):
-        if not ok:
-            raise SystemExit(message)
-
+    check_common_flags(args)
     need(0.0 < args.target_fraction <= 1.0, f"--target-fraction must be in (0, 1], got {args.target_fraction}.")
     need(args.target_size is None or args.target_size >= 1,
          f"--target-size must be a positive number of transitions, got {args.target_size}.")
-    for flag in ("steps", "eval_every", "eval_episodes", "num_seeds"):
-        need(getattr(args, flag) >= 1, f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}.")
-    need(args.seed >= 0, f"--seed must be 0 or more, got {args.seed}.")
     need(args.batch_size >= 2 and (args.data != "merged" or args.batch_size % 2 == 0),
          f"--batch-size must be at least 2, and even with --data merged, got {args.batch_size}.")
-    need(len(args.hidden) >= 1 and min(args.hidden) >= 1,
-         f"--hidden must be one or more positive layer widths, got {args.hidden}.")
-    need(args.lr > 0, f"--lr must be positive, got {args.lr}.")
-    need(0.0 <= args.discount <= 1.0, f"--discount must be in [0, 1], got {args.discount}.")
-    need(0.0 < args.tau <= 1.0, f"--tau must be in (0, 1], got {args.tau}.")
     need(0.0 < args.expectile < 1.0, f"--expectile must be in (0, 1), got {args.expectile}.")
     need(args.temperature >= 0, f"--temperature must be 0 or more, got {args.temperature}.")
     need(args.max_weight > 0, f"--max-weight must be positive, got {args.max_weight}.")
@@ -448,176 +424,41 @@ def load_data(args: Args, seeds: list[int]):
     return data, target_full, info
 
 
-# ---------------------------------------------------------------- devices
-def run_shardings(num_runs: int):
-    """(per-run, shared) shardings that spread the leading run axis (the vmapped seeds) over every accelerator
-    and copy shared data to each, so one jitted program runs each device's share of the runs; None on a single
-    device, or when the runs do not divide evenly among the devices (then everything runs on the first)."""
-    devices = jax.devices()
-    if len(devices) < 2 or num_runs % len(devices):
-        return None
-    mesh = jax.sharding.Mesh(np.array(devices), ("runs",))
-    return (jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("runs")),
-            jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-
-
-# ---------------------------------------------------------------- files
-def write_atomic(path: Path, content: bytes) -> None:
-    """Write to a temporary file next to `path`, then rename it over `path`: whole or not at all."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(content)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def package_versions() -> dict:
-    versions = {"python": platform.python_version()}
-    for name in ("jax", "jaxlib", "flax", "optax", "chex", "numpy", "gymnasium", "mujoco", "minari", "tyro"):
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
-
-
-def evaluation_entry(step: int, result, metrics) -> dict:
-    """One row of results.json: per-seed return and normalised score, their mean and std over seeds (ddof 0),
-    and the per-seed losses averaged over the chunk of steps that led here."""
-    returns = np.asarray(result.mean_return, dtype=np.float64)
-    scores = np.asarray(result.normalized_score, dtype=np.float64)
-    return {"step": step, "returns": returns.tolist(), "scores": scores.tolist(),
-            "return_mean": float(returns.mean()), "return_std": float(returns.std()),
-            "score_mean": float(scores.mean()), "score_std": float(scores.std()),
-            "losses": {name: np.asarray(value, dtype=np.float64).tolist() for name, value in metrics.items()}}
-
-
 # ---------------------------------------------------------------- main
-def open_run(args: Args) -> tuple[Path, Optional[dict]]:
-    """The output folder, and the checkpoint to continue with --resume (whose flags must be this run's)."""
-    physics_tag = "-v5physics" if args.physics == "v5" else ""  # the papers' physics names no folder
-    out = Path(args.out or f"runs/iql/{args.data}/{args.source}_to_{args.target}-{args.quality}{physics_tag}/"
-               f"seed{args.seed}")
-    checkpoint_path = out / "checkpoint.msgpack"
-    if args.resume and not checkpoint_path.exists():
-        raise SystemExit(f"--resume found no checkpoint at {checkpoint_path}; run without --resume to start.")
-    if not args.resume and checkpoint_path.exists():
-        raise SystemExit(f"{out} already holds a run; pass --resume to continue it or choose another --out.")
-    if not args.resume:
-        return out, None
-    saved = serialization.msgpack_restore(checkpoint_path.read_bytes())
-    saved_flags = json.loads(saved["flags"])
-    for name, value in run_flags(args).items():
-        if value != saved_flags.get(name):
-            raise SystemExit(f"--resume needs the interrupted run's flags, but --{name.replace('_', '-')} is "
-                             f"{value} here and {saved_flags.get(name)} in {checkpoint_path}.")
-    return out, saved
-
-
-def run_flags(args: Args) -> dict:
-    """The flags that define a run (all but --resume and --out), as JSON values."""
-    return json.loads(json.dumps({k: v for k, v in asdict(args).items() if k not in ("resume", "out")}))
-
-
 def main(argv: Optional[list[str]] = None) -> dict:
     args = tyro.cli(Args, args=argv)
     check_args(args)
-    out, saved = open_run(args)
-    wall_start = time.perf_counter()
-
+    out, saved = open_run(args, f"runs/iql/{args.data}/{args.source}_to_{args.target}-{args.quality}"
+                                f"{physics_tag(args)}/seed{args.seed}")
     seeds = [args.seed + k for k in range(args.num_seeds)]
     data, target_full, data_info = load_data(args, seeds)
     references = reference_info(args.target, target_full, args.physics, args.references)  # exits when unknown
-    ref_min, ref_max = references["random"], references["expert"]
-    data_info |= {"ref_min_score": ref_min, "ref_max_score": ref_max, "references": references["source"]}
+    ref_scores = (references["random"], references["expert"])
+    data_info |= {"ref_min_score": ref_scores[0], "ref_max_score": ref_scores[1], "references": references["source"]}
     init, train = make_train(args, target_full.obs_dim, target_full.act_dim)
     policy = make_policy(args, target_full.act_dim)
     hparams = Hyperparams(expectile=jnp.full(args.num_seeds, args.expectile, jnp.float32),
                           temperature=jnp.full(args.num_seeds, args.temperature, jnp.float32))
 
-    start = time.perf_counter()
-    runner = jax.jit(jax.vmap(init))(jnp.stack([jax.random.PRNGKey(seed) for seed in seeds]))
-    runner = jax.block_until_ready(runner)
-    compile_seconds = time.perf_counter() - start
-    start_step, evaluations = 0, []
-    if saved is not None:
-        runner = serialization.from_state_dict(runner, saved["runner"])
-        start_step, evaluations = int(saved["step"]), json.loads(saved["evaluations"])
-    shardings = run_shardings(args.num_seeds)
-    if shardings is not None:  # several accelerators: each trains its share of the seeds
-        per_run, shared = shardings
-        runner, hparams = jax.device_put((runner, hparams), per_run)
-        data = Data(source=jax.device_put(data.source, shared), target=jax.device_put(data.target, per_run))
-    elif jax.device_count() > 1:
-        print(f"{args.num_seeds} seeds do not divide among {jax.device_count()} devices: all run on the first.")
-
-    # One program per chunk length (--eval-every, and the remainder if --steps is not a multiple of it), compiled
-    # ahead of time: no chunk recompiles, and compile time is measured apart from training speed.
-    chunks = [min(args.eval_every, args.steps - step) for step in range(start_step, args.steps, args.eval_every)]
-    compiled = {}
-    for num_steps in sorted(set(chunks)):
-        start = time.perf_counter()
-        train_chunk = jax.jit(jax.vmap(partial(train, num_steps=num_steps),
-                                       in_axes=(0, Data(source=None, target=0), 0)))
-        compiled[num_steps] = train_chunk.lower(runner, data, hparams).compile()
-        compile_seconds += time.perf_counter() - start
-
-    def write_results(step: int, timing: Optional[dict]) -> dict:
-        final = evaluations[-1] if step == args.steps else None
-        results = {
-            "algo": "iql", "finished": final is not None, "step": step, "args": asdict(args), "seeds": seeds,
-            "data": data_info, "evaluations": evaluations,
-            "final": None if final is None else {key: value for key, value in final.items() if key != "losses"},
-            "timing": timing, "versions": package_versions()}
-        write_atomic(out / "results.json", json.dumps(results, indent=1).encode())
-        return results
-
-    out.mkdir(parents=True, exist_ok=True)
-    step, train_seconds, eval_seconds = start_step, 0.0, 0.0
-    if not chunks:  # --resume of a finished run: results.json again from the checkpoint, with its last timing
-        previous = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {}
-        results = write_results(step, previous.get("timing"))
-    pbar = tqdm(total=args.steps, initial=start_step, unit="step", dynamic_ncols=True,
-                desc=f"iql {args.data} {args.target} x{args.num_seeds}")
-    pbar.set_postfix(score=f"{evaluations[-1]['score_mean']:.1f}" if evaluations else "-")
-    for num_steps in chunks:
-        start = time.perf_counter()
-        runner, metrics = jax.block_until_ready(compiled[num_steps](runner, data, hparams))
-        train_seconds += time.perf_counter() - start
-        step += num_steps
-
-        start = time.perf_counter()
+    def evaluate_chunk(runner, step: int, metrics) -> dict:
         result = evaluate(policy, runner.state.actor.params, args.target, num_episodes=args.eval_episodes,
-                          seed=args.seed + step, ref_scores=(ref_min, ref_max),
-                              physics=args.physics)
-        eval_seconds += time.perf_counter() - start
-        evaluations.append(evaluation_entry(step, result, metrics))
+                          seed=args.seed + step, ref_scores=ref_scores, physics=args.physics)
+        return evaluation_entry(step, result, metrics)
 
-        # checkpoint first: if killed before results.json is rewritten, --resume rewrites it
-        checkpoint = {"runner": serialization.to_state_dict(jax.device_get(runner)), "step": step,
-                      "evaluations": json.dumps(evaluations), "flags": json.dumps(run_flags(args))}
-        write_atomic(out / "checkpoint.msgpack", serialization.msgpack_serialize(checkpoint))
-        timed_steps = step - start_step
-        results = write_results(step, {
-            "steps_per_second": timed_steps / train_seconds,  # gradient steps, every seed at once
-            "updates_per_second": timed_steps * args.num_seeds / train_seconds,
-            "compile_seconds": compile_seconds, "train_seconds": train_seconds, "eval_seconds": eval_seconds,
-            "wall_seconds": time.perf_counter() - wall_start, "timed_steps": timed_steps,
-            "resumed_from_step": start_step, "device_kind": jax.devices()[0].device_kind,
-            "platform": jax.default_backend(), "devices": jax.device_count() if shardings else 1})
+    def report(step: int, entry: dict, metrics) -> tuple[str, str]:
+        return f"score={entry['score_mean']:.1f}", (
+            f"step {step}: score {entry['score_mean']:.1f} +- {entry['score_std']:.1f}, return "
+            f"{entry['return_mean']:.1f}, critic loss {float(np.mean(metrics['critic_loss'])):.3g}")
 
-        latest = evaluations[-1]
-        pbar.update(num_steps)
-        pbar.set_postfix(score=f"{latest['score_mean']:.1f}")
-        tqdm.write(f"step {step}: score {latest['score_mean']:.1f} +- {latest['score_std']:.1f}, return "
-                   f"{latest['return_mean']:.1f}, critic loss {float(np.mean(metrics['critic_loss'])):.3g}")
-    pbar.close()
-
+    results = train_loop(args, out, saved, algo="iql", title=f"iql {args.data} {args.target} x{args.num_seeds}",
+                         init=init, keys=jnp.stack([jax.random.PRNGKey(seed) for seed in seeds]), train=train,
+                         inputs=(data, hparams), in_axes=(Data(source=None, target=0), 0), evaluate=evaluate_chunk,
+                         report=report, header={"data": data_info},
+                         advice="try --reward-scaling, a smaller --lr or a smaller --temperature")
     final = results["final"]
     data = f"{args.source_dataset or args.source} -> {args.target_dataset or f'{args.target} ({args.quality})'}"
     print(f"iql --data {args.data} {data}, seeds {seeds}: final score "
-          f"{final['score_mean']:.1f} +- {final['score_std']:.1f} after {step} steps; results in {out}")
+          f"{final['score_mean']:.1f} +- {final['score_std']:.1f} after {results['step']} steps; results in {out}")
     return results
 
 

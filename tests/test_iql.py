@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import serialization
 from jax.experimental.compilation_cache import compilation_cache
 
 from envs import load_dataset, subsample
@@ -248,7 +249,7 @@ def test_physics_and_references_flags_reach_the_evaluation(datasets, tmp_path, m
 
 
 def _runner_leaves(out: Path):
-    saved = iql.serialization.msgpack_restore((out / "checkpoint.msgpack").read_bytes())
+    saved = serialization.msgpack_restore((out / "checkpoint.msgpack").read_bytes())
     return saved["step"], jax.tree.leaves(saved["runner"])
 
 

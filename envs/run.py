@@ -1,0 +1,455 @@
+"""The run harness every algos/ script shares: flag checks, output folders and --resume, sharding over devices, the
+chunked and checkpointed training loop, cached pre-training stages, atomic strict-JSON files, fingerprints.
+
+An algos/ file holds its algorithm (networks, losses, the jitted `train`) and hands that to this module:
+
+    out, saved = open_run(args, default_out)                  # the folder; the checkpoint to continue with --resume
+    results = train_loop(args, out, saved, algo=..., init=init, train=train, keys=keys, inputs=(data, hparams),
+                         in_axes=(0, 0), evaluate=..., report=...)
+
+train(runner, *inputs, num_steps) -> (runner, metrics) trains one run for num_steps steps (a `jax.lax.scan`);
+train_loop vmaps it over the leading run axis (seeds, or a grid of settings x seeds), compiles one program per
+chunk length ahead of time, and after every --eval-every steps evaluates, checkpoints and rewrites results.json.
+
+Files of a run, in its folder (--out), each written to a temporary file beside it and renamed, so there whole or not
+at all:
+    results.json        strict JSON (a non-finite number is written as null): "algo", "finished" (false until the
+                        last step), "step", "args" (every flag), "seeds", the script's own keys ("data", "grid",
+                        "stages", "artifact", ...), "evaluations" (one entry per evaluation: step, per-run returns
+                        and scores, mean and std over seeds, the per-run losses of the chunk), "final" (the last
+                        evaluation without its losses, once finished), "timing" (steps_per_second: gradient steps of
+                        all runs at once; updates_per_second: times the runs; compile, train, eval and wall seconds;
+                        the device) and "versions" (package versions)
+    checkpoint.msgpack  {"runner": every run's train state and rng key, "step", "evaluations" (JSON), "flags" (JSON)}:
+                        written after every evaluation, before results.json; --resume continues from it and ends bit
+                        for bit where an uninterrupted run ends (on CPU), and refuses other flags
+Pre-training stages (run_stage, used by dvdf.py and v2a.py) cache what they train under --cache-dir:
+    <kind>-<sha>.msgpack   the first-seed parameters of a finished stage (params stacked over a seed axis of 1)
+    <kind>-<sha>.json      what it was trained on and how: "kind", "version", fingerprints, sizes, flags, "step",
+                           "steps", "finished", "final_losses"; <sha> is cache_key of everything the stage depends on
+    <kind>-<sha>.partial.msgpack   an unfinished stage's runner and step, saved about every minute: resumed there
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import platform
+import tempfile
+import time
+from dataclasses import asdict
+from functools import partial
+from importlib import metadata
+from pathlib import Path
+from typing import Callable, Optional
+
+import jax
+import numpy as np
+from flax import serialization
+from tqdm import tqdm
+
+from envs.domains import check_domain
+
+LOSS_LIMIT = 1e10  # a squared TD error beyond this (|Q - y| ~ 1e5) leaves any MuJoCo return scale float32 can fit
+STAGE_CHUNKS = (100, 1_000, 10_000)  # the chunk sizes a pre-training stage runs between two saves
+STAGE_SAVE_SECONDS = 60.0  # a stage saves and reports progress about this often, at most every 10,000 steps
+STAGE_SCRIPTS = {"sql": "sql_pretrain", "scorer": "igdf_scorer", "encoder": "v2a", "sqlz": "v2a"}
+VERSIONED_PACKAGES = ("jax", "jaxlib", "flax", "optax", "chex", "numpy", "gymnasium", "mujoco", "minari", "tyro")
+
+
+# ---------------------------------------------------------------- files
+def write_atomic(path: Path, content: bytes) -> None:
+    """Write to a temporary file of a unique name next to `path`, then rename it over `path`: whole or not at all,
+    and two processes writing the same file never share a temporary file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(content)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def finite_json(value):
+    """`value` with every non-finite float replaced by None, so that json.dumps writes strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: finite_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(item) for item in value]
+    return value
+
+
+def json_bytes(value) -> bytes:
+    """Strict JSON (NaN and infinities as null), indented one space, as every results file of the project."""
+    return json.dumps(finite_json(value), indent=1, allow_nan=False).encode()
+
+
+def package_versions() -> dict:
+    versions = {"python": platform.python_version()}
+    for name in VERSIONED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def fingerprint(arrays) -> str:
+    """A short sha256 of arrays: artefacts and caches name the exact data they were trained on."""
+    digest = hashlib.sha256()
+    for array in arrays:
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def dataset_arrays(dataset) -> tuple:
+    """The fields a dataset's fingerprint covers, in a fixed order."""
+    return (dataset.observations, dataset.actions, dataset.rewards, dataset.next_observations, dataset.terminals)
+
+
+def cache_key(inputs: dict) -> str:
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- flags and folders
+def need(ok: bool, message: str) -> None:
+    """Exit with `message`, one sentence naming the flag and its valid range, unless `ok`."""
+    if not ok:
+        raise SystemExit(message)
+
+
+def check_common_flags(args) -> None:
+    """The checks every script's flags share (each where the script has the flag)."""
+    for flag in ("source", "target"):
+        if getattr(args, flag, None) is not None:
+            check_domain(getattr(args, flag), flag=f"--{flag}")
+    for flag in ("steps", "eval_every", "eval_episodes", "num_seeds"):
+        if hasattr(args, flag):
+            need(getattr(args, flag) >= 1, f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}.")
+    if hasattr(args, "seed"):
+        need(args.seed >= 0, f"--seed must be 0 or more, got {args.seed}.")
+    if hasattr(args, "hidden"):
+        need(len(args.hidden) >= 1 and min(args.hidden) >= 1,
+             f"--hidden must be one or more positive layer widths, got {args.hidden}.")
+    if hasattr(args, "lr"):
+        need(args.lr > 0, f"--lr must be positive, got {args.lr}.")
+    if hasattr(args, "discount"):
+        need(0.0 <= args.discount <= 1.0, f"--discount must be in [0, 1], got {args.discount}.")
+    if hasattr(args, "tau"):
+        need(0.0 < args.tau <= 1.0, f"--tau must be in (0, 1], got {args.tau}.")
+
+
+def run_flags(args) -> dict:
+    """The flags that define a run (all but --resume and --out), as JSON values."""
+    return json.loads(json.dumps({k: v for k, v in asdict(args).items() if k not in ("resume", "out")}))
+
+
+def physics_tag(args) -> str:
+    """The default folders' suffix: the papers' physics names no folder, the v5 physics adds -v5physics."""
+    return "-v5physics" if getattr(args, "physics", None) == "v5" else ""
+
+
+def open_run(args, default_out: str) -> tuple[Path, Optional[dict]]:
+    """The output folder (--out, else `default_out`), and the checkpoint to continue with --resume (whose flags
+    must be this run's)."""
+    out = Path(args.out or default_out)
+    checkpoint_path = out / "checkpoint.msgpack"
+    if args.resume and not checkpoint_path.exists():
+        raise SystemExit(f"--resume found no checkpoint at {checkpoint_path}; run without --resume to start.")
+    if not args.resume and checkpoint_path.exists():
+        raise SystemExit(f"{out} already holds a run; pass --resume to continue it or choose another --out.")
+    if not args.resume:
+        return out, None
+    saved = serialization.msgpack_restore(checkpoint_path.read_bytes())
+    saved_flags = json.loads(saved["flags"])
+    for name, value in run_flags(args).items():
+        if value != saved_flags.get(name):
+            raise SystemExit(f"--resume needs the interrupted run's flags, but --{name.replace('_', '-')} is "
+                             f"{value} here and {saved_flags.get(name)} in {checkpoint_path}.")
+    return out, saved
+
+
+# ---------------------------------------------------------------- devices
+def run_shardings(num_runs: int):
+    """(per-run, shared) shardings that spread the leading run axis (the vmapped seeds) over every accelerator
+    and copy shared data to each, so one jitted program runs each device's share of the runs; None on a single
+    device, or when the runs do not divide evenly among the devices (then everything runs on the first)."""
+    devices = jax.devices()
+    if len(devices) < 2 or num_runs % len(devices):
+        return None
+    mesh = jax.sharding.Mesh(np.array(devices), ("runs",))
+    return (jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("runs")),
+            jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+
+
+def place(tree, in_axes, shardings):
+    """`tree` with each part whose vmap axis (in `in_axes`, a prefix of the tree) is 0 sharded over the run axis
+    and each part with axis None copied to every device."""
+    per_run, shared = shardings
+    return jax.tree.map(lambda axis, part: jax.device_put(part, shared if axis is None else per_run),
+                        in_axes, tree, is_leaf=lambda node: node is None)
+
+
+# ---------------------------------------------------------------- divergence
+def divergence(metrics: dict, value_bound: Optional[float]) -> Optional[str]:
+    """Why a chunk's metrics say training diverged, or None: a non-finite metric, a loss beyond LOSS_LIMIT, or a
+    mean Q beyond `value_bound` (a discounted return no reward of the data can reach: 10 max|r| / (1 - discount))."""
+    for name, value in metrics.items():
+        if not np.all(np.isfinite(np.asarray(value))):
+            return f"{name} is not finite"
+    for name, value in metrics.items():
+        if name.endswith("_loss") and float(np.max(np.abs(np.asarray(value)))) > LOSS_LIMIT:
+            return f"{name} reached {float(np.max(np.abs(np.asarray(value)))):.3g}, beyond {LOSS_LIMIT:.0e}"
+    if value_bound is not None and "q_mean" in metrics:
+        q_mean = float(np.max(np.abs(np.asarray(metrics["q_mean"]))))
+        if q_mean > value_bound:
+            return f"|mean Q| reached {q_mean:.3g}, beyond {value_bound:.3g}, ten times any discounted return of the data"
+    return None
+
+
+def value_bound_of(rewards, discount: float) -> float:
+    """Ten times the largest discounted return any reward of the data can add up to: a mean Q beyond it diverged."""
+    return 10.0 * float(np.abs(np.asarray(rewards)).max()) / max(1.0 - discount, 1e-3)
+
+
+# ---------------------------------------------------------------- results rows
+def losses_entry(metrics: dict) -> dict:
+    return {name: np.asarray(value, dtype=np.float64).tolist() for name, value in metrics.items()}
+
+
+def evaluation_entry(step: int, result, metrics) -> dict:
+    """One row of results.json: per-seed return and normalised score, their mean and std over seeds (ddof 0),
+    and the per-seed losses averaged over the chunk of steps that led here."""
+    returns = np.asarray(result.mean_return, dtype=np.float64)
+    scores = np.asarray(result.normalized_score, dtype=np.float64)
+    return {"step": step, "returns": returns.tolist(), "scores": scores.tolist(),
+            "return_mean": float(returns.mean()), "return_std": float(returns.std()),
+            "score_mean": float(scores.mean()), "score_std": float(scores.std()), "losses": losses_entry(metrics)}
+
+
+def grid_evaluation_entry(step: int, returns, scores, settings: list, losses, filter_stats: dict) -> dict:
+    """One row of results.json of a (lam, xi) grid: per-run return and score; per setting their mean and std over
+    seeds (ddof 0); over all runs only when there is one setting (then it is the usual mean +- std over seeds); the
+    per-run losses and filter diagnostics of the chunk of steps that led here."""
+    returns, scores = np.asarray(returns, dtype=np.float64), np.asarray(scores, dtype=np.float64)
+    per_setting = [(r, s) for r, s in zip(returns.reshape(len(settings), -1), scores.reshape(len(settings), -1))]
+    one_setting = len(settings) == 1
+    return {"step": step, "returns": returns.tolist(), "scores": scores.tolist(),
+            "by_setting": [{"lam": lam, "xi": xi, "return_mean": float(r.mean()), "return_std": float(r.std()),
+                            "score_mean": float(s.mean()), "score_std": float(s.std())}
+                           for (lam, xi), (r, s) in zip(settings, per_setting)],
+            "return_mean": float(returns.mean()) if one_setting else None,
+            "return_std": float(returns.std()) if one_setting else None,
+            "score_mean": float(scores.mean()) if one_setting else None,
+            "score_std": float(scores.std()) if one_setting else None,
+            "losses": losses_entry(losses), "filter": filter_stats}
+
+
+def without_losses(entry: dict) -> dict:
+    """The "final" of results.json: the last evaluation without its per-chunk diagnostics."""
+    return {key: value for key, value in entry.items() if key not in ("losses", "filter")}
+
+
+# ---------------------------------------------------------------- the training loop
+def train_loop(args, out: Path, saved: Optional[dict], *, algo: str, title: str, init, keys, train, inputs: tuple,
+               in_axes: tuple, evaluate: Callable, report: Callable, header: Optional[dict] = None,
+               final: Optional[Callable] = without_losses, before_checkpoint: Optional[Callable] = None,
+               losses_of: Callable = lambda metrics: metrics, value_bound: Optional[float] = None,
+               advice: str = "try a smaller --lr", timing: Optional[dict] = None) -> dict:
+    """Train every run of the leading run axis for args.steps steps, evaluating every args.eval_every steps.
+
+    init(key) -> runner and train(runner, *inputs, num_steps) -> (runner, metrics) are one run's; `keys` holds one
+    PRNG key per run and `in_axes` the vmap axes of `inputs` (0: one slice per run, None: shared by every run).
+    After each chunk: `evaluate(runner, step, metrics)` gives the chunk's evaluations entry, `before_checkpoint(runner,
+    step)` writes a script's own files (an artefact), then the checkpoint, then results.json: {"algo", "finished",
+    "step", "args", "seeds": args.seed .. args.seed + args.num_seeds - 1, **header, "evaluations", "final":
+    final(last entry) once finished, "timing" (with `timing` added), "versions"}. `report(step, entry, metrics)`
+    gives (progress-bar postfix, a line to print). A chunk whose losses_of(metrics) diverge (`divergence`) ends
+    the run with one sentence; nothing of that chunk is saved. Returns the last results written.
+    """
+    wall_start = time.perf_counter()
+    num_runs = len(keys)
+    start = time.perf_counter()
+    runner = jax.block_until_ready(jax.jit(jax.vmap(init))(keys))
+    compile_seconds = time.perf_counter() - start
+    start_step, evaluations = 0, []
+    if saved is not None:
+        runner = serialization.from_state_dict(runner, saved["runner"])
+        start_step, evaluations = int(saved["step"]), json.loads(saved["evaluations"])
+    shardings = run_shardings(num_runs)
+    if shardings is not None:  # several accelerators: each trains its share of the runs
+        runner, inputs = place(runner, 0, shardings), place(inputs, in_axes, shardings)
+    elif jax.device_count() > 1:
+        print(f"{num_runs} runs do not divide among {jax.device_count()} devices: all run on the first.")
+
+    # One program per chunk length (--eval-every, and the remainder if --steps is not a multiple of it), compiled
+    # ahead of time: no chunk recompiles, and compile time is measured apart from training speed.
+    chunks = [min(args.eval_every, args.steps - step) for step in range(start_step, args.steps, args.eval_every)]
+    compiled = {}
+    for num_steps in sorted(set(chunks)):
+        start = time.perf_counter()
+        chunk = jax.jit(jax.vmap(partial(train, num_steps=num_steps), in_axes=(0, *in_axes)))
+        compiled[num_steps] = chunk.lower(runner, *inputs).compile()
+        compile_seconds += time.perf_counter() - start
+
+    seeds = [args.seed + k for k in range(args.num_seeds)]
+
+    def write_results(step: int, run_timing: Optional[dict]) -> dict:
+        finished = step == args.steps
+        results = {"algo": algo, "finished": finished, "step": step, "args": asdict(args), "seeds": seeds,
+                   **(header or {}), "evaluations": evaluations,
+                   "final": final(evaluations[-1]) if finished and final is not None and evaluations else None,
+                   "timing": run_timing, "versions": package_versions()}
+        write_atomic(out / "results.json", json_bytes(results))
+        return finite_json(results)
+
+    out.mkdir(parents=True, exist_ok=True)
+    step, train_seconds, eval_seconds = start_step, 0.0, 0.0
+    results = None
+    if not chunks:  # --resume of a finished run: results.json again from the checkpoint, with its last timing
+        previous = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {}
+        results = write_results(step, previous.get("timing"))
+    pbar = tqdm(total=args.steps, initial=start_step, unit="step", dynamic_ncols=True, desc=title)
+    for num_steps in chunks:
+        start = time.perf_counter()
+        runner, metrics = jax.block_until_ready(compiled[num_steps](runner, *inputs))
+        train_seconds += time.perf_counter() - start
+        diverged = divergence(jax.device_get(losses_of(metrics)), value_bound)
+        if diverged:  # nothing of this chunk is saved: the last checkpoint and results stay the sound ones
+            kept = f"the checkpoint in {out} stays at step {step}" if step > 0 else "nothing was saved"
+            raise SystemExit(f"{algo.upper()} diverged in the {step}-{step + num_steps} chunk ({diverged}); {kept}. "
+                             f"{advice[0].upper() + advice[1:]}.")
+        step += num_steps
+
+        start = time.perf_counter()
+        evaluations.append(evaluate(runner, step, metrics))
+        eval_seconds += time.perf_counter() - start
+        if before_checkpoint is not None:
+            before_checkpoint(runner, step)
+        # checkpoint first: if killed before results.json is rewritten, --resume rewrites it
+        checkpoint = {"runner": serialization.to_state_dict(jax.device_get(runner)), "step": step,
+                      "evaluations": json.dumps(finite_json(evaluations)), "flags": json.dumps(run_flags(args))}
+        write_atomic(out / "checkpoint.msgpack", serialization.msgpack_serialize(checkpoint))
+        timed_steps = step - start_step
+        results = write_results(step, {
+            "steps_per_second": timed_steps / train_seconds,  # gradient steps, every run at once
+            "updates_per_second": timed_steps * num_runs / train_seconds,
+            "compile_seconds": compile_seconds, "train_seconds": train_seconds, "eval_seconds": eval_seconds,
+            **(timing or {}), "wall_seconds": time.perf_counter() - wall_start, "timed_steps": timed_steps,
+            "resumed_from_step": start_step, "device_kind": jax.devices()[0].device_kind,
+            "platform": jax.default_backend(), "devices": jax.device_count() if shardings else 1})
+
+        postfix, line = report(step, evaluations[-1], metrics)
+        pbar.update(num_steps)
+        if postfix:
+            pbar.set_postfix_str(postfix)
+        tqdm.write(line)
+    pbar.close()
+    return results
+
+
+# ---------------------------------------------------------------- cached pre-training stages
+def read_artifact(path: str, kind: str, flag: str, obs_dim: int, act_dim: int) -> tuple[dict, dict]:
+    """(the first seed's parameters, the artefact's description) of a stage's artefact, or one clear exit."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / f"{kind}.msgpack"
+    info_path = path.with_suffix(".json")
+    if not path.is_file() or not info_path.is_file():
+        raise SystemExit(f"{flag} {path} is not an artefact: give the {kind}.msgpack (with its {kind}.json beside it) "
+                         f"that algos/{STAGE_SCRIPTS.get(kind, kind)}.py wrote.")
+    info = json.loads(info_path.read_text())
+    if info.get("kind") != kind:
+        raise SystemExit(f"{flag} {path} holds a {info.get('kind')!r} artefact, not a {kind!r} one.")
+    if (info.get("obs_dim"), info.get("act_dim")) != (obs_dim, act_dim):
+        raise SystemExit(f"{flag} {path} was trained on observation/action sizes {info.get('obs_dim')}/"
+                         f"{info.get('act_dim')}, but the datasets here have {obs_dim}/{act_dim}.")
+    if not info.get("finished", False):
+        print(f"note: {flag} {path} is from step {info.get('step')} of {info.get('steps')}; its training did not "
+              f"finish.")
+    params = serialization.msgpack_restore(path.read_bytes())
+    return jax.tree.map(lambda x: x[0], params), info | {"path": str(path)}
+
+
+def stage_path(cache_dir: str, kind: str, info: dict) -> Path:
+    """Where a stage of this description is cached: <cache_dir>/<kind>-<cache_key(info)>.msgpack."""
+    return Path(cache_dir) / f"{kind}-{cache_key(info)}.msgpack"
+
+
+def cached_stage(cache_dir: str, kind: str, info: dict, obs_dim: int, act_dim: int):
+    """(params, info) of the finished stage of this description in the cache, or None."""
+    path = stage_path(cache_dir, kind, info)
+    if path.is_file() and path.with_suffix(".json").is_file():
+        params, saved = read_artifact(str(path), kind, f"the cached {kind} stage", obs_dim, act_dim)
+        return params, saved | {"origin": "cache"}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return None
+
+
+def save_stage(path: Path, partial_path: Path, artifact: dict, info: dict) -> tuple[dict, dict]:
+    """Cache a finished stage (artefact, then its description, then drop the partial file); its first-seed params."""
+    write_atomic(path, serialization.msgpack_serialize(artifact))
+    write_atomic(path.with_suffix(".json"), json_bytes(info))
+    partial_path.unlink(missing_ok=True)
+    return jax.tree.map(lambda x: x[0], artifact), info | {"path": str(path), "origin": "trained"}
+
+
+def stage_chunk(remaining: int, seconds_per_step: Optional[float]) -> int:
+    """The steps to run before the next save: the largest of STAGE_CHUNKS expected to take at most
+    STAGE_SAVE_SECONDS at the measured speed (the smallest while the speed is unknown or slow), and at most
+    `remaining`; a remainder below the smallest size runs as one chunk. Sizes from one short list keep compilations
+    to a handful."""
+    size = STAGE_CHUNKS[0]
+    if seconds_per_step is not None:
+        size = max([size] + [n for n in STAGE_CHUNKS if n * seconds_per_step <= STAGE_SAVE_SECONDS])
+    fitting = [n for n in STAGE_CHUNKS if n <= min(size, remaining)]
+    return max(fitting) if fitting else remaining
+
+
+def run_stage(title: str, path: Path, runner, train, in_axes: tuple, inputs: tuple, steps: int,
+              value_bound: Optional[float] = None, advice: str = "try a smaller --lr"):
+    """Train a pre-training stage for `steps` steps in chunks (stage_chunk) with a progress bar.
+
+    train(runner, *inputs, num_steps) -> (runner, metrics) is the stage's train for one seed, run vmapped with
+    in_axes over a seed axis of 1, as the stage's own script runs it. After every chunk the runner is saved to
+    <path>.partial.msgpack (the path is keyed by all the stage depends on), so an interrupted stage resumes there.
+    The first chunk is STAGE_CHUNKS[0] steps; later ones are sized to the measured speed, so a slow stage (the V2A
+    encoder on a CPU runs a few steps per second) still reports and saves about every minute. The chunking does not
+    change the result: a scan of a + b steps equals a scan of a then one of b. A chunk whose metrics diverge
+    (`divergence`, with `value_bound` for a value stage) stops the run with one sentence and is not saved.
+    """
+    partial_path = path.with_name(path.stem + ".partial.msgpack")
+    step = 0
+    if partial_path.exists():
+        saved = serialization.msgpack_restore(partial_path.read_bytes())
+        runner, step = serialization.from_state_dict(runner, saved["runner"]), int(saved["step"])
+        print(f"{title}: resuming from step {step} ({partial_path})")
+    compiled, metrics, seconds_per_step = {}, {}, None
+    pbar = tqdm(total=steps, initial=step, unit="step", dynamic_ncols=True, desc=title)
+    while step < steps:
+        num_steps = stage_chunk(steps - step, seconds_per_step)
+        if num_steps not in compiled:
+            chunk = jax.jit(jax.vmap(partial(train, num_steps=num_steps), in_axes=in_axes))
+            compiled[num_steps] = chunk.lower(runner, *inputs).compile()
+        start = time.perf_counter()
+        runner, metrics = compiled[num_steps](runner, *inputs)
+        runner = jax.block_until_ready(runner)
+        seconds_per_step = (time.perf_counter() - start) / num_steps
+        diverged = divergence(jax.device_get(metrics), value_bound)
+        if diverged:  # the partial file keeps the last sound chunk; nothing is cached
+            raise SystemExit(f"{title} diverged in steps {step}-{step + num_steps} ({diverged}); nothing of it is "
+                             f"cached: {advice}.")
+        step += num_steps
+        write_atomic(partial_path, serialization.msgpack_serialize(
+            {"runner": serialization.to_state_dict(jax.device_get(runner)), "step": step}))
+        pbar.update(num_steps)
+        pbar.set_postfix({name: f"{float(np.mean(value)):.3g}" for name, value in metrics.items()})
+    pbar.close()
+    return runner, {name: float(np.mean(value)) for name, value in metrics.items()}, partial_path
