@@ -4,7 +4,8 @@ Kostrikov, Nair and Levine, "Offline Reinforcement Learning with Implicit Q-Lear
 in the form the IGDF / DVDF / V2A authors ran it: expectile 0.7, temperature 3.0, a deterministic actor trained by
 advantage-weighted behaviour cloning with cosine learning-rate decay, batches of 128 source + 128 target
 transitions, no state or reward normalisation. The original IQL's Gaussian log-likelihood actor
-(`--actor gaussian`) and reward scaling (`--reward-scaling`) are flags. It is the backbone of IGDF, DVDF and V2A,
+(`--actor gaussian`) and reward scaling (`--reward-scaling`), and CORL's state standardisation
+(`--normalize-states`), are flags. It is the backbone of IGDF, DVDF and V2A,
 and with `--data target` / `--data merged` the papers' two IQL baselines.
 
     python algos/iql.py --source halfcheetah-kinematic --target halfcheetah --quality medium --num-seeds 5
@@ -122,6 +123,9 @@ class Args:
     """weighted squared error on tanh(mu(s)) (authors), or weighted Gaussian log-likelihood (original IQL)"""
     reward_scaling: bool = False
     """multiply rewards by 1000 / (max - min episode return), as the original IQL does on MuJoCo"""
+    normalize_states: bool = False
+    """standardise states by the mean and std (+ 1e-3) of the training data, as CORL's IQL does; the evaluation
+    policy standardises its observations the same way"""
 
 
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0  # the original IQL's state-independent log-std bounds
@@ -376,10 +380,11 @@ def episode_returns(dataset) -> np.ndarray:
     return np.bincount(episode_index, weights=dataset.rewards.astype(np.float64))
 
 
-def to_transitions(dataset, reward_scale: float) -> Transitions:
-    return Transitions(observations=dataset.observations, actions=dataset.actions,
+def to_transitions(dataset, reward_scale: float, state_mean, state_std) -> Transitions:
+    return Transitions(observations=(dataset.observations - state_mean) / state_std, actions=dataset.actions,
                        rewards=(dataset.rewards * reward_scale).astype(np.float32),
-                       next_observations=dataset.next_observations, terminals=dataset.terminals)
+                       next_observations=(dataset.next_observations - state_mean) / state_std,
+                       terminals=dataset.terminals)
 
 
 def load_data(args: Args, seeds: list[int]):
@@ -400,28 +405,44 @@ def load_data(args: Args, seeds: list[int]):
     size = {"count": args.target_size} if args.target_size else {"fraction": args.target_fraction}
     targets = [subsample(target_full, **size, seed=seed) for seed in seeds] if args.data != "source" else []
 
-    # The original IQL's scale, from the episode returns of the datasets trained on, before subsampling (a
-    # subsample's episodes are incomplete); one scale for both datasets keeps their rewards comparable.
+    # The original IQL's reward scale and CORL's state statistics, from the datasets trained on before subsampling
+    # (a subsample's episodes are incomplete); one scale and one standardisation for both datasets keep them
+    # comparable.
+    used = [d for d, on in ((source, args.data != "target"), (target_full, args.data != "source")) if on]
     reward_scale = 1.0
     if args.reward_scaling:
-        used = [d for d, on in ((source, args.data != "target"), (target_full, args.data != "source")) if on]
         returns = np.concatenate([episode_returns(d) for d in used])
         if returns.max() - returns.min() <= 0:
             raise SystemExit("--reward-scaling needs episodes with different returns, but every episode of the "
                              "training data has the same return.")
         reward_scale = float(1000.0 / (returns.max() - returns.min()))
+    state_mean, state_std = np.zeros(target_full.obs_dim, np.float32), np.ones(target_full.obs_dim, np.float32)
+    if args.normalize_states:
+        observations = np.concatenate([d.observations for d in used])
+        state_mean, state_std = observations.mean(0), observations.std(0) + np.float32(1e-3)
 
-    source_transitions = None if source is None else jax.device_put(to_transitions(source, reward_scale))
+    def transitions(dataset) -> Transitions:
+        return to_transitions(dataset, reward_scale, state_mean, state_std)
+
+    source_transitions = None if source is None else jax.device_put(transitions(source))
     target_transitions = None
     if targets:  # one subsample per seed, stacked along a leading seed axis
-        per_seed = [to_transitions(target, reward_scale) for target in targets]
-        target_transitions = jax.device_put(jax.tree.map(lambda *fields: np.stack(fields), *per_seed))
+        target_transitions = jax.device_put(jax.tree.map(lambda *fields: np.stack(fields),
+                                                         *[transitions(target) for target in targets]))
     data = Data(source=source_transitions, target=target_transitions)
     info = {"source_dataset": None if source is None else source.name,
             "source_size": None if source is None else source.size,
             "target_dataset": target_full.name, "target_full_size": target_full.size,
-            "target_size": targets[0].size if targets else 0, "reward_scale": reward_scale}
+            "target_size": targets[0].size if targets else 0, "reward_scale": reward_scale,
+            "state_mean": state_mean.tolist() if args.normalize_states else None,
+            "state_std": state_std.tolist() if args.normalize_states else None}
     return data, target_full, info
+
+
+def standardised(policy, state_mean, state_std):
+    """The policy on raw observations, for a policy trained on standardised ones (--normalize-states)."""
+    state_mean, state_std = jnp.asarray(state_mean, jnp.float32), jnp.asarray(state_std, jnp.float32)
+    return lambda actor_params, obs: policy(actor_params, (obs - state_mean) / state_std)
 
 
 # ---------------------------------------------------------------- main
@@ -437,6 +458,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     data_info |= {"ref_min_score": ref_scores[0], "ref_max_score": ref_scores[1], "references": references["source"]}
     init, train = make_train(args, target_full.obs_dim, target_full.act_dim)
     policy = make_policy(args, target_full.act_dim)
+    if args.normalize_states:
+        policy = standardised(policy, data_info["state_mean"], data_info["state_std"])
     hparams = Hyperparams(expectile=jnp.full(args.num_seeds, args.expectile, jnp.float32),
                           temperature=jnp.full(args.num_seeds, args.temperature, jnp.float32))
 

@@ -20,7 +20,6 @@ Outputs under --out (default runs/sac/<env>/seed<seed>):
 Every file is written to a temporary name and then renamed: it is there whole or not at all.
 """
 import json
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -41,6 +40,7 @@ from flax.training.train_state import TrainState
 from tqdm import tqdm
 
 from envs import check_domain, make_env
+from envs.run import write_atomic
 
 
 @dataclass
@@ -280,16 +280,6 @@ class ReplayBuffer:
 
 
 # ---------------------------------------------------------------- files
-def write_atomic(path: Path, write) -> None:
-    """Call write(file) on a temporary file next to `path`, then rename it over `path`."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def tree_to_arrays(prefix: str, tree) -> dict:
     return {prefix + jax.tree_util.keystr(path): np.asarray(leaf)
             for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
@@ -324,8 +314,8 @@ def write_logs(out: Path, history: list) -> None:
     jsonl = "".join(json.dumps(row) + "\n" for row in history)
     csv = "step,eval_return_mean,eval_return_std\n" + "".join(
         f"{row['step']},{row['eval_return_mean']:.4f},{row['eval_return_std']:.4f}\n" for row in history)
-    write_atomic(out / "metrics.jsonl", lambda f: f.write(jsonl.encode()))
-    write_atomic(out / "eval.csv", lambda f: f.write(csv.encode()))
+    write_atomic(out / "metrics.jsonl", jsonl)
+    write_atomic(out / "eval.csv", csv)
 
 
 # ---------------------------------------------------------------- evaluation
@@ -420,7 +410,7 @@ def main(args: Args) -> dict:
         if start_step >= args.total_steps:
             print(f"{checkpoint_path} is already at step {start_step} >= --total-steps {args.total_steps}.")
             return history[-1] if history else {}
-    write_atomic(out / "args.json", lambda f: f.write(json.dumps(asdict(args), indent=2).encode()))
+    write_atomic(out / "args.json", json.dumps(asdict(args), indent=2))
 
     update = jax.jit(make_update(args, act_dim), donate_argnums=0)
     sample_action, deterministic_action = make_policies(state.actor.apply_fn)

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: envs/, benchmarks/
-from benchmarks.common import write_atomic  # noqa: E402
+from envs.run import write_atomic  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MIXTURE = "crossdomain/mix/halfcheetah-kinematic-random-expert-v0"

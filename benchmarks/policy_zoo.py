@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import write_atomic  # noqa: E402
+from envs.run import write_atomic  # noqa: E402
 
 from envs.domains import check_domain, domain_info  # noqa: E402
 from envs.generate import POLICY_DIR, REFERENCES, Policy, policy_return  # noqa: E402

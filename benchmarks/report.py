@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: envs/, benchmarks/
-from benchmarks.common import write_atomic  # noqa: E402
+from envs.run import write_atomic  # noqa: E402
 from benchmarks.sweep import configurations  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -39,7 +39,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import write_atomic  # noqa: E402
+from envs.run import write_atomic  # noqa: E402
 from envs.datasets import Dataset, save_hdf5  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"

@@ -23,7 +23,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.common import write_atomic  # noqa: E402
+from envs.run import write_atomic  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 VARIANTS = {

@@ -48,7 +48,7 @@ import tomllib
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: envs/, benchmarks/
-from benchmarks.common import write_atomic  # noqa: E402
+from envs.run import write_atomic  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC_KEYS = {"out", "num_seeds", "seed", "pairs", "qualities", "flags", "grid", "algos"}

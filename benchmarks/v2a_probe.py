@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: envs/, benchmarks/
-from benchmarks.common import write_atomic  # noqa: E402
+from envs.run import write_atomic  # noqa: E402
 
 from envs.datasets import load_dataset  # noqa: E402
 from envs.generate import MIXTURES, check_mixture, mixture_id  # noqa: E402

@@ -40,8 +40,6 @@ sentence that says what to do.
 """
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import json
 import os
 import tempfile
@@ -50,8 +48,8 @@ from dataclasses import dataclass, replace as dataclass_replace
 import h5py
 import numpy as np
 
-QUALITIES = ("random", "medium", "medium-replay", "expert", "medium-expert")
-GENERATED_NAMESPACE = "crossdomain"  # the papers' physics; v5 physics: crossdomain-v5
+from envs.catalog import QUALITIES, generated_dataset_id, generated_namespace  # noqa: F401 (re-exported)
+
 MINARI_V5_NAMESPACE = "mujoco/"  # Minari's own MuJoCo datasets, collected in Gymnasium's v5 environments
 EPISODE_METADATA_KEYS = ("domain", "quality", "policy")  # read from episode infos when no list is stored
 ANT_OBS_DIM = 27
@@ -108,16 +106,6 @@ class Dataset:
     @property
     def act_dim(self) -> int:
         return self.actions.shape[1]
-
-
-def generated_namespace(physics: str = "papers") -> str:
-    """The Minari namespace of this project's generated datasets in a physics: crossdomain, crossdomain-v5."""
-    return GENERATED_NAMESPACE if physics == "papers" else f"{GENERATED_NAMESPACE}-{physics}"
-
-
-def generated_dataset_id(domain: str, quality: str, physics: str = "papers") -> str:
-    """The Minari id under which this project's generator stores the dataset of (domain, quality, physics)."""
-    return f"{generated_namespace(physics)}/{domain}/{quality}-v0"
 
 
 def reduce_ant_observations(observations: np.ndarray) -> np.ndarray:
@@ -203,11 +191,11 @@ def _minari_exists(dataset_id: str) -> bool:
 
 
 def _find_generator():
-    """Hook for the dataset generator: envs/generate.py's ensure_dataset(domain, quality) makes and stores the
-    dataset under generated_dataset_id(domain, quality). None while that module does not exist."""
-    if importlib.util.find_spec("envs.generate") is None:
-        return None
-    return importlib.import_module("envs.generate")
+    """envs/generate.py, whose ensure_dataset(domain, quality, physics) makes and stores a generated dataset,
+    imported only when one is asked for (loading a file needs no simulator); the one import between the two
+    modules runs this way (generate.py takes the dataset names from envs/catalog.py)."""
+    from envs import generate
+    return generate
 
 
 def _load_generated(domain: str, quality: str, physics: str) -> Dataset:

@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from envs.datasets import QUALITIES, generated_dataset_id, generated_namespace
+from envs.catalog import QUALITIES, generated_dataset_id, generated_namespace
 from envs.domains import DEFAULT_PHYSICS, PHYSICS, check_domain, check_physics, domain_info, make_env
 
 POLICY_DIR = Path(__file__).parent / "policies"

@@ -42,7 +42,7 @@ from dataclasses import asdict
 from functools import partial
 from importlib import metadata
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import jax
 import numpy as np
@@ -59,14 +59,18 @@ VERSIONED_PACKAGES = ("jax", "jaxlib", "flax", "optax", "chex", "numpy", "gymnas
 
 
 # ---------------------------------------------------------------- files
-def write_atomic(path: Path, content: bytes) -> None:
-    """Write to a temporary file of a unique name next to `path`, then rename it over `path`: whole or not at all,
-    and two processes writing the same file never share a temporary file."""
+def write_atomic(path: Path, content: Union[bytes, str, Callable]) -> None:
+    """Write `content` (bytes, text, or a function that writes to a binary file) to a temporary file of a unique
+    name next to `path`, then rename it over `path`: whole or not at all, and two processes writing the same file
+    never share a temporary file."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(content)
+            if callable(content):
+                content(f)
+            else:
+                f.write(content.encode() if isinstance(content, str) else content)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -2,6 +2,7 @@
 seeds, --resume equals an uninterrupted run bit for bit, and a tiny end-to-end run writes a well-formed
 results.json. Tiny networks and a few hundred steps: whether IQL learns is a benchmark, not a test."""
 import contextlib
+import dataclasses
 import importlib.util
 import io
 import json
@@ -305,6 +306,23 @@ def test_reward_scaling_uses_the_episode_return_range(datasets):
     returns = iql.episode_returns(target_full)
     assert len(returns) == 10 and data.source is None
     assert info["reward_scale"] == pytest.approx(float(1000.0 / (returns.max() - returns.min())))
+
+
+def test_state_normalisation_standardises_by_the_training_data_and_the_policy_sees_raw_states(datasets):
+    args = iql.Args(source_dataset=datasets["source"], target_dataset=datasets["target"], target_size=50,
+                    normalize_states=True)
+    data, target_full, info = iql.load_data(args, [0])
+    source = load_dataset(datasets["source"])
+    observations = np.concatenate([source.observations, target_full.observations])  # full datasets, not subsamples
+    mean, std = observations.mean(0), observations.std(0) + 1e-3
+    np.testing.assert_allclose(info["state_mean"], mean, rtol=1e-5)
+    np.testing.assert_allclose(info["state_std"], std, rtol=1e-5)
+    np.testing.assert_allclose(data.source.observations, (source.observations - mean) / std, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(data.source.next_observations, (source.next_observations - mean) / std,
+                               rtol=1e-4, atol=1e-5)
+    policy = iql.standardised(lambda params, obs: obs * params, mean, std)
+    np.testing.assert_allclose(policy(2.0, jnp.asarray(mean + std)), 2.0 * np.ones_like(mean), rtol=1e-5)
+    assert iql.load_data(dataclasses.replace(args, normalize_states=False), [0])[2]["state_mean"] is None
 
 
 @pytest.mark.parametrize("flags, message", [

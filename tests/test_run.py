@@ -1,0 +1,171 @@
+"""The run harness of envs/run.py: atomic strict-JSON files, the flag checks every script shares, open_run and
+--resume, the chunked training loop (checkpoint, results, resume, divergence guard), on a tiny hand-checkable train
+function; the cached-stage helpers are exercised through dvdf.py and v2a.py in their own tests."""
+import dataclasses
+import json
+from pathlib import Path
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import serialization
+
+from envs import run
+
+
+# ---------------------------------------------------------------- files
+def test_write_atomic_takes_bytes_text_or_a_writer_and_leaves_no_temporary_file(tmp_path):
+    run.write_atomic(tmp_path / "a.bin", b"\x00\x01")
+    run.write_atomic(tmp_path / "b.txt", "text")
+    run.write_atomic(tmp_path / "c.bin", lambda f: f.write(b"written"))
+    assert (tmp_path / "a.bin").read_bytes() == b"\x00\x01" and (tmp_path / "b.txt").read_text() == "text"
+    assert (tmp_path / "c.bin").read_bytes() == b"written"
+
+    def fails(f):
+        f.write(b"half")
+        raise OSError("No space left on device")
+
+    with pytest.raises(OSError):
+        run.write_atomic(tmp_path / "b.txt", fails)
+    assert (tmp_path / "b.txt").read_text() == "text"  # the old file is whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin", "b.txt", "c.bin"]
+
+
+def test_results_are_strict_json_with_null_for_non_finite_numbers():
+    value = {"a": float("nan"), "b": [1.5, float("inf"), {"c": -float("inf")}], "d": (2, "x"), "e": None}
+    assert run.finite_json(value) == {"a": None, "b": [1.5, None, {"c": None}], "d": [2, "x"], "e": None}
+    text = run.json_bytes(value).decode()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == {"a": None, "b": [1.5, None, {"c": None}], "d": [2, "x"], "e": None}
+
+
+def test_fingerprint_and_cache_key_name_exact_contents():
+    a = (np.arange(4, dtype=np.float32), np.ones(2, dtype=np.float32))
+    assert run.fingerprint(a) == run.fingerprint((a[0].copy(), a[1].copy())) and len(run.fingerprint(a)) == 16
+    assert run.fingerprint(a) != run.fingerprint((a[0] + 1, a[1]))
+    assert run.cache_key({"x": 1, "y": [2]}) == run.cache_key({"y": [2], "x": 1})  # key order does not matter
+    assert run.cache_key({"x": 1}) != run.cache_key({"x": 2})
+
+
+# ---------------------------------------------------------------- flags and folders
+@dataclasses.dataclass
+class Args:
+    steps: int = 30
+    eval_every: int = 10
+    seed: int = 0
+    num_seeds: int = 2
+    lr: float = 0.1
+    increment: float = 1.0
+    out: Optional[str] = None
+    resume: bool = False
+
+
+def test_common_flag_checks_name_the_flag_and_its_range():
+    run.check_common_flags(Args())
+    for change, message in [({"steps": 0}, "--steps must be at least 1, got 0."),
+                            ({"eval_every": -1}, "--eval-every must be at least 1, got -1."),
+                            ({"seed": -2}, "--seed must be 0 or more, got -2."),
+                            ({"lr": 0.0}, "--lr must be positive, got 0.0.")]:
+        with pytest.raises(SystemExit) as error:
+            run.check_common_flags(dataclasses.replace(Args(), **change))
+        assert str(error.value) == message
+
+    @dataclasses.dataclass
+    class WithDomain:
+        source: str = "halfcheetah-kinematc"
+
+    with pytest.raises(SystemExit, match="--source"):
+        run.check_common_flags(WithDomain())
+
+
+def test_open_run_refuses_to_overwrite_and_resume_needs_the_same_flags(tmp_path):
+    out = tmp_path / "run"
+    assert run.open_run(Args(out=str(out)), "unused") == (out, None)
+    with pytest.raises(SystemExit, match="found no checkpoint"):
+        run.open_run(Args(out=str(out), resume=True), "unused")
+    out.mkdir()
+    (out / "checkpoint.msgpack").write_bytes(serialization.msgpack_serialize(
+        {"runner": {}, "step": 10, "evaluations": "[]", "flags": json.dumps(run.run_flags(Args()))}))
+    with pytest.raises(SystemExit, match="already holds a run; pass --resume"):
+        run.open_run(Args(out=str(out)), "unused")
+    with pytest.raises(SystemExit, match="--lr is 0.2 here and 0.1 in"):
+        run.open_run(Args(out=str(out), resume=True, lr=0.2), "unused")
+    assert run.open_run(Args(out=str(out), resume=True), "unused")[1]["step"] == 10
+    assert run.run_flags(Args(out="x", resume=True)) == run.run_flags(Args())  # --out and --resume define no run
+
+
+# ---------------------------------------------------------------- the training loop
+def init(key):
+    return {"w": jnp.zeros(3), "key": key}
+
+
+def train(runner, increment, *, num_steps):
+    """w grows by `increment` a step; the chunk's loss is the mean over its steps of sum(w) before the step."""
+    def step(runner, _):
+        return {"w": runner["w"] + increment, "key": runner["key"]}, jnp.sum(runner["w"])
+
+    runner, losses = jax.lax.scan(step, runner, None, length=num_steps)
+    return runner, {"critic_loss": losses.mean()}
+
+
+def loop(args: Args, out: Path, saved=None, report=None):
+    seeds = [args.seed + k for k in range(args.num_seeds)]
+    return run.train_loop(
+        args, out, saved, algo="fake", title="fake", init=init, keys=jnp.stack([jax.random.PRNGKey(s) for s in seeds]),
+        train=train, inputs=(jnp.float32(args.increment),), in_axes=(None,),
+        evaluate=lambda runner, step, metrics: {"step": step, "w": np.asarray(runner["w"][:, 0]).tolist(),
+                                                "nan": float("nan"), "losses": run.losses_entry(metrics)},
+        report=report or (lambda step, entry, metrics: ("", f"step {step}")), header={"data": {"n": 1}})
+
+
+def test_the_loop_trains_every_run_checkpoints_and_writes_strict_results(tmp_path):
+    results = loop(Args(), tmp_path)
+    assert results["finished"] and results["step"] == 30 and results["seeds"] == [0, 1]
+    assert [entry["w"] for entry in results["evaluations"]] == [[10.0, 10.0], [20.0, 20.0], [30.0, 30.0]]
+    # chunk 2 (steps 11-20): sum(w) before each step is 3 * (10 .. 19), mean 3 * 14.5
+    assert results["evaluations"][1]["losses"]["critic_loss"] == [43.5, 43.5]
+    assert results["final"] == {"step": 30, "w": [30.0, 30.0], "nan": None}  # without the losses
+    written = json.loads((tmp_path / "results.json").read_text())
+    assert written == results and written["data"] == {"n": 1} and written["timing"]["timed_steps"] == 30
+    assert list(written)[:5] == ["algo", "finished", "step", "args", "seeds"]
+    saved = serialization.msgpack_restore((tmp_path / "checkpoint.msgpack").read_bytes())
+    assert int(saved["step"]) == 30
+    np.testing.assert_array_equal(saved["runner"]["w"], np.full((2, 3), 30.0))
+
+
+def test_an_interrupted_loop_resumes_from_its_checkpoint(tmp_path):
+    def interrupt(step, entry, metrics):
+        if step == 20:
+            raise KeyboardInterrupt
+        return "", ""
+
+    with pytest.raises(KeyboardInterrupt):
+        loop(Args(out=str(tmp_path)), tmp_path, report=interrupt)
+    assert json.loads((tmp_path / "results.json").read_text())["finished"] is False
+    out, saved = run.open_run(Args(out=str(tmp_path), resume=True), "unused")
+    results = loop(Args(out=str(tmp_path), resume=True), out, saved)
+    assert [entry["step"] for entry in results["evaluations"]] == [10, 20, 30]
+    assert results["final"]["w"] == [30.0, 30.0] and results["timing"]["resumed_from_step"] == 20
+
+
+def test_a_diverging_loop_stops_with_one_sentence_and_keeps_the_last_sound_checkpoint(tmp_path):
+    # chunk means 13.5 d and 43.5 d: with d = 5e8 the second chunk's loss (2.175e10) passes LOSS_LIMIT (1e10)
+    with pytest.raises(SystemExit) as error:
+        loop(Args(increment=5e8), tmp_path)
+    text = str(error.value)
+    assert text.startswith("FAKE diverged in the 10-20 chunk (critic_loss reached 2.17e+10, beyond 1e+10)")
+    assert f"the checkpoint in {tmp_path} stays at step 10" in text and text.endswith("Try a smaller --lr.")
+    assert int(serialization.msgpack_restore((tmp_path / "checkpoint.msgpack").read_bytes())["step"]) == 10
+    with pytest.raises(SystemExit, match=r"FAKE diverged in the 0-10 chunk \(critic_loss is not finite\); nothing was saved"):
+        loop(Args(increment=float("inf")), tmp_path / "inf")
+
+
+def test_divergence_names_what_left_its_bounds():
+    bound = run.value_bound_of(np.array([-2.0, 1.0]), discount=0.99)
+    assert bound == pytest.approx(2000.0)
+    assert run.divergence({"q_mean": np.array([150.0, -199.0]), "value_loss": np.array([1.0, 2.0])}, bound) is None
+    assert run.divergence({"q_mean": np.array([10.0, -2100.0]), "value_loss": np.array([1.0])}, bound).startswith(
+        "|mean Q| reached 2.1e+03, beyond 2e+03")
+    assert run.divergence({"critic_loss": np.array([np.nan])}, None) == "critic_loss is not finite"
