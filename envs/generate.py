@@ -263,7 +263,8 @@ def generate(domain: str, quality: str, size: int | None = None, seed: int = 0, 
     check_physics(physics)
     if quality not in QUALITIES:
         raise SystemExit(f"Unknown quality '{quality}': choose one of {', '.join(QUALITIES)}.")
-    size = default_size(domain, quality) if size is None else size
+    usual = default_size(domain, quality)
+    size = usual if size is None else size
     if size < 1:
         raise SystemExit(f"--size must be a positive number of transitions, got {size}.")
     dataset_id = dataset_id or generated_dataset_id(domain, quality, physics)
@@ -273,7 +274,7 @@ def generate(domain: str, quality: str, size: int | None = None, seed: int = 0, 
                    f"re-simulation.")
     fingerprint = zoo_fingerprint([piece[1:] for piece in pieces], reference_returns(domain), physics)
     return _store(dataset_id, pieces, fingerprint, seed, force, {"domain": domain, "quality": quality}, description,
-                  physics)
+                  physics, usual)
 
 
 def generate_mixture(name: str, seed: int = 0, force: bool = False, physics: str = DEFAULT_PHYSICS):
@@ -286,26 +287,39 @@ def generate_mixture(name: str, seed: int = 0, force: bool = False, physics: str
     description = (f"mixture {name}: whole trajectories, {parts}; {physics} physics, seed {seed}; episode_metadata "
                    f"names each episode's domain and quality; the reference scores are those of {first}.")
     return _store(mixture_id(name, physics), pieces, zoo_fingerprint(pieces, reference_returns(first), physics), seed,
-                  force, {"mixture": json.dumps(components)}, description, physics)
+                  force, {"mixture": json.dumps(components)}, description, physics,
+                  sum(size for _, _, size in components))
+
+
+def made_by_hand(existing, usual_size: int) -> bool:
+    """Whether a stored dataset was asked for with another seed or size than the generator's own (seed 0, the
+    default size): a user's, never replaced without --force; the generator's own are a cache it remakes when the
+    zoo changes."""
+    return existing.storage.metadata.get("seed", 0) != 0 or existing.total_steps != usual_size
 
 
 def _store(dataset_id: str, pieces, fingerprint: str, seed: int, force: bool, metadata: dict, description: str,
-           physics: str = DEFAULT_PHYSICS):
+           physics: str = DEFAULT_PHYSICS, usual_size: int | None = None):
     """Roll out the (domain, policy, transitions, label) pieces in order and store them under dataset_id, unless
-    a dataset of that id, fingerprint, seed and size is there already."""
+    a dataset of that id, fingerprint, seed and size is there already. A different dataset of that id is replaced
+    only with `force`, or when it is the generator's own of an older zoo; it is deleted only once the new episodes
+    are rolled out, so an interrupted generation leaves it in place."""
     import minari
     from minari.data_collector import EpisodeBuffer
 
     size = sum(count for _, _, count, _ in pieces)
+    replacing = None
     if dataset_id in minari.list_local_datasets():
         existing = minari.load_dataset(dataset_id)
         same = (existing.storage.metadata.get("zoo_fingerprint") == fingerprint
                 and existing.storage.metadata.get("seed") == seed and existing.total_steps == size)
         if same and not force:
             return existing
-        print(f"Replacing {dataset_id}: " + ("--force given." if same else "it was made from other policies, "
-                                             "another seed or size."), flush=True)
-        minari.delete_dataset(dataset_id)
+        if not force and made_by_hand(existing, size if usual_size is None else usual_size):
+            raise SystemExit(f"{dataset_id} already holds a dataset of {existing.total_steps:,} transitions (seed "
+                             f"{existing.storage.metadata.get('seed')}) made with other settings; it is kept: pass "
+                             f"--force to replace it, or --id to store this one under another id.")
+        replacing = "--force given." if same else "it was made from other policies, another seed or size."
     first_domain = pieces[0][0]
     ref_min, ref_max = reference_returns(first_domain)
     rng = np.random.default_rng(seed)
@@ -313,6 +327,9 @@ def _store(dataset_id: str, pieces, fingerprint: str, seed: int, force: bool, me
     with tqdm(total=size, desc=f"{dataset_id}", unit="transition", unit_scale=True, file=sys.stdout) as bar:
         for domain, policy, count, label in pieces:
             episodes += rollout(domain, policy, count, rng, seed * 1_000_000 + len(episodes), label, bar, physics)
+    if replacing is not None:  # only now: the new episodes are complete
+        print(f"Replacing {dataset_id}: {replacing}", flush=True)
+        minari.delete_dataset(dataset_id)
     buffers = [EpisodeBuffer(id=i, observations=e["observations"], actions=e["actions"], rewards=e["rewards"],
                              terminations=e["terminations"], truncations=e["truncations"], infos=e["infos"])
                for i, e in enumerate(episodes)]
@@ -341,8 +358,16 @@ def ensure_dataset(domain: str, quality: str, physics: str = DEFAULT_PHYSICS) ->
         if exists:
             return
         raise
-    if exists and minari.load_dataset(dataset_id).storage.metadata.get("zoo_fingerprint") == fingerprint:
-        return
+    if exists:
+        existing = minari.load_dataset(dataset_id)
+        if existing.storage.metadata.get("zoo_fingerprint") == fingerprint:
+            return
+        if made_by_hand(existing, size):
+            raise SystemExit(f"{dataset_id} in the local Minari store holds {existing.total_steps:,} transitions of "
+                             f"seed {existing.storage.metadata.get('seed')}, not the {size:,} of seed 0 that a script "
+                             f"asking for {domain} {quality} trains on; it is kept. Name it to train on it "
+                             f"(--source-dataset / --target-dataset {dataset_id}), or replace it with: python -m "
+                             f"envs.generate --domain {domain} --quality {quality} --force")
     _announce(dataset_id, size)
     start = time.time()
     generate(domain, quality, physics=physics)

@@ -210,3 +210,29 @@ def test_heterogeneous_sources_mix_two_shifted_domains_at_several_qualities():
         assert mixtures[f"{task}-kinematic-morph-medium-expert"] == [(f"{task}-kinematic", "medium", 500_000),
                                                                      (f"{task}-morph", "expert", 500_000)]
     assert set(generate.HETEROGENEOUS_TARGET_QUALITIES) == {"medium", "expert"}
+
+
+def test_a_dataset_a_user_made_is_never_deleted(zoo, monkeypatch):
+    """Issue 23 case 2: a 500-transition dataset made by hand under the default id is kept when a script asks for
+    the default one (one sentence says how to use or replace it), is replaced only with --force, and an interrupted
+    replacement leaves it in place."""
+    dataset_id = "crossdomain/hopper-kinematic/medium-v0"
+    generate.main(["--domain", "hopper-kinematic", "--quality", "medium", "--size", "500"])
+    with pytest.raises(SystemExit) as error:
+        load_dataset(domain="hopper-kinematic", quality="medium")
+    assert str(error.value).startswith(f"{dataset_id} in the local Minari store holds 500 transitions of seed 0, not "
+                                       f"the 1,000,000 of seed 0") and "--force" in str(error.value)
+    with pytest.raises(SystemExit, match="already holds a dataset of 500 transitions .* pass --force to replace it"):
+        generate.main(["--domain", "hopper-kinematic", "--quality", "medium", "--size", "600"])
+    assert minari.load_dataset(dataset_id).total_steps == 500
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(generate, "rollout", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            generate.main(["--domain", "hopper-kinematic", "--quality", "medium", "--size", "600", "--force"])
+    assert minari.load_dataset(dataset_id).total_steps == 500  # still whole
+    generate.main(["--domain", "hopper-kinematic", "--quality", "medium", "--size", "600", "--force"])
+    assert minari.load_dataset(dataset_id).total_steps == 600
