@@ -31,6 +31,8 @@ Pre-training stages (run_stage, used by dvdf.py and v2a.py) cache what they trai
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import math
@@ -74,8 +76,12 @@ def write_atomic(path: Path, content: Union[bytes, str, Callable]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise SystemExit(f"The disk of {path.parent} is full: {path.name} was not written (a previous "
+                             f"{path.name} there is still whole). Free some space, then run the same command again "
+                             f"(with --resume for a run that has a checkpoint).") from None
         raise
 
 
@@ -160,18 +166,67 @@ def physics_tag(args) -> str:
     return "-v5physics" if getattr(args, "physics", None) == "v5" else ""
 
 
+_LOCKS: dict = {}  # path -> file descriptor of each lock this process holds
+
+
+def lock(path: Path, holder: str, wait: bool = False) -> int:
+    """Hold an exclusive lock on the file `path` (created if missing) until this process ends: a second process
+    asking for it stops with one sentence naming `holder`, or with `wait` waits for the first to finish. This
+    process may ask again for a lock it holds (a resumed main() in the same interpreter)."""
+    key = str(Path(path).resolve())
+    if key in _LOCKS:
+        return _LOCKS[key]
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        if not wait:
+            os.close(fd)
+            raise SystemExit(f"Another process is writing {holder} ({path} is locked); wait for it to finish or "
+                             f"choose another --out.")
+        print(f"waiting for another process that is writing {holder} ({path})", flush=True)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    _LOCKS[key] = fd
+    return fd
+
+
+def unlock(path: Path) -> None:
+    """Release a lock this process holds (the lock file stays: removing it would race with a waiting process)."""
+    fd = _LOCKS.pop(str(Path(path).resolve()), None)
+    if fd is not None:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def read_checkpoint(path: Path) -> dict:
+    """The checkpoint at `path`, or one sentence when it cannot be read."""
+    try:
+        saved = serialization.msgpack_restore(path.read_bytes())
+        json.loads(saved["flags"]), json.loads(saved["evaluations"]), int(saved["step"])
+        return saved
+    except Exception as error:  # msgpack, JSON and key errors of a truncated or overwritten file
+        raise SystemExit(f"{path} cannot be read ({type(error).__name__}): it is truncated or corrupt. Move it "
+                         f"aside to start this run again from step 0, or put back a copy of it.") from None
+
+
 def open_run(args, default_out: str) -> tuple[Path, Optional[dict]]:
-    """The output folder (--out, else `default_out`), and the checkpoint to continue with --resume (whose flags
-    must be this run's)."""
+    """The output folder (--out, else `default_out`), created and locked for this process, and the checkpoint to
+    continue with --resume (whose flags must be this run's). --resume of a run that has no checkpoint yet (one
+    cut off in a pre-training stage, whose progress its --cache-dir keeps) starts it."""
     out = Path(args.out or default_out)
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"--out {out} is a file, not a folder: name a folder for the run's files.")
+    out.mkdir(parents=True, exist_ok=True)
+    lock(out / ".lock", f"the run in {out}")
     checkpoint_path = out / "checkpoint.msgpack"
-    if args.resume and not checkpoint_path.exists():
-        raise SystemExit(f"--resume found no checkpoint at {checkpoint_path}; run without --resume to start.")
     if not args.resume and checkpoint_path.exists():
         raise SystemExit(f"{out} already holds a run; pass --resume to continue it or choose another --out.")
-    if not args.resume:
+    if not checkpoint_path.exists():
+        if args.resume:
+            print(f"note: --resume found no checkpoint at {checkpoint_path}: the run starts at step 0 (a "
+                  f"pre-training stage it had begun continues from its cache).", flush=True)
         return out, None
-    saved = serialization.msgpack_restore(checkpoint_path.read_bytes())
+    saved = read_checkpoint(checkpoint_path)
     saved_flags = json.loads(saved["flags"])
     for name, value in run_flags(args).items():
         if value != saved_flags.get(name):
@@ -266,7 +321,7 @@ def train_loop(args, out: Path, saved: Optional[dict], *, algo: str, title: str,
                in_axes: tuple, evaluate: Callable, report: Callable, header: Optional[dict] = None,
                final: Optional[Callable] = without_losses, before_checkpoint: Optional[Callable] = None,
                losses_of: Callable = lambda metrics: metrics, value_bound: Optional[float] = None,
-               advice: str = "try a smaller --lr", timing: Optional[dict] = None) -> dict:
+               advice: str = "try a smaller --lr", timing: Optional[dict] = None, name: Optional[str] = None) -> dict:
     """Train every run of the leading run axis for args.steps steps, evaluating every args.eval_every steps.
 
     init(key) -> runner and train(runner, *inputs, num_steps) -> (runner, metrics) are one run's; `keys` holds one
@@ -276,7 +331,8 @@ def train_loop(args, out: Path, saved: Optional[dict], *, algo: str, title: str,
     "step", "args", "seeds": args.seed .. args.seed + args.num_seeds - 1, **header, "evaluations", "final":
     final(last entry) once finished, "timing" (with `timing` added), "versions"}. `report(step, entry, metrics)`
     gives (progress-bar postfix, a line to print). A chunk whose losses_of(metrics) diverge (`divergence`) ends
-    the run with one sentence; nothing of that chunk is saved. Returns the last results written.
+    the run with one sentence that starts with `name` (default: the algo in capitals) and ends with `advice`;
+    nothing of that chunk is saved. Returns the last results written.
     """
     wall_start = time.perf_counter()
     num_runs = len(keys)
@@ -328,8 +384,8 @@ def train_loop(args, out: Path, saved: Optional[dict], *, algo: str, title: str,
         diverged = divergence(jax.device_get(losses_of(metrics)), value_bound)
         if diverged:  # nothing of this chunk is saved: the last checkpoint and results stay the sound ones
             kept = f"the checkpoint in {out} stays at step {step}" if step > 0 else "nothing was saved"
-            raise SystemExit(f"{algo.upper()} diverged in the {step}-{step + num_steps} chunk ({diverged}); {kept}. "
-                             f"{advice[0].upper() + advice[1:]}.")
+            raise SystemExit(f"{name or algo.upper()} diverged in the {step}-{step + num_steps} chunk ({diverged}); "
+                             f"{kept}. {advice[0].upper() + advice[1:]}.")
         step += num_steps
 
         start = time.perf_counter()
@@ -356,10 +412,25 @@ def train_loop(args, out: Path, saved: Optional[dict], *, algo: str, title: str,
             pbar.set_postfix_str(postfix)
         tqdm.write(line)
     pbar.close()
+    unlock(out / ".lock")  # the run is done: another process may --resume it (a finished run rewrites results)
     return results
 
 
 # ---------------------------------------------------------------- cached pre-training stages
+class CorruptArtifact(SystemExit):
+    """An artefact or cache entry that cannot be read: one sentence for a user's artefact; a cache entry is set
+    aside and trained again."""
+
+
+def set_aside(path: Path) -> Path:
+    """Rename a corrupt file to <name>.corrupt-<time> beside it (never delete what may be a user's) and say so."""
+    aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.replace(path, aside)
+    print(f"note: {path} could not be read (truncated or corrupt); it is kept as {aside.name} and made again.",
+          flush=True)
+    return aside
+
+
 def read_artifact(path: str, kind: str, flag: str, obs_dim: int, act_dim: int) -> tuple[dict, dict]:
     """(the first seed's parameters, the artefact's description) of a stage's artefact, or one clear exit."""
     path = Path(path)
@@ -369,7 +440,13 @@ def read_artifact(path: str, kind: str, flag: str, obs_dim: int, act_dim: int) -
     if not path.is_file() or not info_path.is_file():
         raise SystemExit(f"{flag} {path} is not an artefact: give the {kind}.msgpack (with its {kind}.json beside it) "
                          f"that algos/{STAGE_SCRIPTS.get(kind, kind)}.py wrote.")
-    info = json.loads(info_path.read_text())
+    try:
+        info = json.loads(info_path.read_text())
+        params = serialization.msgpack_restore(path.read_bytes())
+    except Exception as error:  # a truncated or overwritten file
+        raise CorruptArtifact(f"{flag} {path} cannot be read ({type(error).__name__}): it or {info_path.name} is "
+                              f"truncated or corrupt; train it again with algos/{STAGE_SCRIPTS.get(kind, kind)}.py "
+                              f"or give another artefact.") from None
     if info.get("kind") != kind:
         raise SystemExit(f"{flag} {path} holds a {info.get('kind')!r} artefact, not a {kind!r} one.")
     if (info.get("obs_dim"), info.get("act_dim")) != (obs_dim, act_dim):
@@ -378,7 +455,6 @@ def read_artifact(path: str, kind: str, flag: str, obs_dim: int, act_dim: int) -
     if not info.get("finished", False):
         print(f"note: {flag} {path} is from step {info.get('step')} of {info.get('steps')}; its training did not "
               f"finish.")
-    params = serialization.msgpack_restore(path.read_bytes())
     return jax.tree.map(lambda x: x[0], params), info | {"path": str(path)}
 
 
@@ -388,12 +464,19 @@ def stage_path(cache_dir: str, kind: str, info: dict) -> Path:
 
 
 def cached_stage(cache_dir: str, kind: str, info: dict, obs_dim: int, act_dim: int):
-    """(params, info) of the finished stage of this description in the cache, or None."""
+    """(params, info) of the finished stage of this description in the cache, or None: then this process holds the
+    entry's lock (<kind>-<sha>.lock; a second run that needs the same stage waits for it, then reads the cache)
+    until save_stage caches what it trained. A corrupt entry is set aside and trained again."""
     path = stage_path(cache_dir, kind, info)
-    if path.is_file() and path.with_suffix(".json").is_file():
-        params, saved = read_artifact(str(path), kind, f"the cached {kind} stage", obs_dim, act_dim)
-        return params, saved | {"origin": "cache"}
     path.parent.mkdir(parents=True, exist_ok=True)
+    lock(path.with_suffix(".lock"), f"the cached {kind} stage", wait=True)
+    if path.is_file() and path.with_suffix(".json").is_file():
+        try:
+            params, saved = read_artifact(str(path), kind, f"the cached {kind} stage", obs_dim, act_dim)
+            unlock(path.with_suffix(".lock"))
+            return params, saved | {"origin": "cache"}
+        except CorruptArtifact:
+            set_aside(path), set_aside(path.with_suffix(".json"))
     return None
 
 
@@ -402,6 +485,7 @@ def save_stage(path: Path, partial_path: Path, artifact: dict, info: dict) -> tu
     write_atomic(path, serialization.msgpack_serialize(artifact))
     write_atomic(path.with_suffix(".json"), json_bytes(info))
     partial_path.unlink(missing_ok=True)
+    unlock(path.with_suffix(".lock"))
     return jax.tree.map(lambda x: x[0], artifact), info | {"path": str(path), "origin": "trained"}
 
 
@@ -432,9 +516,12 @@ def run_stage(title: str, path: Path, runner, train, in_axes: tuple, inputs: tup
     partial_path = path.with_name(path.stem + ".partial.msgpack")
     step = 0
     if partial_path.exists():
-        saved = serialization.msgpack_restore(partial_path.read_bytes())
-        runner, step = serialization.from_state_dict(runner, saved["runner"]), int(saved["step"])
-        print(f"{title}: resuming from step {step} ({partial_path})")
+        try:
+            saved = serialization.msgpack_restore(partial_path.read_bytes())
+            runner, step = serialization.from_state_dict(runner, saved["runner"]), int(saved["step"])
+            print(f"{title}: resuming from step {step} ({partial_path})")
+        except Exception:  # a truncated or overwritten partial file: the stage starts again
+            set_aside(partial_path)
     compiled, metrics, seconds_per_step = {}, {}, None
     pbar = tqdm(total=steps, initial=step, unit="step", dynamic_ncols=True, desc=title)
     while step < steps:

@@ -2,7 +2,10 @@
 --resume, the chunked training loop (checkpoint, results, resume, divergence guard), on a tiny hand-checkable train
 function; the cached-stage helpers are exercised through dvdf.py and v2a.py in their own tests."""
 import dataclasses
+import errno
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -13,6 +16,8 @@ import pytest
 from flax import serialization
 
 from envs import run
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 # ---------------------------------------------------------------- files
@@ -80,12 +85,12 @@ def test_common_flag_checks_name_the_flag_and_its_range():
         run.check_common_flags(WithDomain())
 
 
-def test_open_run_refuses_to_overwrite_and_resume_needs_the_same_flags(tmp_path):
+def test_open_run_refuses_to_overwrite_and_resume_needs_the_same_flags(tmp_path, capsys):
     out = tmp_path / "run"
     assert run.open_run(Args(out=str(out)), "unused") == (out, None)
-    with pytest.raises(SystemExit, match="found no checkpoint"):
-        run.open_run(Args(out=str(out), resume=True), "unused")
-    out.mkdir()
+    # --resume before any checkpoint (a run cut off in a pre-training stage): it starts, and says so
+    assert run.open_run(Args(out=str(out), resume=True), "unused") == (out, None)
+    assert "--resume found no checkpoint" in capsys.readouterr().out
     (out / "checkpoint.msgpack").write_bytes(serialization.msgpack_serialize(
         {"runner": {}, "step": 10, "evaluations": "[]", "flags": json.dumps(run.run_flags(Args()))}))
     with pytest.raises(SystemExit, match="already holds a run; pass --resume"):
@@ -94,6 +99,62 @@ def test_open_run_refuses_to_overwrite_and_resume_needs_the_same_flags(tmp_path)
         run.open_run(Args(out=str(out), resume=True, lr=0.2), "unused")
     assert run.open_run(Args(out=str(out), resume=True), "unused")[1]["step"] == 10
     assert run.run_flags(Args(out="x", resume=True)) == run.run_flags(Args())  # --out and --resume define no run
+
+
+def test_out_naming_a_file_and_a_corrupt_checkpoint_end_in_one_sentence(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit, match=r"^--out .*file is a file, not a folder"):
+        run.open_run(Args(out=str(tmp_path / "file")), "unused")
+    for content in (b"", b"\x93\x01garbage", serialization.msgpack_serialize({"step": 3})):  # empty, random, keyless
+        out = tmp_path / f"run{len(content)}"
+        out.mkdir()
+        (out / "checkpoint.msgpack").write_bytes(content)
+        with pytest.raises(SystemExit) as error:
+            run.open_run(Args(out=str(out), resume=True), "unused")
+        assert str(error.value).startswith(f"{out / 'checkpoint.msgpack'} cannot be read")
+        assert "Move it aside to start this run again" in str(error.value)
+
+
+def test_a_run_folder_is_locked_against_a_second_process(tmp_path):
+    run.open_run(Args(out=str(tmp_path / "run")), "unused")  # this process holds the lock now
+    second = subprocess.run([sys.executable, "-c", "import sys; from envs import run; "
+                             f"run.lock(__import__('pathlib').Path({str(tmp_path / 'run' / '.lock')!r}), 'the run')"],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert second.returncode == 1 and second.stderr.strip().startswith("Another process is writing the run (")
+    assert "Traceback" not in second.stderr
+    run.open_run(Args(out=str(tmp_path / "run"), resume=True), "unused")  # this process may open it again
+
+
+def test_a_full_disk_ends_in_one_sentence_and_leaves_no_partial_file(tmp_path):
+    (tmp_path / "results.json").write_text("{}")
+
+    def full(f):
+        f.write(b"{")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(SystemExit) as error:
+        run.write_atomic(tmp_path / "results.json", full)
+    assert str(error.value).startswith(f"The disk of {tmp_path} is full: results.json was not written")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+    assert (tmp_path / "results.json").read_text() == "{}"
+
+
+def test_a_corrupt_cache_entry_is_set_aside_and_a_corrupt_artefact_named(tmp_path, capsys):
+    info = {"kind": "sql", "obs_dim": 3, "act_dim": 1, "steps": 5}
+    path = run.stage_path(str(tmp_path), "sql", info)
+    tmp_path.mkdir(exist_ok=True)
+    path.write_bytes(b"\x00truncated")
+    path.with_suffix(".json").write_text(json.dumps(info | {"finished": True}))
+    with pytest.raises(SystemExit, match=r"cannot be read \(.*\): it or .*json is truncated or corrupt; train it "
+                                         r"again with algos/sql_pretrain.py"):
+        run.read_artifact(str(path), "sql", "--sql-artifact", 3, 1)
+    assert run.cached_stage(str(tmp_path), "sql", info, 3, 1) is None  # to be trained again
+    assert not path.exists() and len(list(tmp_path.glob(f"{path.name}.corrupt-*"))) == 1  # kept, renamed
+    assert "could not be read (truncated or corrupt)" in capsys.readouterr().out
+    artifact = {"value": {"w": np.ones((1, 2), np.float32)}}
+    params, saved = run.save_stage(path, tmp_path / "none.partial.msgpack", artifact, info | {"finished": True})
+    assert run.cached_stage(str(tmp_path), "sql", info, 3, 1)[1]["origin"] == "cache"
+    np.testing.assert_array_equal(params["value"]["w"], np.ones(2))
 
 
 # ---------------------------------------------------------------- the training loop
