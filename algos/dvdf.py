@@ -2,66 +2,38 @@
 
 Qiao et al., "Cross-Domain Offline Policy Adaptation with Dynamics- and Value-Aligned Data Filtering" (DVDF),
 arXiv:2512.02435, on top of IGDF (Wen et al., ICML 2024, arXiv:2405.06192) and IQL (Kostrikov et al., ICLR 2022).
-The whole pipeline in one file, in three stages:
-    1. SQL pre-training (Xu et al., ICLR 2023) on the SOURCE dataset: frozen critics Q1, Q2 and value V, whose
-       advantage A(s, a) = min(Q1, Q2)(s, a) - V(s) (online critics) says how good a source action is.
-    2. IGDF's contrastive dynamics scorer, trained on target transitions against source next states (binary
-       NCE): the dynamics score h(s, a, s') = cos(phi(s, a), psi(s')) says how target-like a source transition is.
-    3. Filtered IQL. Per step: B source and B target transitions (the authors' 128 + 128); for the source batch
-       g = lam h + (1 - lam) Norm(A), Norm(A) = (A - min_batch A) / (max_batch A - min_batch A + 1e-8); keep the
-       top int(B xi) source samples by g; one IQL step on kept source + target: V loss and actor unweighted, Q loss
-       weighted by exp(h) on kept source samples and 1 on target samples (the authors' code; `--weighting
-       g_indicator` weights kept source samples by g instead, the paper's notation, which can be negative).
-    Evaluation: --eval-episodes episodes of the deterministic action tanh(mu(s)) per run in the target domain,
-    normalised with the target domain's reference returns; seed k plays the same episodes in every setting.
 
     python algos/dvdf.py --source halfcheetah-kinematic --target halfcheetah --quality medium --num-seeds 5
     python algos/dvdf.py ... --lam 1                           # IGDF
     python algos/dvdf.py ... --lam 0 0.3 0.7 1 --xi 0.3 0.5    # a lam x xi x seed grid in one program
 
-The grid. --lam and --xi accept several values; every (lam, xi, seed) is one run of the same jitted program
-(`jax.jit(jax.vmap(train))` over a flat axis, lam outermost, seed innermost, sharded across the accelerators when
-there are several); results.json lists the grid. lam and the kept count int(B xi) are traced values, so the grid
-compiles once. The top-k is a rank mask, not a gather: the
-rank of each source sample in the batch (how many samples have a higher g, ties going to the lower index) is
-compared with the kept count, and dropped samples are masked out of every loss, which is a mean over the
-kept source and target samples (sum over the mask / number kept). This is exactly the authors' concatenate-and-mean,
-with a kept count that may differ between runs. int(B xi) is computed on the host in float64, as Python's int(B *
-xi) (in float32, 10 * 0.7 is 6.9999995). Runs of the same seed start from the same initialisation and draw the same
-batch indices whatever lam and xi: common random numbers across settings.
+One training step, in the numbering the code cites (the IQL losses cite IQL's equations):
+    1. Draw B source and B target transitions (the authors' 128 + 128).
+    2. For the source batch: the dynamics score h(s, a, s') = cos(phi(s, a), psi(s')) of IGDF's frozen contrastive
+       scorer (how target-like a transition is) and the advantage A(s, a) = min(Q1, Q2)(s, a) - V(s) of frozen SQL
+       critics and value (how good its action is), Norm(A) = (A - min_batch A) / (max_batch A - min_batch A + 1e-8).
+    3. The filter score g = lam h + (1 - lam) Norm(A).
+    4. Keep the top int(B xi) source samples by g (a rank mask: dropped samples are masked out of every loss).
+    5. One IQL step on kept source + target: V loss and actor unweighted, Q loss weighted by exp(h) on kept source
+       samples and 1 on target samples (the authors' code).
+    6. `--weighting g_indicator` weights kept source samples by g instead (the paper's notation; g can be negative).
+The frozen inputs are pre-trained first, once with --seed and its target subsample, and cached under --cache-dir
+(keyed by the datasets' fingerprints, the stage's flags and the seed, so a sweep trains them once; envs/run.py):
+stage 1/3 SQL (Xu et al., ICLR 2023) on the source, as algos/sql_pretrain.py makes it; stage 2/3 IGDF's scorer, a
+binary NCE of target transitions against source next states, as algos/igdf_scorer.py makes it (--sql-artifact and
+--scorer-artifact take those scripts' artefacts instead). Stage 3/3 trains every (lam, xi, seed) run of the grid in
+one jitted program (lam outermost, seed innermost; lam and int(B xi) are traced). Evaluation: --eval-episodes
+episodes of tanh(mu(s)) per run in the target domain, normalised with its reference returns. Seed k of an N-seed run
+equals the 1-seed run with --seed <seed + k> given the same stages.
 
-Stages 1 and 2 are frozen inputs of stage 3, trained once, with the first seed (--seed) and its target subsample,
-and shared by every (lam, xi, seed) of the grid. They are cached under --cache-dir as
-`<stage>-<sha of its inputs>.msgpack` (+ `.json`, what it was trained on), keyed by the fingerprints (sha256) of the
-datasets, the stage's flags and the seed, so a sweep over lam and xi trains them once; an interrupted stage resumes
-from `<stage>-<sha>.partial.msgpack`. --sql-artifact and --scorer-artifact take artefacts of
-algos/sql_pretrain.py and algos/igdf_scorer.py instead (their first seed); a cached stage is such an artefact
-too. The SQL stage splits its rng exactly as sql_pretrain.py and the scorer stage as igdf_scorer.py, so the cache
-holds what those scripts make with the same flags and --seed. Seed k of an N-seed run equals the 1-seed run with
---seed <seed + k> given the same stage artefacts. The scorer holds out --holdout-fraction of each dataset and
-reports its separation (ROC AUC of h, held-out target above held-out source) in results.json.
-
-Outputs in --out (default runs/<dvdf|igdf>/<source>_to_<target>-<quality>/lam<lams>_xi<xis>/seed<seed>), written
-atomically:
-    results.json        flags, the grid, the stages (where they came from, the scorer's separation), every
-                        evaluation (per-run return and score, per-setting mean and std over seeds, losses, and the
-                        filter's diagnostics below), the final scores, timing and package versions
-    checkpoint.msgpack  everything --resume needs; a resumed run ends bit for bit where an uninterrupted one would
-Filter diagnostics per evaluation and run, over the source samples of every step since the last evaluation: the
-mean dynamics score h, SQL advantage A, filter score g of kept and of dropped samples, the mean Q weight of kept
-samples, and, where the source dataset carries per-episode metadata (episode_metadata: "quality", "domain"), for
-each value: its share of the kept samples (kept_share), of the drawn samples (batch_share), and the fraction of its
-drawn samples that were kept (keep_rate).
+Outputs in --out (default runs/<dvdf|igdf>/<source>_to_<target>-<quality>/lam<lams>_xi<xis>/seed<seed>), as
+envs/run.py describes; results.json adds the grid, its settings, the stages (where each came from, the scorer's
+held-out separation) and per evaluation each setting's mean and std over seeds and the filter's diagnostics
+(envs/diagnostics.py: h, A and g of kept and dropped source samples, and each episode-metadata group's share).
 """
-import hashlib
-import json
-import os
-import platform
 import sys
 import time
-from dataclasses import asdict, dataclass
-from functools import partial
-from importlib import metadata
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, Optional
 
@@ -77,9 +49,13 @@ import optax
 import tyro
 from flax import serialization
 from flax.training.train_state import TrainState
-from tqdm import tqdm
 
-from envs import check_domain, domain_info, evaluate, load_dataset, reference_info, subsample
+from envs import domain_info, evaluate, load_dataset, reference_info, subsample
+from envs.diagnostics import (SOURCE_HOLDOUT_SEED, episode_groups, filter_diagnostics, filter_sums, held_out,
+                              held_out_separation, holdout_split)
+from envs.run import (cached_stage, check_common_flags, dataset_arrays, fingerprint, grid_evaluation_entry, need,
+                      open_run, physics_tag, read_artifact, run_stage, save_stage, stage_path, train_loop,
+                      value_bound_of)
 
 Quality = Literal["random", "medium", "medium-replay", "medium-expert", "expert"]
 
@@ -183,17 +159,7 @@ class Args:
 
 
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0  # the original IQL's state-independent log-std bounds
-HOLDOUT_MAX = 10_000  # held-out transitions per dataset at most: enough for a precise AUC, cheap to score
-SOURCE_HOLDOUT_SEED = 0  # the source hold-out is the same for every seed, so seed k equals a 1-seed run
-GROUP_KEYS = ("quality", "domain")  # per-episode metadata whose share among kept samples is reported
-STAGE_CHUNKS = (100, 1_000, 10_000)  # the chunk sizes a pre-training stage runs between two saves
-STAGE_SAVE_SECONDS = 60.0  # a stage saves and reports progress about this often, at most every 10,000 steps
 CACHE_VERSION = 1  # part of every stage's cache key: bump it when a stage's computation changes
-
-
-def default_alpha(source: str) -> float:
-    """DVDF's configs: alpha 0.2 for Ant, 0.1 for HalfCheetah, Hopper and Walker2d."""
-    return 0.2 if domain_info(source).task == "ant" else 0.1
 
 
 # ---------------------------------------------------------------- networks
@@ -258,7 +224,7 @@ class Scorer(nn.Module):
         return sa_repr, next_repr
 
 
-# ---------------------------------------------------------------- train states and data
+# ---------------------------------------------------------------- train state and data
 class IQLState(NamedTuple):
     actor: TrainState
     critic: TrainState
@@ -282,7 +248,7 @@ class Transitions(NamedTuple):
 
 class Data(NamedTuple):
     source: Transitions  # shared by every run
-    source_groups: tuple  # per key of GROUP_KEYS the dataset has: [N_source] int32 label of each transition
+    source_groups: tuple  # per metadata key the dataset has: [N_source] int32 label of each transition
     target: Transitions  # one subsample per seed, stacked along a leading seed axis; runs index it by seed_index
 
 
@@ -302,93 +268,31 @@ class Hyperparams(NamedTuple):
     seed_index: jax.Array  # int32, which seed's target subsample the run trains on
 
 
-class SQLState(NamedTuple):
-    critic: TrainState
-    critic_target_params: Any
-    value: TrainState
-
-
-class SQLRunner(NamedTuple):
-    state: SQLState
-    rng: jax.Array
-
-
-class SQLHyperparams(NamedTuple):
-    alpha: jax.Array
-
-
-class ScorerRunner(NamedTuple):
-    """One seed's whole scorer training state; many seeds stack it along a leading axis."""
-    state: TrainState
-    rng: jax.Array
-
-
-class ScorerData(NamedTuple):
-    target_observations: jax.Array  # [N_t, obs_dim] target transitions: the positives and the rows
-    target_actions: jax.Array  # [N_t, act_dim]
-    target_next_observations: jax.Array  # [N_t, obs_dim]
-    source_next_observations: jax.Array  # [N_s, obs_dim] source next states: the shared negatives
-
-
-# ---------------------------------------------------------------- stage losses (as sql_pretrain.py, igdf_scorer.py)
-def sql_value_loss(v, target_q, alpha):
-    """SQL's sparse value loss on u = min(Q1', Q2')(s, a) - V(s) with the target critics; returns (loss, u).
-
-    mean(1[1 + u / (2 alpha) > 0] (1 + u / (2 alpha))^2 + V(s) / alpha): the squared hinge pushes V up towards
-    the Q of in-sample actions, the linear term pushes it down; their balance is a sparse "max" over actions.
-    """
-    advantage = target_q - v
-    hinge = 1.0 + advantage / (2.0 * alpha)
-    return (jnp.where(hinge > 0, hinge**2, 0.0) + v / alpha).mean(), advantage
-
-
-def critic_loss(q, target, weight):
-    """Sum over the two critics of mean_i weight_i (Q_k(s_i, a_i) - y_i)^2 (IQL eq. 6).
-
-    q: [2, B]; target, weight: [B]. weight is 1 for plain IQL; DVDF/IGDF pass exp(h) per source sample.
-    """
-    per_sample = ((q - target) ** 2).sum(0)
-    chex.assert_equal_shape([weight, per_sample])  # a [B, 1] weight would broadcast to [B, B] (IGDF's bug)
-    return (weight * per_sample).mean()
-
-
-def nce_loss(sa_repr, target_next_repr, source_next_repr):
-    """IGDF's binary NCE; returns (loss, logits [B, B]).
-
-    sa_repr, target_next_repr: [B, D] from B target transitions; source_next_repr: [B - 1, D], the negatives
-    shared by every row. logits_i0 = phi_i . psi(s'_i) (label 1), logits_ij = phi_i . psi(source s'_j) (label 0);
-    the loss is the mean over all B x B entries of the binary cross-entropy with logits.
-    """
-    batch, dim = sa_repr.shape
-    chex.assert_shape([target_next_repr], (batch, dim))
-    chex.assert_shape([source_next_repr], (batch - 1, dim))
-    positive = (sa_repr * target_next_repr).sum(-1, keepdims=True)
-    negatives = sa_repr @ source_next_repr.T
-    logits = jnp.concatenate([positive, negatives], axis=1)
-    labels = jnp.zeros_like(logits).at[:, 0].set(1.0)
-    return optax.sigmoid_binary_cross_entropy(logits, labels).mean(), logits
-
-
+# ---------------------------------------------------------------- the filter (DVDF steps 2-4) and the Q weights (5-6)
 def dynamics_score(sa_repr, next_repr, eps=1e-8):
     """h(s, a, s') = cos(phi(s, a), psi(s')) in [-1, 1], per transition (torch's cosine_similarity, eps 1e-8)."""
     norms = jnp.linalg.norm(sa_repr, axis=-1) * jnp.linalg.norm(next_repr, axis=-1)
     return (sa_repr * next_repr).sum(-1) / jnp.maximum(norms, eps)
 
 
-# ---------------------------------------------------------------- the filter
 def normalise_advantage(advantage):
-    """Norm(A) = (A - min_batch A) / (max_batch A - min_batch A + 1e-8), in [0, 1) over the source batch."""
+    """Norm(A) = (A - min_batch A) / (max_batch A - min_batch A + 1e-8), in [0, 1) (DVDF step 2)."""
     low, high = advantage.min(), advantage.max()
     return (advantage - low) / (high - low + 1e-8)
 
 
 def filter_score(dynamics_score, advantage, lam):
-    """g = lam h + (1 - lam) Norm(A) (DVDF): lam = 1 ranks by the dynamics score alone (IGDF), lam = 0 by A."""
+    """g = lam h + (1 - lam) Norm(A) (DVDF step 3): lam = 1 ranks by the dynamics score alone (IGDF), lam = 0 by A."""
     return lam * dynamics_score + (1.0 - lam) * normalise_advantage(advantage)
 
 
+def keep_count(source_size: int, xi: float) -> int:
+    """The kept count int(B xi) of DVDF step 4, on the host in float64 as the authors' Python computes it."""
+    return int(source_size * xi)
+
+
 def keep_mask(score, keep_count):
-    """1.0 on the keep_count samples with the highest score, 0.0 elsewhere: exactly keep_count ones.
+    """1.0 on the keep_count samples with the highest score, 0.0 elsewhere: exactly keep_count ones (DVDF step 4).
 
     The rank of sample i is the number of samples with a higher score plus those with an equal score and a lower
     index (lax.top_k's tie rule); keep rank < keep_count. A mask instead of a gather keeps shapes static, so
@@ -400,8 +304,8 @@ def keep_mask(score, keep_count):
 
 
 def q_weights(dynamics_score, score, keep, target_size: int, weighting: str):
-    """Per-sample Q-loss weights of [source batch, target batch]: exp(h) (or g) on kept source samples, 0 on
-    dropped ones (masked out anyway), 1 on target samples."""
+    """Per-sample Q-loss weights of [source batch, target batch]: exp(h) (DVDF step 5, the authors' code) or g (step
+    6, the paper's notation) on kept source samples, 0 on dropped ones (masked out anyway), 1 on target samples."""
     source_weight = jnp.exp(dynamics_score) if weighting == "exp_h" else score
     return jnp.concatenate([keep * source_weight, jnp.ones(target_size, keep.dtype)])
 
@@ -449,143 +353,6 @@ def gaussian_actor_loss(mean, log_std, actions, weight, mask):
     log_prob = (-0.5 * ((actions - mean) / jnp.exp(log_std)) ** 2 - log_std - 0.5 * jnp.log(2 * jnp.pi)).sum(-1)
     chex.assert_equal_shape([weight, log_prob])
     return -masked_mean(weight * log_prob, mask)
-
-
-# ---------------------------------------------------------------- stage 1: SQL (sql_pretrain.py's critics and value)
-def make_sql_train(hidden, lr, batch_size, discount, tau, obs_dim, act_dim, layer_norm: bool = False):
-    """init(rng) -> SQLRunner and train(runner, source, hparams, num_steps): sql_pretrain.py without the policy."""
-    critic_net, value_net = TwinCritic(hidden, layer_norm), ValueNet(hidden, layer_norm)
-
-    def init(rng) -> SQLRunner:
-        rng, _actor_key, critic_key, value_key = jax.random.split(rng, 4)  # sql_pretrain.py's split
-        obs, action = jnp.zeros((1, obs_dim)), jnp.zeros((1, act_dim))
-        critic_params = critic_net.init(critic_key, obs, action)
-        state = SQLState(
-            critic=TrainState.create(apply_fn=critic_net.apply, params=critic_params, tx=optax.adam(lr)),
-            critic_target_params=jax.tree.map(jnp.copy, critic_params),
-            value=TrainState.create(apply_fn=value_net.apply, params=value_net.init(value_key, obs),
-                                    tx=optax.adam(lr)))
-        return SQLRunner(state, rng)
-
-    def update(state: SQLState, batch: Transitions, hparams: SQLHyperparams):
-        target_q = critic_net.apply(state.critic_target_params, batch.observations, batch.actions).min(0)
-
-        def value_loss_fn(params):
-            return sql_value_loss(value_net.apply(params, batch.observations), target_q, hparams.alpha)
-
-        (v_loss, advantage), grads = jax.value_and_grad(value_loss_fn, has_aux=True)(state.value.params)
-        value = state.value.apply_gradients(grads=grads)
-        next_v = value_net.apply(value.params, batch.next_observations)
-        target = batch.rewards + discount * (1.0 - batch.terminals) * next_v
-
-        def critic_loss_fn(params):
-            q = critic_net.apply(params, batch.observations, batch.actions)
-            return critic_loss(q, target, jnp.ones_like(target)), q.mean()
-
-        (q_loss, q_mean), grads = jax.value_and_grad(critic_loss_fn, has_aux=True)(state.critic.params)
-        critic = state.critic.apply_gradients(grads=grads)
-        critic_target_params = optax.incremental_update(critic.params, state.critic_target_params, tau)
-        metrics = {"value_loss": v_loss, "critic_loss": q_loss, "advantage_mean": advantage.mean(), "q_mean": q_mean}
-        return SQLState(critic, critic_target_params, value), metrics
-
-    def train(runner: SQLRunner, source: Transitions, hparams: SQLHyperparams, num_steps: int):
-        def step(runner: SQLRunner, _):
-            rng, batch_key = jax.random.split(runner.rng)
-            indices = jax.random.randint(batch_key, (batch_size,), 0, source.rewards.shape[0])
-            state, metrics = update(runner.state, jax.tree.map(lambda x: x[indices], source), hparams)
-            return SQLRunner(state, rng), metrics
-
-        runner, metrics = jax.lax.scan(step, runner, None, length=num_steps)
-        return runner, jax.tree.map(jnp.mean, metrics)
-
-    return init, train
-
-
-# ---------------------------------------------------------------- stage 2: the scorer (as igdf_scorer.py)
-def make_scorer_train(hidden, repr_dim, lr, batch_size, obs_dim, act_dim):
-    """Returns init(rng) -> ScorerRunner and train(runner, data, num_steps) -> (runner, chunk metrics).
-
-    Pure functions of one seed; run as jax.jit(jax.vmap(...)) over seeds (dvdf.py runs a copy on one seed).
-    """
-    scorer_net = Scorer(hidden, repr_dim)
-
-    def init(rng) -> ScorerRunner:
-        rng, key = jax.random.split(rng)
-        obs, action = jnp.zeros((1, obs_dim)), jnp.zeros((1, act_dim))
-        params = scorer_net.init(key, obs, action, obs)
-        return ScorerRunner(TrainState.create(apply_fn=scorer_net.apply, params=params, tx=optax.adam(lr)), rng)
-
-    def step(runner: ScorerRunner, data: ScorerData):
-        rng, batch_key = jax.random.split(runner.rng)
-        target_key, source_key = jax.random.split(batch_key)
-        rows = jax.random.randint(target_key, (batch_size,), 0, data.target_observations.shape[0])
-        negatives = jax.random.randint(source_key, (batch_size - 1,), 0, data.source_next_observations.shape[0])
-        next_obs = jnp.concatenate([data.target_next_observations[rows], data.source_next_observations[negatives]])
-
-        def loss_fn(params):
-            sa_repr, next_repr = scorer_net.apply(params, data.target_observations[rows],
-                                                  data.target_actions[rows], next_obs)
-            return nce_loss(sa_repr, next_repr[:batch_size], next_repr[batch_size:])
-
-        (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(runner.state.params)
-        labels = jnp.zeros_like(logits).at[:, 0].set(1.0)
-        metrics = {"nce_loss": loss, "positive_logit": logits[:, 0].mean(), "negative_logit": logits[:, 1:].mean(),
-                   "nce_accuracy": ((logits > 0) == (labels > 0)).mean()}
-        return ScorerRunner(runner.state.apply_gradients(grads=grads), rng), metrics
-
-    def train(runner: ScorerRunner, data: ScorerData, num_steps: int):
-        """num_steps gradient steps in one lax.scan; metrics are their means over the chunk."""
-        runner, metrics = jax.lax.scan(lambda r, _: step(r, data), runner, None, length=num_steps)
-        return runner, jax.tree.map(jnp.mean, metrics)
-
-    return init, train
-
-
-def make_score_fn(hidden, repr_dim):
-    """score(params, obs, actions, next_obs) -> h [N]: the dynamics score of one seed's scorer."""
-    scorer_net = Scorer(hidden, repr_dim)
-
-    def score(params, obs, actions, next_obs):
-        return dynamics_score(*scorer_net.apply(params, obs, actions, next_obs))
-
-    return score
-
-
-def separation_auc(target_scores, source_scores) -> float:
-    """ROC AUC of h: the chance that a held-out target transition scores above a source one, ties counted half."""
-    sorted_source = np.sort(np.asarray(source_scores, dtype=np.float64))
-    target_scores = np.asarray(target_scores, dtype=np.float64)
-    below = np.searchsorted(sorted_source, target_scores, side="left")
-    not_above = np.searchsorted(sorted_source, target_scores, side="right")
-    return float((below + 0.5 * (not_above - below)).sum() / (len(target_scores) * len(sorted_source)))
-
-
-def held_out_separation(score, params, target_held, source_held) -> dict:
-    """Per seed: AUC of h between held-out target and source transitions, and the mean h of each.
-
-    params: stacked over S seeds; target_held: (obs, actions, next_obs) stacked [S, n, ...]; source_held: the
-    shared (obs, actions, next_obs) [m, ...].
-    """
-    batched = jax.jit(jax.vmap(score, in_axes=(0, 0, 0, 0)))
-    target_scores = np.asarray(batched(params, *target_held))
-    source_scores = np.asarray(jax.jit(jax.vmap(score, in_axes=(0, None, None, None)))(params, *source_held))
-    return {"auc": [separation_auc(t, s) for t, s in zip(target_scores, source_scores)],
-            "target_score_mean": target_scores.mean(1).astype(np.float64).tolist(),
-            "source_score_mean": source_scores.mean(1).astype(np.float64).tolist()}
-
-
-def holdout_split(size: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(training indices, held-out indices): a random `fraction` of `size` held out, at least 1, at most 10,000."""
-    held = min(max(1, int(round(fraction * size))), HOLDOUT_MAX)
-    if held >= size:
-        raise SystemExit(f"A dataset of {size} transitions is too small to hold out {held} of them for the "
-                         f"scorer's separation test; use more data or a smaller --holdout-fraction.")
-    permutation = np.random.default_rng(seed).permutation(size)
-    return np.sort(permutation[held:]), np.sort(permutation[:held])
-
-
-def held_out(dataset, indices) -> tuple:
-    return dataset.observations[indices], dataset.actions[indices], dataset.next_observations[indices]
 
 
 # ---------------------------------------------------------------- stage 3: filtered IQL
@@ -637,7 +404,7 @@ def make_train(args: Args, obs_dim: int, act_dim: int, sql_hidden, scorer_hidden
         q_weight = q_weights(h, score, keep, target_size, args.weighting)
         batch = jax.tree.map(lambda s, t: jnp.concatenate([s, t]), source_batch, target_batch)
 
-        # 1. value (unweighted): expectile regression towards the target critics' min
+        # 1. value (unweighted): expectile regression towards the target critics' min (IQL eq. 5)
         target_q = critic_net.apply(state.critic_target_params, batch.observations, batch.actions).min(0)
 
         def value_loss_fn(params):
@@ -646,7 +413,7 @@ def make_train(args: Args, obs_dim: int, act_dim: int, sql_hidden, scorer_hidden
         (v_loss, advantage), grads = jax.value_and_grad(value_loss_fn, has_aux=True)(state.value.params)
         value = state.value.apply_gradients(grads=grads)
 
-        # 2. critics, weighted: y = r + discount (1 - d) V(s') with the value just updated
+        # 2. critics, weighted (DVDF step 5): y = r + discount (1 - d) V(s') with the value just updated (IQL eq. 6)
         next_v = value_net.apply(value.params, batch.next_observations)
         target = batch.rewards + args.discount * (1.0 - batch.terminals) * next_v
 
@@ -660,7 +427,7 @@ def make_train(args: Args, obs_dim: int, act_dim: int, sql_hidden, scorer_hidden
         # 3. target critics
         critic_target_params = optax.incremental_update(critic.params, state.critic_target_params, args.tau)
 
-        # 4. actor (no filter weight): advantage-weighted regression with the advantage of step 1
+        # 4. actor (no filter weight): advantage-weighted regression with the advantage of step 1 (IQL eq. 7)
         weight = advantage_weight(advantage, hparams.temperature, args.max_weight)
 
         def actor_loss_fn(params):
@@ -675,15 +442,7 @@ def make_train(args: Args, obs_dim: int, act_dim: int, sql_hidden, scorer_hidden
         losses = {"value_loss": v_loss, "critic_loss": q_loss, "actor_loss": actor_loss,
                   "advantage_mean": masked_mean(advantage, mask), "q_mean": q_mean,
                   "weight_mean": masked_mean(weight, mask)}
-        dropped = 1.0 - keep
-        sums = {"kept": keep.sum(), "dynamics_score_kept": (h * keep).sum(),
-                "dynamics_score_dropped": (h * dropped).sum(), "advantage_kept": (sql_advantage * keep).sum(),
-                "advantage_dropped": (sql_advantage * dropped).sum(), "filter_score_kept": (score * keep).sum(),
-                "filter_score_dropped": (score * dropped).sum(), "q_weight_kept": q_weight[:source_size].sum()}
-        for (key, size), label in zip(groups, labels):
-            one_hot = jax.nn.one_hot(label, size)
-            sums[f"seen_by_{key}"] = one_hot.sum(0)
-            sums[f"kept_by_{key}"] = (one_hot * keep[:, None]).sum(0)
+        sums = filter_sums(keep, h, sql_advantage, score, q_weight[:source_size], groups, labels)
         return IQLState(actor, critic, critic_target_params, value), losses, sums
 
     def train(runner: Runner, data: Data, frozen: Frozen, hparams: Hyperparams, num_steps: int):
@@ -716,162 +475,95 @@ def make_policy(args: Args, act_dim: int):
     return policy
 
 
-def filter_diagnostics(sums: dict, group_names: dict, num_steps: int, source_size: int) -> dict:
-    """Per-run means of kept and dropped source samples from a chunk's summed statistics ([G] arrays); None where
-    nothing was kept or dropped."""
-    sums = {name: np.asarray(value, dtype=np.float64) for name, value in sums.items()}
-    kept = sums["kept"]
-    dropped = num_steps * source_size - kept
-
-    def ratio(numerator, denominator):
-        with np.errstate(divide="ignore", invalid="ignore"):
-            values = np.where(denominator > 0, numerator / denominator, np.nan)
-        return [None if not np.isfinite(v) else float(v) for v in np.atleast_1d(values)]
-
-    diagnostics = {"kept_fraction": ratio(kept, kept + dropped)}
-    for name in ("dynamics_score", "advantage", "filter_score"):
-        diagnostics[f"{name}_kept"] = ratio(sums[f"{name}_kept"], kept)
-        diagnostics[f"{name}_dropped"] = ratio(sums[f"{name}_dropped"], dropped)
-    diagnostics["q_weight_kept"] = ratio(sums["q_weight_kept"], kept)
-    for share in ("kept_share", "batch_share", "keep_rate"):
-        diagnostics[share] = {}
-    for key, names in group_names.items():
-        kept_by, seen_by = sums[f"kept_by_{key}"], sums[f"seen_by_{key}"]  # [G, C]
-        diagnostics["kept_share"][key] = {n: ratio(kept_by[:, c], kept) for c, n in enumerate(names)}
-        diagnostics["batch_share"][key] = {n: ratio(seen_by[:, c], kept + dropped) for c, n in enumerate(names)}
-        diagnostics["keep_rate"][key] = {n: ratio(kept_by[:, c], seen_by[:, c]) for c, n in enumerate(names)}
-    return diagnostics
+# ---------------------------------------------------------------- stage 1: SQL (sql_pretrain.py's critics and value)
+def default_alpha(source: str) -> float:
+    """DVDF's configs: alpha 0.2 for Ant, 0.1 for HalfCheetah, Hopper and Walker2d."""
+    return 0.2 if domain_info(source).task == "ant" else 0.1
 
 
-# ---------------------------------------------------------------- data
-def check_args(args: Args) -> None:
-    """Exit with one sentence naming the flag and its valid range."""
-    check_domain(args.source, flag="--source")
-    check_domain(args.target, flag="--target")
-
-    def need(ok: bool, message: str):
-        if not ok:
-            raise SystemExit(message)
-
-    need(0.0 < args.target_fraction <= 1.0, f"--target-fraction must be in (0, 1], got {args.target_fraction}.")
-    need(args.target_size is None or args.target_size >= 1,
-         f"--target-size must be a positive number of transitions, got {args.target_size}.")
-    for flag in ("steps", "eval_every", "eval_episodes", "num_seeds", "sql_steps", "scorer_steps", "sql_batch_size",
-                 "repr_dim"):
-        need(getattr(args, flag) >= 1, f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}.")
-    need(args.seed >= 0, f"--seed must be 0 or more, got {args.seed}.")
-    need(args.batch_size >= 2 and args.batch_size % 2 == 0,
-         f"--batch-size must be even and at least 2 (half source, half target), got {args.batch_size}.")
-    need(args.scorer_batch_size >= 2, f"--scorer-batch-size must be at least 2 (one positive and one negative per "
-                                      f"row), got {args.scorer_batch_size}.")
-    need(len(args.hidden) >= 1 and min(args.hidden) >= 1,
-         f"--hidden must be one or more positive layer widths, got {args.hidden}.")
-    need(args.lr > 0, f"--lr must be positive, got {args.lr}.")
-    need(0.0 <= args.discount <= 1.0, f"--discount must be in [0, 1], got {args.discount}.")
-    need(0.0 < args.tau <= 1.0, f"--tau must be in (0, 1], got {args.tau}.")
-    need(0.0 < args.expectile < 1.0, f"--expectile must be in (0, 1), got {args.expectile}.")
-    need(args.temperature >= 0, f"--temperature must be 0 or more, got {args.temperature}.")
-    need(args.max_weight > 0, f"--max-weight must be positive, got {args.max_weight}.")
-    need(args.alpha is None or args.alpha > 0, f"--alpha must be positive, got {args.alpha}.")
-    need(0.0 < args.holdout_fraction <= 0.5, f"--holdout-fraction must be in (0, 0.5], got {args.holdout_fraction}.")
-    need(len(args.lam) >= 1 and all(0.0 <= lam <= 1.0 for lam in args.lam),
-         f"--lam must be one or more values in [0, 1], got {list(args.lam)}.")
-    need(len(args.xi) >= 1 and all(0.0 < xi <= 1.0 for xi in args.xi),
-         f"--xi must be one or more values in (0, 1], got {list(args.xi)}.")
-    need(min(keep_count(args.batch_size // 2, xi) for xi in args.xi) >= 1,
-         f"--xi {min(args.xi)} keeps no source sample of {args.batch_size // 2}; raise --xi or --batch-size.")
-    need(len(set(args.lam)) == len(args.lam) and len(set(args.xi)) == len(args.xi),
-         f"--lam and --xi must not repeat a value, got {list(args.lam)} and {list(args.xi)}.")
+class SQLState(NamedTuple):
+    critic: TrainState
+    critic_target_params: Any
+    value: TrainState
 
 
-def keep_count(source_size: int, xi: float) -> int:
-    """int(B xi), in float64 as the authors' Python computes it."""
-    return int(source_size * xi)
+class SQLRunner(NamedTuple):
+    state: SQLState
+    rng: jax.Array
 
 
-def to_transitions(dataset) -> Transitions:
-    return Transitions(observations=dataset.observations, actions=dataset.actions, rewards=dataset.rewards,
-                       next_observations=dataset.next_observations, terminals=dataset.terminals)
+class SQLHyperparams(NamedTuple):
+    alpha: jax.Array
 
 
-def fingerprint(transitions) -> str:
-    """A short sha256 of a dataset's arrays: artefacts and caches name the exact data they were trained on."""
-    digest = hashlib.sha256()
-    for array in transitions:
-        digest.update(np.ascontiguousarray(array).tobytes())
-    return digest.hexdigest()[:16]
+def sql_value_loss(v, target_q, alpha):
+    """SQL's sparse value loss on u = min(Q1', Q2')(s, a) - V(s) with the target critics; returns (loss, u).
+
+    mean(1[1 + u / (2 alpha) > 0] (1 + u / (2 alpha))^2 + V(s) / alpha): the squared hinge pushes V up towards
+    the Q of in-sample actions, the linear term pushes it down; their balance is a sparse "max" over actions.
+    """
+    advantage = target_q - v
+    hinge = 1.0 + advantage / (2.0 * alpha)
+    return (jnp.where(hinge > 0, hinge**2, 0.0) + v / alpha).mean(), advantage
 
 
-def dataset_arrays(dataset) -> tuple:
-    """The fields a fingerprint covers, in a fixed order."""
-    return (dataset.observations, dataset.actions, dataset.rewards, dataset.next_observations, dataset.terminals)
+def critic_loss(q, target, weight):
+    """Sum over the two critics of mean_i weight_i (Q_k(s_i, a_i) - y_i)^2 (IQL eq. 6).
+
+    q: [2, B]; target, weight: [B]. weight is 1 for plain IQL; DVDF/IGDF pass exp(h) per source sample.
+    """
+    per_sample = ((q - target) ** 2).sum(0)
+    chex.assert_equal_shape([weight, per_sample])  # a [B, 1] weight would broadcast to [B, B] (IGDF's bug)
+    return (weight * per_sample).mean()
 
 
-def episode_groups(dataset) -> dict:
-    """{metadata key: (value names, [N] int32 label of each transition)} for each key of GROUP_KEYS that the
-    dataset's per-episode metadata carries; episodes without the key are labelled "unknown"."""
-    groups = {}
-    if not dataset.episode_metadata or dataset.episode_ids.max() >= len(dataset.episode_metadata):
-        return groups
-    for key in GROUP_KEYS:
-        values = [episode.get(key) for episode in dataset.episode_metadata]
-        if all(value is None for value in values):
-            continue
-        names = sorted({str(value) for value in values if value is not None})
-        names += ["unknown"] * any(value is None for value in values)
-        per_episode = np.array([names.index("unknown" if value is None else str(value)) for value in values],
-                               dtype=np.int32)
-        groups[key] = (names, per_episode[dataset.episode_ids])
-    return groups
+def make_sql_train(hidden, lr, batch_size, discount, tau, obs_dim, act_dim, layer_norm: bool = False):
+    """init(rng) -> SQLRunner and train(runner, source, hparams, num_steps): sql_pretrain.py without the policy."""
+    critic_net, value_net = TwinCritic(hidden, layer_norm), ValueNet(hidden, layer_norm)
 
+    def init(rng) -> SQLRunner:
+        rng, _actor_key, critic_key, value_key = jax.random.split(rng, 4)  # sql_pretrain.py's split
+        obs, action = jnp.zeros((1, obs_dim)), jnp.zeros((1, act_dim))
+        critic_params = critic_net.init(critic_key, obs, action)
+        state = SQLState(
+            critic=TrainState.create(apply_fn=critic_net.apply, params=critic_params, tx=optax.adam(lr)),
+            critic_target_params=jax.tree.map(jnp.copy, critic_params),
+            value=TrainState.create(apply_fn=value_net.apply, params=value_net.init(value_key, obs),
+                                    tx=optax.adam(lr)))
+        return SQLRunner(state, rng)
 
-def load_data(args: Args, seeds: list[int]):
-    """The source dataset, the full target dataset and one target subsample per seed (host objects)."""
-    target_full = load_dataset(args.target_dataset, domain=args.target, physics=args.physics,
-                               quality=None if args.target_dataset else args.quality)
-    source = load_dataset(args.source_dataset, domain=args.source, physics=args.physics,
-                          quality=None if args.source_dataset else args.quality)
-    if (source.obs_dim, source.act_dim) != (target_full.obs_dim, target_full.act_dim):
-        raise SystemExit(f"The source dataset has observation/action sizes {source.obs_dim}/{source.act_dim} "
-                         f"but the target has {target_full.obs_dim}/{target_full.act_dim}; pick domains of "
-                         f"the same task.")
-    size = {"count": args.target_size} if args.target_size else {"fraction": args.target_fraction}
-    targets = [subsample(target_full, **size, seed=seed) for seed in seeds]
-    return source, target_full, targets
+    def update(state: SQLState, batch: Transitions, hparams: SQLHyperparams):
+        target_q = critic_net.apply(state.critic_target_params, batch.observations, batch.actions).min(0)
 
+        def value_loss_fn(params):
+            return sql_value_loss(value_net.apply(params, batch.observations), target_q, hparams.alpha)
 
-# ---------------------------------------------------------------- devices
-def run_shardings(num_runs: int):
-    """(per-run, shared) shardings that spread the leading run axis (the vmapped seeds) over every accelerator
-    and copy shared data to each, so one jitted program runs each device's share of the runs; None on a single
-    device, or when the runs do not divide evenly among the devices (then everything runs on the first)."""
-    devices = jax.devices()
-    if len(devices) < 2 or num_runs % len(devices):
-        return None
-    mesh = jax.sharding.Mesh(np.array(devices), ("runs",))
-    return (jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("runs")),
-            jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+        (v_loss, advantage), grads = jax.value_and_grad(value_loss_fn, has_aux=True)(state.value.params)
+        value = state.value.apply_gradients(grads=grads)
+        next_v = value_net.apply(value.params, batch.next_observations)
+        target = batch.rewards + discount * (1.0 - batch.terminals) * next_v
 
+        def critic_loss_fn(params):
+            q = critic_net.apply(params, batch.observations, batch.actions)
+            return critic_loss(q, target, jnp.ones_like(target)), q.mean()
 
-# ---------------------------------------------------------------- files
-def write_atomic(path: Path, content: bytes) -> None:
-    """Write to a temporary file next to `path`, then rename it over `path`: whole or not at all."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(content)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+        (q_loss, q_mean), grads = jax.value_and_grad(critic_loss_fn, has_aux=True)(state.critic.params)
+        critic = state.critic.apply_gradients(grads=grads)
+        critic_target_params = optax.incremental_update(critic.params, state.critic_target_params, tau)
+        metrics = {"value_loss": v_loss, "critic_loss": q_loss, "advantage_mean": advantage.mean(), "q_mean": q_mean}
+        return SQLState(critic, critic_target_params, value), metrics
 
+    def train(runner: SQLRunner, source: Transitions, hparams: SQLHyperparams, num_steps: int):
+        def step(runner: SQLRunner, _):
+            rng, batch_key = jax.random.split(runner.rng)
+            indices = jax.random.randint(batch_key, (batch_size,), 0, source.rewards.shape[0])
+            state, metrics = update(runner.state, jax.tree.map(lambda x: x[indices], source), hparams)
+            return SQLRunner(state, rng), metrics
 
-def package_versions() -> dict:
-    versions = {"python": platform.python_version()}
-    for name in ("jax", "jaxlib", "flax", "optax", "chex", "numpy", "gymnasium", "mujoco", "minari", "tyro"):
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
+        runner, metrics = jax.lax.scan(step, runner, None, length=num_steps)
+        return runner, jax.tree.map(jnp.mean, metrics)
+
+    return init, train
 
 
 def reward_scale_of(dataset) -> float:
@@ -882,105 +574,6 @@ def reward_scale_of(dataset) -> float:
         raise SystemExit("Reward scaling needs episodes with different returns, but every episode of the source "
                          "dataset has the same return: turn the scaling off for this dataset.")
     return float(1000.0 / (returns.max() - returns.min()))
-
-
-LOSS_LIMIT = 1e10  # a squared TD error beyond this (|Q - y| ~ 1e5) leaves any MuJoCo return scale float32 can fit
-
-
-def divergence(metrics: dict, value_bound: Optional[float]) -> Optional[str]:
-    """Why a chunk's metrics say a stage diverged, or None: a non-finite metric, a loss beyond LOSS_LIMIT, or a mean
-    Q beyond `value_bound` (a discounted return no reward of the data can reach: 10 max|r| / (1 - discount))."""
-    for name, value in metrics.items():
-        if not np.all(np.isfinite(np.asarray(value))):
-            return f"{name} is not finite"
-    for name, value in metrics.items():
-        if name.endswith("_loss") and float(np.max(np.abs(np.asarray(value)))) > LOSS_LIMIT:
-            return f"{name} reached {float(np.max(np.abs(np.asarray(value)))):.3g}, beyond {LOSS_LIMIT:.0e}"
-    if value_bound is not None and "q_mean" in metrics:
-        q_mean = float(np.max(np.abs(np.asarray(metrics["q_mean"]))))
-        if q_mean > value_bound:
-            return f"|mean Q| reached {q_mean:.3g}, beyond {value_bound:.3g}, ten times any discounted return of the data"
-    return None
-
-
-def cache_key(inputs: dict) -> str:
-    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def read_artifact(path: str, kind: str, flag: str, obs_dim: int, act_dim: int) -> tuple[dict, dict]:
-    """(the first seed's parameters, the artefact's description) of a sql/scorer artefact, or one clear exit."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / f"{kind}.msgpack"
-    info_path = path.with_suffix(".json")
-    if not path.is_file() or not info_path.is_file():
-        raise SystemExit(f"{flag} {path} is not an artefact: give the {kind}.msgpack (with its {kind}.json beside it) "
-                         f"that algos/{'sql_pretrain' if kind == 'sql' else 'igdf_scorer'}.py wrote.")
-    info = json.loads(info_path.read_text())
-    if info.get("kind") != kind:
-        raise SystemExit(f"{flag} {path} holds a {info.get('kind')!r} artefact, not a {kind!r} one.")
-    if (info.get("obs_dim"), info.get("act_dim")) != (obs_dim, act_dim):
-        raise SystemExit(f"{flag} {path} was trained on observation/action sizes {info.get('obs_dim')}/"
-                         f"{info.get('act_dim')}, but the datasets here have {obs_dim}/{act_dim}.")
-    if not info.get("finished", False):
-        print(f"note: {flag} {path} is from step {info.get('step')} of {info.get('steps')}; its training did not "
-              f"finish.")
-    params = serialization.msgpack_restore(path.read_bytes())
-    return jax.tree.map(lambda x: x[0], params), info | {"path": str(path)}
-
-
-def stage_chunk(remaining: int, seconds_per_step: Optional[float]) -> int:
-    """The steps to run before the next save: the largest of STAGE_CHUNKS expected to take at most
-    STAGE_SAVE_SECONDS at the measured speed (the smallest while the speed is unknown or slow), and at most
-    `remaining`; a remainder below the smallest size runs as one chunk. Sizes from one short list keep compilations
-    to a handful."""
-    size = STAGE_CHUNKS[0]
-    if seconds_per_step is not None:
-        size = max([size] + [n for n in STAGE_CHUNKS if n * seconds_per_step <= STAGE_SAVE_SECONDS])
-    fitting = [n for n in STAGE_CHUNKS if n <= min(size, remaining)]
-    return max(fitting) if fitting else remaining
-
-
-def run_stage(title: str, path: Path, runner, train, in_axes: tuple, inputs: tuple, steps: int,
-              value_bound: Optional[float] = None, advice: str = "try a smaller --lr"):
-    """Train a pre-training stage for `steps` steps in chunks (stage_chunk) with a progress bar.
-
-    train(runner, *inputs, num_steps) -> (runner, metrics) is the stage's train for one seed, run vmapped with
-    in_axes over a seed axis of 1, as the stage's own script runs it. After every chunk the runner is saved to
-    <path>.partial.msgpack (the path is keyed by all the stage depends on), so an interrupted stage resumes there.
-    The first chunk is STAGE_CHUNKS[0] steps; later ones are sized to the measured speed, so a slow stage (the V2A
-    encoder on a CPU runs a few steps per second) still reports and saves about every minute. The chunking does not
-    change the result: a scan of a + b steps equals a scan of a then one of b. A chunk whose metrics diverge
-    (`divergence`, with `value_bound` for a value stage) stops the run with one sentence and is not saved.
-    """
-    partial_path = path.with_name(path.stem + ".partial.msgpack")
-    step = 0
-    if partial_path.exists():
-        saved = serialization.msgpack_restore(partial_path.read_bytes())
-        runner, step = serialization.from_state_dict(runner, saved["runner"]), int(saved["step"])
-        print(f"{title}: resuming from step {step} ({partial_path})")
-    compiled, metrics, seconds_per_step = {}, {}, None
-    pbar = tqdm(total=steps, initial=step, unit="step", dynamic_ncols=True, desc=title)
-    while step < steps:
-        num_steps = stage_chunk(steps - step, seconds_per_step)
-        if num_steps not in compiled:
-            chunk = jax.jit(jax.vmap(partial(train, num_steps=num_steps), in_axes=in_axes))
-            compiled[num_steps] = chunk.lower(runner, *inputs).compile()
-        start = time.perf_counter()
-        runner, metrics = compiled[num_steps](runner, *inputs)
-        runner = jax.block_until_ready(runner)
-        seconds_per_step = (time.perf_counter() - start) / num_steps
-        diverged = divergence(jax.device_get(metrics), value_bound)
-        if diverged:  # the partial file keeps the last sound chunk; nothing is cached
-            raise SystemExit(f"{title} diverged in steps {step}-{step + num_steps} ({diverged}); nothing of it is "
-                             f"cached: {advice}.")
-        step += num_steps
-        write_atomic(partial_path, serialization.msgpack_serialize(
-            {"runner": serialization.to_state_dict(jax.device_get(runner)), "step": step}))
-        pbar.update(num_steps)
-        pbar.set_postfix({name: f"{float(np.mean(value)):.3g}" for name, value in metrics.items()})
-    pbar.close()
-    return runner, {name: float(np.mean(value)) for name, value in metrics.items()}, partial_path
 
 
 def sql_stage(args: Args, source, obs_dim: int, act_dim: int) -> tuple[dict, dict]:
@@ -996,31 +589,107 @@ def sql_stage(args: Args, source, obs_dim: int, act_dim: int) -> tuple[dict, dic
             "alpha": alpha, "lr": args.lr, "hidden": list(args.hidden), "discount": args.discount, "tau": args.tau,
             "seeds": [args.seed], "layer_norm": args.sql_layer_norm,
             "reward_scale": reward_scale_of(source) if args.sql_reward_scaling else 1.0}
-    path = Path(args.cache_dir) / f"sql-{cache_key(info)}.msgpack"
-    if path.is_file() and path.with_suffix(".json").is_file():
-        params, saved = read_artifact(str(path), "sql", "the cached SQL stage", obs_dim, act_dim)
-        return params, saved | {"origin": "cache"}
-    path.parent.mkdir(parents=True, exist_ok=True)
+    cached = cached_stage(args.cache_dir, "sql", info, obs_dim, act_dim)
+    if cached is not None:
+        return cached
+    path = stage_path(args.cache_dir, "sql", info)
     init, train = make_sql_train(tuple(args.hidden), args.lr, args.sql_batch_size, args.discount, args.tau,
                                  obs_dim, act_dim, args.sql_layer_norm)
     runner = jax.jit(jax.vmap(init))(jax.random.PRNGKey(args.seed)[None])
     transitions = to_transitions(source)
     transitions = transitions._replace(rewards=(transitions.rewards * info["reward_scale"]).astype(np.float32))
-    value_bound = 10.0 * float(np.abs(transitions.rewards).max()) / max(1.0 - args.discount, 1e-3)
     start = time.perf_counter()
     runner, metrics, partial_path = run_stage(
         f"stage 1/3: sql {args.source}", path, runner, train, (0, None, 0),
-        (jax.device_put(transitions), SQLHyperparams(alpha=jnp.full(1, alpha, jnp.float32))),
-        args.sql_steps, value_bound, "try --sql-reward-scaling --sql-layer-norm, or a larger --alpha")
+        (jax.device_put(transitions), SQLHyperparams(alpha=jnp.full(1, alpha, jnp.float32))), args.sql_steps,
+        value_bound_of(transitions.rewards, args.discount),
+        "try --sql-reward-scaling --sql-layer-norm, or a larger --alpha")
     host_state = jax.device_get(runner.state)
     artifact = {"critic": serialization.to_state_dict(host_state.critic.params),
                 "value": serialization.to_state_dict(host_state.value.params)}
     info |= {"step": args.sql_steps, "finished": True, "source": args.source, "source_dataset": source.name,
              "source_size": source.size, "final_losses": metrics, "train_seconds": time.perf_counter() - start}
-    write_atomic(path, serialization.msgpack_serialize(artifact))
-    write_atomic(path.with_suffix(".json"), json.dumps(info, indent=1).encode())
-    partial_path.unlink(missing_ok=True)
-    return jax.tree.map(lambda x: x[0], artifact), info | {"path": str(path), "origin": "trained"}
+    return save_stage(path, partial_path, artifact, info)
+
+
+# ---------------------------------------------------------------- stage 2: the scorer (as igdf_scorer.py)
+class ScorerRunner(NamedTuple):
+    """One seed's whole scorer training state; many seeds stack it along a leading axis."""
+    state: TrainState
+    rng: jax.Array
+
+
+class ScorerData(NamedTuple):
+    target_observations: jax.Array  # [N_t, obs_dim] target transitions: the positives and the rows
+    target_actions: jax.Array  # [N_t, act_dim]
+    target_next_observations: jax.Array  # [N_t, obs_dim]
+    source_next_observations: jax.Array  # [N_s, obs_dim] source next states: the shared negatives
+
+
+def nce_loss(sa_repr, target_next_repr, source_next_repr):
+    """IGDF's binary NCE; returns (loss, logits [B, B]).
+
+    sa_repr, target_next_repr: [B, D] from B target transitions; source_next_repr: [B - 1, D], the negatives
+    shared by every row. logits_i0 = phi_i . psi(s'_i) (label 1), logits_ij = phi_i . psi(source s'_j) (label 0);
+    the loss is the mean over all B x B entries of the binary cross-entropy with logits.
+    """
+    batch, dim = sa_repr.shape
+    chex.assert_shape([target_next_repr], (batch, dim))
+    chex.assert_shape([source_next_repr], (batch - 1, dim))
+    positive = (sa_repr * target_next_repr).sum(-1, keepdims=True)
+    negatives = sa_repr @ source_next_repr.T
+    logits = jnp.concatenate([positive, negatives], axis=1)
+    labels = jnp.zeros_like(logits).at[:, 0].set(1.0)
+    return optax.sigmoid_binary_cross_entropy(logits, labels).mean(), logits
+
+
+def make_scorer_train(hidden, repr_dim, lr, batch_size, obs_dim, act_dim):
+    """Returns init(rng) -> ScorerRunner and train(runner, data, num_steps) -> (runner, chunk metrics).
+
+    Pure functions of one seed; run as jax.jit(jax.vmap(...)) over seeds (dvdf.py runs a copy on one seed).
+    """
+    scorer_net = Scorer(hidden, repr_dim)
+
+    def init(rng) -> ScorerRunner:
+        rng, key = jax.random.split(rng)
+        obs, action = jnp.zeros((1, obs_dim)), jnp.zeros((1, act_dim))
+        params = scorer_net.init(key, obs, action, obs)
+        return ScorerRunner(TrainState.create(apply_fn=scorer_net.apply, params=params, tx=optax.adam(lr)), rng)
+
+    def step(runner: ScorerRunner, data: ScorerData):
+        rng, batch_key = jax.random.split(runner.rng)
+        target_key, source_key = jax.random.split(batch_key)
+        rows = jax.random.randint(target_key, (batch_size,), 0, data.target_observations.shape[0])
+        negatives = jax.random.randint(source_key, (batch_size - 1,), 0, data.source_next_observations.shape[0])
+        next_obs = jnp.concatenate([data.target_next_observations[rows], data.source_next_observations[negatives]])
+
+        def loss_fn(params):
+            sa_repr, next_repr = scorer_net.apply(params, data.target_observations[rows],
+                                                  data.target_actions[rows], next_obs)
+            return nce_loss(sa_repr, next_repr[:batch_size], next_repr[batch_size:])
+
+        (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(runner.state.params)
+        labels = jnp.zeros_like(logits).at[:, 0].set(1.0)
+        metrics = {"nce_loss": loss, "positive_logit": logits[:, 0].mean(), "negative_logit": logits[:, 1:].mean(),
+                   "nce_accuracy": ((logits > 0) == (labels > 0)).mean()}
+        return ScorerRunner(runner.state.apply_gradients(grads=grads), rng), metrics
+
+    def train(runner: ScorerRunner, data: ScorerData, num_steps: int):
+        """num_steps gradient steps in one lax.scan; metrics are their means over the chunk."""
+        runner, metrics = jax.lax.scan(lambda r, _: step(r, data), runner, None, length=num_steps)
+        return runner, jax.tree.map(jnp.mean, metrics)
+
+    return init, train
+
+
+def make_score_fn(hidden, repr_dim):
+    """score(params, obs, actions, next_obs) -> h [N]: the dynamics score of one seed's scorer."""
+    scorer_net = Scorer(hidden, repr_dim)
+
+    def score(params, obs, actions, next_obs):
+        return dynamics_score(*scorer_net.apply(params, obs, actions, next_obs))
+
+    return score
 
 
 def scorer_stage(args: Args, source, target, obs_dim: int, act_dim: int) -> tuple[dict, dict]:
@@ -1038,11 +707,10 @@ def scorer_stage(args: Args, source, target, obs_dim: int, act_dim: int) -> tupl
             "steps": args.scorer_steps, "batch_size": args.scorer_batch_size, "lr": args.lr,
             "hidden": list(args.hidden), "repr_dim": args.repr_dim, "holdout_fraction": args.holdout_fraction,
             "seeds": [args.seed]}
-    path = Path(args.cache_dir) / f"scorer-{cache_key(info)}.msgpack"
-    if path.is_file() and path.with_suffix(".json").is_file():
-        params, saved = read_artifact(str(path), "scorer", "the cached scorer stage", obs_dim, act_dim)
-        return params, saved | {"origin": "cache"}
-    path.parent.mkdir(parents=True, exist_ok=True)
+    cached = cached_stage(args.cache_dir, "scorer", info, obs_dim, act_dim)
+    if cached is not None:
+        return cached
+    path = stage_path(args.cache_dir, "scorer", info)
     source_train, source_held = holdout_split(source.size, args.holdout_fraction, SOURCE_HOLDOUT_SEED)
     target_train, target_held = holdout_split(target.size, args.holdout_fraction, args.seed)
     data = ScorerData(target.observations[target_train][None], target.actions[target_train][None],
@@ -1064,10 +732,119 @@ def scorer_stage(args: Args, source, target, obs_dim: int, act_dim: int) -> tupl
              "source_dataset": source.name, "source_size": source.size, "target_size": target.size,
              "source_held_out": len(source_held), "target_held_out": len(target_held), "separation": separation,
              "final_losses": metrics, "train_seconds": time.perf_counter() - start}
-    write_atomic(path, serialization.msgpack_serialize(artifact))
-    write_atomic(path.with_suffix(".json"), json.dumps(info, indent=1).encode())
-    partial_path.unlink(missing_ok=True)
-    return jax.tree.map(lambda x: x[0], artifact), info | {"path": str(path), "origin": "trained"}
+    return save_stage(path, partial_path, artifact, info)
+
+
+# ---------------------------------------------------------------- data and the grid
+def check_args(args: Args) -> None:
+    """Exit with one sentence naming the flag and its valid range."""
+    check_common_flags(args)
+    need(0.0 < args.target_fraction <= 1.0, f"--target-fraction must be in (0, 1], got {args.target_fraction}.")
+    need(args.target_size is None or args.target_size >= 1,
+         f"--target-size must be a positive number of transitions, got {args.target_size}.")
+    for flag in ("sql_steps", "scorer_steps", "sql_batch_size", "repr_dim"):
+        need(getattr(args, flag) >= 1, f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}.")
+    need(args.batch_size >= 2 and args.batch_size % 2 == 0,
+         f"--batch-size must be even and at least 2 (half source, half target), got {args.batch_size}.")
+    need(args.scorer_batch_size >= 2, f"--scorer-batch-size must be at least 2 (one positive and one negative per "
+                                      f"row), got {args.scorer_batch_size}.")
+    need(0.0 < args.expectile < 1.0, f"--expectile must be in (0, 1), got {args.expectile}.")
+    need(args.temperature >= 0, f"--temperature must be 0 or more, got {args.temperature}.")
+    need(args.max_weight > 0, f"--max-weight must be positive, got {args.max_weight}.")
+    need(args.alpha is None or args.alpha > 0, f"--alpha must be positive, got {args.alpha}.")
+    need(0.0 < args.holdout_fraction <= 0.5, f"--holdout-fraction must be in (0, 0.5], got {args.holdout_fraction}.")
+    need(len(args.lam) >= 1 and all(0.0 <= lam <= 1.0 for lam in args.lam),
+         f"--lam must be one or more values in [0, 1], got {list(args.lam)}.")
+    need(len(args.xi) >= 1 and all(0.0 < xi <= 1.0 for xi in args.xi),
+         f"--xi must be one or more values in (0, 1], got {list(args.xi)}.")
+    need(min(keep_count(args.batch_size // 2, xi) for xi in args.xi) >= 1,
+         f"--xi {min(args.xi)} keeps no source sample of {args.batch_size // 2}; raise --xi or --batch-size.")
+    need(len(set(args.lam)) == len(args.lam) and len(set(args.xi)) == len(args.xi),
+         f"--lam and --xi must not repeat a value, got {list(args.lam)} and {list(args.xi)}.")
+
+
+def to_transitions(dataset) -> Transitions:
+    return Transitions(observations=dataset.observations, actions=dataset.actions, rewards=dataset.rewards,
+                       next_observations=dataset.next_observations, terminals=dataset.terminals)
+
+
+def load_data(args: Args, seeds: list[int]):
+    """The source dataset, the full target dataset and one target subsample per seed (host objects)."""
+    target_full = load_dataset(args.target_dataset, domain=args.target, physics=args.physics,
+                               quality=None if args.target_dataset else args.quality)
+    source = load_dataset(args.source_dataset, domain=args.source, physics=args.physics,
+                          quality=None if args.source_dataset else args.quality)
+    if (source.obs_dim, source.act_dim) != (target_full.obs_dim, target_full.act_dim):
+        raise SystemExit(f"The source dataset has observation/action sizes {source.obs_dim}/{source.act_dim} "
+                         f"but the target has {target_full.obs_dim}/{target_full.act_dim}; pick domains of "
+                         f"the same task.")
+    size = {"count": args.target_size} if args.target_size else {"fraction": args.target_fraction}
+    targets = [subsample(target_full, **size, seed=seed) for seed in seeds]
+    return source, target_full, targets
+
+
+def make_grid(args: Args, seeds: list[int]) -> tuple[list, list, Hyperparams]:
+    """The runs of the (lam, xi, seed) grid, lam outermost and seed innermost: (the (lam, xi) settings, one row per
+    run, the runs' traced Hyperparams). The runs of one seed start from the same initialisation and draw the same
+    batch indices whatever lam and xi: common random numbers across settings."""
+    settings = [(lam, xi) for lam in args.lam for xi in args.xi]
+    grid = [{"lam": lam, "xi": xi, "seed": seed, "keep_count": keep_count(args.batch_size // 2, xi)}
+            for lam, xi in settings for seed in seeds]
+    hparams = Hyperparams(expectile=jnp.full(len(grid), args.expectile, jnp.float32),
+                          temperature=jnp.full(len(grid), args.temperature, jnp.float32),
+                          lam=jnp.array([run["lam"] for run in grid], jnp.float32),
+                          keep_count=jnp.array([run["keep_count"] for run in grid], jnp.int32),
+                          seed_index=jnp.array([seeds.index(run["seed"]) for run in grid], jnp.int32))
+    return settings, grid, hparams
+
+
+def make_grid_evaluate(args: Args, policy, settings: list, seeds: list[int], ref_scores: tuple, group_names: dict):
+    """evaluate(runner, step, (losses, sums)) -> the evaluations row of results.json: one evaluation per (lam, xi)
+    setting, in which seed k plays the episodes of a 1-seed run with seed + k (the same in every setting), and the
+    filter's diagnostics of the chunk of steps since the last evaluation."""
+
+    def evaluate_grid(runner: Runner, step: int, metrics) -> dict:
+        losses, sums = metrics
+        returns, scores = [], []
+        for index in range(len(settings)):
+            actor_params = jax.tree.map(lambda x: x[index * len(seeds):(index + 1) * len(seeds)],
+                                        runner.state.actor.params)
+            result = evaluate(policy, actor_params, args.target, num_episodes=args.eval_episodes,
+                              seed=args.seed + step, ref_scores=ref_scores, physics=args.physics)
+            returns.append(result.mean_return)
+            scores.append(result.normalized_score)
+        chunk_steps = step - (step - 1) // args.eval_every * args.eval_every  # an evaluation ends every chunk
+        return grid_evaluation_entry(step, np.concatenate(returns), np.concatenate(scores), settings, losses,
+                                     filter_diagnostics(sums, group_names, chunk_steps, args.batch_size // 2))
+
+    return evaluate_grid
+
+
+def settings_line(entry: dict, label: str = "score") -> str:
+    """Each setting's mean score +- std over seeds in an evaluations row, for the log."""
+    return ", ".join(f"lam {setting['lam']:g} xi {setting['xi']:g} {label} {setting['score_mean']:.1f} +- "
+                     f"{setting['score_std']:.1f}" for setting in entry["by_setting"])
+
+
+def grid_data(source, groups: dict, target_full, targets: list, references: dict) -> tuple[Data, dict]:
+    """Stage 3's data on the device (the source with its metadata labels; one target subsample per seed, stacked),
+    and its description for results.json."""
+    data = jax.device_put(Data(
+        source=to_transitions(source), source_groups=tuple(labels for _, labels in groups.values()),
+        target=Transitions(*(np.stack(fields) for fields in zip(*(to_transitions(t) for t in targets))))))
+    return data, {"source_dataset": source.name, "source_size": source.size, "target_dataset": target_full.name,
+                  "target_full_size": target_full.size, "target_size": targets[0].size,
+                  "source_groups": {key: names for key, (names, _) in groups.items()},
+                  "ref_min_score": references["random"], "ref_max_score": references["expert"],
+                  "references": references["source"]}
+
+
+def report(step: int, entry: dict, metrics) -> tuple[str, str]:
+    """The progress bar's best score and the log line of an evaluation: each setting's score, the mean h of kept
+    source samples."""
+    kept_h = [v for v in entry["filter"]["dynamics_score_kept"] if v is not None]
+    return (f"score={max(setting['score_mean'] for setting in entry['by_setting']):.1f}",
+            f"step {step}: {settings_line(entry)}; mean h of kept source {np.mean(kept_h):.3f}")
 
 
 # ---------------------------------------------------------------- main
@@ -1075,63 +852,16 @@ def algo_name(args: Args) -> str:
     return "igdf" if set(args.lam) == {1.0} else "dvdf"
 
 
-def open_run(args: Args) -> tuple[Path, Optional[dict]]:
-    """The output folder, and the checkpoint to continue with --resume (whose flags must be this run's)."""
-    grid = f"lam{'-'.join(f'{v:g}' for v in args.lam)}_xi{'-'.join(f'{v:g}' for v in args.xi)}"
-    physics_tag = "-v5physics" if args.physics == "v5" else ""  # the papers' physics names no folder
-    out = Path(args.out or f"runs/{algo_name(args)}/{args.source}_to_{args.target}-{args.quality}{physics_tag}/{grid}/"
-                           f"seed{args.seed}")
-    checkpoint_path = out / "checkpoint.msgpack"
-    if args.resume and not checkpoint_path.exists():
-        raise SystemExit(f"--resume found no checkpoint at {checkpoint_path}; run without --resume to start.")
-    if not args.resume and checkpoint_path.exists():
-        raise SystemExit(f"{out} already holds a run; pass --resume to continue it or choose another --out.")
-    if not args.resume:
-        return out, None
-    saved = serialization.msgpack_restore(checkpoint_path.read_bytes())
-    saved_flags = json.loads(saved["flags"])
-    for name, value in run_flags(args).items():
-        if value != saved_flags.get(name):
-            raise SystemExit(f"--resume needs the interrupted run's flags, but --{name.replace('_', '-')} is "
-                             f"{value} here and {saved_flags.get(name)} in {checkpoint_path}.")
-    return out, saved
-
-
-def run_flags(args: Args) -> dict:
-    """The flags that define a run (all but --resume and --out), as JSON values."""
-    return json.loads(json.dumps({k: v for k, v in asdict(args).items() if k not in ("resume", "out")}))
-
-
-def evaluation_entry(step: int, returns, scores, settings: list, losses, filter_stats: dict) -> dict:
-    """One row of results.json: per-run return and score; per (lam, xi) setting their mean and std over seeds
-    (ddof 0); over all runs only when there is one setting (then it is the usual mean +- std over seeds); the
-    per-run losses and filter diagnostics of the chunk of steps that led here."""
-    returns, scores = np.asarray(returns, dtype=np.float64), np.asarray(scores, dtype=np.float64)
-    per_setting = [(r, s) for r, s in zip(returns.reshape(len(settings), -1), scores.reshape(len(settings), -1))]
-    one_setting = len(settings) == 1
-    return {"step": step, "returns": returns.tolist(), "scores": scores.tolist(),
-            "by_setting": [{"lam": lam, "xi": xi, "return_mean": float(r.mean()), "return_std": float(r.std()),
-                            "score_mean": float(s.mean()), "score_std": float(s.std())}
-                           for (lam, xi), (r, s) in zip(settings, per_setting)],
-            "return_mean": float(returns.mean()) if one_setting else None,
-            "return_std": float(returns.std()) if one_setting else None,
-            "score_mean": float(scores.mean()) if one_setting else None,
-            "score_std": float(scores.std()) if one_setting else None,
-            "losses": {name: np.asarray(value, dtype=np.float64).tolist() for name, value in losses.items()},
-            "filter": filter_stats}
-
-
 def main(argv: Optional[list[str]] = None) -> dict:
     args = tyro.cli(Args, args=argv)
     check_args(args)
-    out, saved = open_run(args)
-    wall_start = time.perf_counter()
     algo = algo_name(args)
-
+    grid_name = f"lam{'-'.join(f'{v:g}' for v in args.lam)}_xi{'-'.join(f'{v:g}' for v in args.xi)}"
+    out, saved = open_run(args, f"runs/{algo}/{args.source}_to_{args.target}-{args.quality}{physics_tag(args)}/"
+                                f"{grid_name}/seed{args.seed}")
     seeds = [args.seed + k for k in range(args.num_seeds)]
     source, target_full, targets = load_data(args, seeds)
     references = reference_info(args.target, target_full, args.physics, args.references)  # exits when unknown
-    ref_min, ref_max = references["random"], references["expert"]
     obs_dim, act_dim = target_full.obs_dim, target_full.act_dim
 
     # stages 1 and 2: frozen, shared by every run of the grid
@@ -1141,125 +871,26 @@ def main(argv: Optional[list[str]] = None) -> dict:
     stage_seconds = time.perf_counter() - start
     frozen = jax.device_put(Frozen(sql_params["critic"], sql_params["value"], scorer_params["scorer"]))
 
-    groups = episode_groups(source)
-    group_names = {key: names for key, (names, _) in groups.items()}
-    data = jax.device_put(Data(
-        source=to_transitions(source), source_groups=tuple(labels for _, labels in groups.values()),
-        target=Transitions(*(np.stack(fields) for fields in zip(*(to_transitions(t) for t in targets))))))
-    data_info = {"source_dataset": source.name, "source_size": source.size, "target_dataset": target_full.name,
-                 "target_full_size": target_full.size, "target_size": targets[0].size,
-                 "source_groups": group_names, "ref_min_score": ref_min, "ref_max_score": ref_max,
-                 "references": references["source"]}
+    data, data_info = grid_data(source, episode_groups(source), target_full, targets, references)
+    group_names = data_info["source_groups"]
 
-    # the grid: lam outermost, then xi, then seed
-    source_size = args.batch_size // 2
-    settings = [(lam, xi) for lam in args.lam for xi in args.xi]
-    grid = [{"lam": lam, "xi": xi, "seed": seed, "keep_count": keep_count(source_size, xi)}
-            for lam, xi in settings for seed in seeds]
-    num_runs = len(grid)
-    hparams = Hyperparams(expectile=jnp.full(num_runs, args.expectile, jnp.float32),
-                          temperature=jnp.full(num_runs, args.temperature, jnp.float32),
-                          lam=jnp.array([run["lam"] for run in grid], jnp.float32),
-                          keep_count=jnp.array([run["keep_count"] for run in grid], jnp.int32),
-                          seed_index=jnp.array([seeds.index(run["seed"]) for run in grid], jnp.int32))
+    # stage 3: the filtered IQL of every (lam, xi, seed) run at once
+    settings, grid, hparams = make_grid(args, seeds)
     init, train = make_train(args, obs_dim, act_dim, sql_info["hidden"], scorer_info["hidden"],
                              scorer_info["repr_dim"], tuple((key, len(names)) for key, names in group_names.items()),
                              sql_info.get("layer_norm", False))
-    policy = make_policy(args, act_dim)
+    evaluate_grid = make_grid_evaluate(args, make_policy(args, act_dim), settings, seeds,
+                                       (references["random"], references["expert"]), group_names)
 
-    start = time.perf_counter()
-    runner = jax.jit(jax.vmap(init))(jnp.stack([jax.random.PRNGKey(run["seed"]) for run in grid]))
-    runner = jax.block_until_ready(runner)
-    compile_seconds = time.perf_counter() - start
-    start_step, evaluations = 0, []
-    if saved is not None:
-        runner = serialization.from_state_dict(runner, saved["runner"])
-        start_step, evaluations = int(saved["step"]), json.loads(saved["evaluations"])
-    shardings = run_shardings(num_runs)
-    if shardings is not None:  # several accelerators: each trains its share of the runs
-        per_run, shared = shardings
-        runner, hparams = jax.device_put((runner, hparams), per_run)
-        data, frozen = jax.device_put((data, frozen), shared)
-    elif jax.device_count() > 1:
-        print(f"{num_runs} runs do not divide among {jax.device_count()} devices: all run on the first.")
-
-    # One program per chunk length (--eval-every, and the remainder), compiled ahead of time: no chunk recompiles.
-    chunks = [min(args.eval_every, args.steps - step) for step in range(start_step, args.steps, args.eval_every)]
-    compiled = {}
-    for num_steps in sorted(set(chunks)):
-        start = time.perf_counter()
-        train_chunk = jax.jit(jax.vmap(partial(train, num_steps=num_steps), in_axes=(0, None, None, 0)))
-        compiled[num_steps] = train_chunk.lower(runner, data, frozen, hparams).compile()
-        compile_seconds += time.perf_counter() - start
-
-    def write_results(step: int, timing: Optional[dict]) -> dict:
-        final = evaluations[-1] if step == args.steps else None
-        results = {
-            "algo": algo, "finished": final is not None, "step": step, "args": asdict(args), "seeds": seeds,
-            "grid": grid, "settings": [{"lam": lam, "xi": xi} for lam, xi in settings],
-            "data": data_info, "stages": {"sql": sql_info, "scorer": scorer_info}, "evaluations": evaluations,
-            "final": None if final is None else {key: value for key, value in final.items()
-                                                 if key not in ("losses", "filter")},
-            "timing": timing, "versions": package_versions()}
-        write_atomic(out / "results.json", json.dumps(results, indent=1).encode())
-        return results
-
-    out.mkdir(parents=True, exist_ok=True)
-    step, train_seconds, eval_seconds = start_step, 0.0, 0.0
-    if not chunks:  # --resume of a finished run: results.json again from the checkpoint, with its last timing
-        previous = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {}
-        results = write_results(step, previous.get("timing"))
-    pbar = tqdm(total=args.steps, initial=start_step, unit="step", dynamic_ncols=True,
-                desc=f"stage 3/3: {algo} {args.target} x{num_runs}")
-    for num_steps in chunks:
-        start = time.perf_counter()
-        runner, (losses, sums) = jax.block_until_ready(compiled[num_steps](runner, data, frozen, hparams))
-        train_seconds += time.perf_counter() - start
-        step += num_steps
-
-        # one evaluation per (lam, xi) setting: seed k is evaluated on the episodes of a 1-seed run with seed + k,
-        # the same for every setting
-        start = time.perf_counter()
-        returns, scores = [], []
-        for index in range(len(settings)):
-            actor_params = jax.tree.map(lambda x: x[index * len(seeds):(index + 1) * len(seeds)],
-                                        runner.state.actor.params)
-            result = evaluate(policy, actor_params, args.target, num_episodes=args.eval_episodes,
-                              seed=args.seed + step, ref_scores=(ref_min, ref_max),
-                              physics=args.physics)
-            returns.append(result.mean_return)
-            scores.append(result.normalized_score)
-        eval_seconds += time.perf_counter() - start
-        evaluations.append(evaluation_entry(step, np.concatenate(returns), np.concatenate(scores), settings, losses,
-                                            filter_diagnostics(sums, group_names, num_steps, source_size)))
-
-        # checkpoint first: if killed before results.json is rewritten, --resume rewrites it
-        checkpoint = {"runner": serialization.to_state_dict(jax.device_get(runner)), "step": step,
-                      "evaluations": json.dumps(evaluations), "flags": json.dumps(run_flags(args))}
-        write_atomic(out / "checkpoint.msgpack", serialization.msgpack_serialize(checkpoint))
-        timed_steps = step - start_step
-        results = write_results(step, {
-            "steps_per_second": timed_steps / train_seconds,  # gradient steps, every run at once
-            "updates_per_second": timed_steps * num_runs / train_seconds,
-            "compile_seconds": compile_seconds, "train_seconds": train_seconds, "eval_seconds": eval_seconds,
-            "stage_seconds": stage_seconds, "wall_seconds": time.perf_counter() - wall_start,
-            "timed_steps": timed_steps, "resumed_from_step": start_step,
-            "device_kind": jax.devices()[0].device_kind, "platform": jax.default_backend(),
-            "devices": jax.device_count() if shardings else 1})
-
-        latest = evaluations[-1]
-        pbar.update(num_steps)
-        pbar.set_postfix(score=f"{max(entry['score_mean'] for entry in latest['by_setting']):.1f}")
-        kept_h = [v for v in latest["filter"]["dynamics_score_kept"] if v is not None]
-        tqdm.write(f"step {step}: " + ", ".join(
-            f"lam {entry['lam']:g} xi {entry['xi']:g} score {entry['score_mean']:.1f} +- {entry['score_std']:.1f}"
-            for entry in latest["by_setting"]) + f"; mean h of kept source {np.mean(kept_h):.3f}")
-    pbar.close()
-
+    results = train_loop(
+        args, out, saved, algo=algo, title=f"stage 3/3: {algo} {args.target} x{len(grid)}", init=init,
+        keys=jnp.stack([jax.random.PRNGKey(run["seed"]) for run in grid]), train=train, inputs=(data, frozen, hparams),
+        in_axes=(None, None, 0), evaluate=evaluate_grid, report=report, losses_of=lambda metrics: metrics[0],
+        header={"grid": grid, "settings": [{"lam": lam, "xi": xi} for lam, xi in settings], "data": data_info,
+                "stages": {"sql": sql_info, "scorer": scorer_info}}, timing={"stage_seconds": stage_seconds})
     data = f"{args.source_dataset or args.source} -> {args.target_dataset or f'{args.target} ({args.quality})'}"
-    print(f"{algo} {data}, seeds {seeds}, after {step} steps: " + ", ".join(
-        f"lam {entry['lam']:g} xi {entry['xi']:g} final score {entry['score_mean']:.1f} +- {entry['score_std']:.1f}"
-        for entry in results["final"]["by_setting"]) + f"; results in {out}")
+    print(f"{algo} {data}, seeds {seeds}, after {results['step']} steps: "
+          f"{settings_line(results['final'], 'final score')}; results in {out}")
     return results
 
 

@@ -20,26 +20,17 @@ Per step, on one batch (s, a, r, s', d) of the source dataset:
 The policy is evaluated with the deterministic action tanh(mu(s)) in --eval-domain (default: --source, the domain
 the data comes from) for --eval-episodes episodes every --eval-every steps. Seed k of --num-seeds uses seed + k;
 all seeds run in one jitted program (`jax.jit(jax.vmap(train))`, sharded across accelerators when there are
-several), and seed k of an N-seed run is the 1-seed run
-with --seed <seed + k>.
+several), and seed k of an N-seed run is the 1-seed run with --seed <seed + k>.
 
-Outputs in --out (default runs/sql/<source>-<quality>/seed<seed>), each written to a temporary file and renamed:
-    sql.msgpack         the artefact: {"critic": twin-critic params, "value": value params}, each stacked over the
-                        seeds (leading axis), rewritten after every chunk; dvdf.py uses the first seed's
-    sql.json            what the artefact was trained on (datasets, their fingerprints, flags, step, seeds)
-    results.json        flags, seeds, every evaluation (losses, and returns and scores with --policy), timing and
-                        package versions; "finished": false until the last step
-    checkpoint.msgpack  everything --resume needs; a resumed run ends bit for bit where an uninterrupted one would
+Outputs in --out (default runs/sql/<source>-<quality>/seed<seed>), laid out as envs/run.py describes: results.json
+(flags, alpha, seeds, every evaluation: losses, and returns and scores with --policy; the final scores, none with
+--no-policy) and checkpoint.msgpack (a resumed run ends bit for bit where an uninterrupted one would, on CPU); and,
+written before each checkpoint, the artefact: sql.msgpack ({"critic": twin-critic params, "value": value params},
+stacked over the seeds; dvdf.py uses the first seed's) and sql.json (what it was trained on: datasets, their
+fingerprints, flags, step, seeds).
 """
-import hashlib
-import json
-import os
-import platform
 import sys
-import time
-from dataclasses import asdict, dataclass
-from functools import partial
-from importlib import metadata
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, Optional
 
@@ -55,9 +46,10 @@ import optax
 import tyro
 from flax import serialization
 from flax.training.train_state import TrainState
-from tqdm import tqdm
 
 from envs import check_domain, domain_info, evaluate, load_dataset, reference_info
+from envs.run import (check_common_flags, dataset_arrays, evaluation_entry, fingerprint, json_bytes, losses_entry,
+                      need, open_run, physics_tag, train_loop, value_bound_of, without_losses, write_atomic)
 
 Quality = Literal["random", "medium", "medium-replay", "medium-expert", "expert"]
 
@@ -349,23 +341,10 @@ def make_policy(args: Args, act_dim: int):
 # ---------------------------------------------------------------- data
 def check_args(args: Args) -> None:
     """Exit with one sentence naming the flag and its valid range."""
-    check_domain(args.source, flag="--source")
+    check_common_flags(args)
     if args.eval_domain is not None:
         check_domain(args.eval_domain, flag="--eval-domain")
-
-    def need(ok: bool, message: str):
-        if not ok:
-            raise SystemExit(message)
-
-    for flag in ("steps", "eval_every", "eval_episodes", "num_seeds"):
-        need(getattr(args, flag) >= 1, f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}.")
-    need(args.seed >= 0, f"--seed must be 0 or more, got {args.seed}.")
     need(args.batch_size >= 1, f"--batch-size must be at least 1, got {args.batch_size}.")
-    need(len(args.hidden) >= 1 and min(args.hidden) >= 1,
-         f"--hidden must be one or more positive layer widths, got {args.hidden}.")
-    need(args.lr > 0, f"--lr must be positive, got {args.lr}.")
-    need(0.0 <= args.discount <= 1.0, f"--discount must be in [0, 1], got {args.discount}.")
-    need(0.0 < args.tau <= 1.0, f"--tau must be in (0, 1], got {args.tau}.")
     need(args.alpha is None or args.alpha > 0, f"--alpha must be positive, got {args.alpha}.")
     need(args.max_weight > 0, f"--max-weight must be positive, got {args.max_weight}.")
 
@@ -386,250 +365,81 @@ def reward_scale_of(dataset) -> float:
     return float(1000.0 / (returns.max() - returns.min()))
 
 
-LOSS_LIMIT = 1e10  # a squared TD error beyond this (|Q - y| ~ 1e5) leaves any MuJoCo return scale float32 can fit
-
-
-def divergence(metrics: dict, value_bound: Optional[float]) -> Optional[str]:
-    """Why a chunk's metrics say a stage diverged, or None: a non-finite metric, a loss beyond LOSS_LIMIT, or a mean
-    Q beyond `value_bound` (a discounted return no reward of the data can reach: 10 max|r| / (1 - discount))."""
-    for name, value in metrics.items():
-        if not np.all(np.isfinite(np.asarray(value))):
-            return f"{name} is not finite"
-    for name, value in metrics.items():
-        if name.endswith("_loss") and float(np.max(np.abs(np.asarray(value)))) > LOSS_LIMIT:
-            return f"{name} reached {float(np.max(np.abs(np.asarray(value)))):.3g}, beyond {LOSS_LIMIT:.0e}"
-    if value_bound is not None and "q_mean" in metrics:
-        q_mean = float(np.max(np.abs(np.asarray(metrics["q_mean"]))))
-        if q_mean > value_bound:
-            return f"|mean Q| reached {q_mean:.3g}, beyond {value_bound:.3g}, ten times any discounted return of the data"
-    return None
-
-
-def fingerprint(transitions) -> str:
-    """A short sha256 of a dataset's arrays: artefacts and caches name the exact data they were trained on."""
-    digest = hashlib.sha256()
-    for array in transitions:
-        digest.update(np.ascontiguousarray(array).tobytes())
-    return digest.hexdigest()[:16]
-
-
-def dataset_arrays(dataset) -> tuple:
-    """The fields a fingerprint covers, in a fixed order."""
-    return (dataset.observations, dataset.actions, dataset.rewards, dataset.next_observations, dataset.terminals)
-
-
-# ---------------------------------------------------------------- devices
-def run_shardings(num_runs: int):
-    """(per-run, shared) shardings that spread the leading run axis (the vmapped seeds) over every accelerator
-    and copy shared data to each, so one jitted program runs each device's share of the runs; None on a single
-    device, or when the runs do not divide evenly among the devices (then everything runs on the first)."""
-    devices = jax.devices()
-    if len(devices) < 2 or num_runs % len(devices):
-        return None
-    mesh = jax.sharding.Mesh(np.array(devices), ("runs",))
-    return (jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("runs")),
-            jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-
-
-# ---------------------------------------------------------------- files
-def write_atomic(path: Path, content: bytes) -> None:
-    """Write to a temporary file next to `path`, then rename it over `path`: whole or not at all."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(content)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def package_versions() -> dict:
-    versions = {"python": platform.python_version()}
-    for name in ("jax", "jaxlib", "flax", "optax", "chex", "numpy", "gymnasium", "mujoco", "minari", "tyro"):
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
-
-
-def evaluation_entry(step: int, result, metrics) -> dict:
-    """One row of results.json: per-seed return and normalised score, their mean and std over seeds (ddof 0),
-    and the per-seed losses averaged over the chunk of steps that led here."""
-    returns = np.asarray(result.mean_return, dtype=np.float64)
-    scores = np.asarray(result.normalized_score, dtype=np.float64)
-    return {"step": step, "returns": returns.tolist(), "scores": scores.tolist(),
-            "return_mean": float(returns.mean()), "return_std": float(returns.std()),
-            "score_mean": float(scores.mean()), "score_std": float(scores.std()),
-            "losses": {name: np.asarray(value, dtype=np.float64).tolist() for name, value in metrics.items()}}
-
-
-# ---------------------------------------------------------------- main
-def open_run(args: Args) -> tuple[Path, Optional[dict]]:
-    """The output folder, and the checkpoint to continue with --resume (whose flags must be this run's)."""
-    physics_tag = "-v5physics" if args.physics == "v5" else ""  # the papers' physics names no folder
-    out = Path(args.out or f"runs/sql/{args.source}-{args.quality}{physics_tag}/seed{args.seed}")
-    checkpoint_path = out / "checkpoint.msgpack"
-    if args.resume and not checkpoint_path.exists():
-        raise SystemExit(f"--resume found no checkpoint at {checkpoint_path}; run without --resume to start.")
-    if not args.resume and checkpoint_path.exists():
-        raise SystemExit(f"{out} already holds a run; pass --resume to continue it or choose another --out.")
-    if not args.resume:
-        return out, None
-    saved = serialization.msgpack_restore(checkpoint_path.read_bytes())
-    saved_flags = json.loads(saved["flags"])
-    for name, value in run_flags(args).items():
-        if value != saved_flags.get(name):
-            raise SystemExit(f"--resume needs the interrupted run's flags, but --{name.replace('_', '-')} is "
-                             f"{value} here and {saved_flags.get(name)} in {checkpoint_path}.")
-    return out, saved
-
-
-def run_flags(args: Args) -> dict:
-    """The flags that define a run (all but --resume and --out), as JSON values."""
-    return json.loads(json.dumps({k: v for k, v in asdict(args).items() if k not in ("resume", "out")}))
-
-
-def main(argv: Optional[list[str]] = None) -> dict:
-    args = tyro.cli(Args, args=argv)
-    check_args(args)
-    out, saved = open_run(args)
-    wall_start = time.perf_counter()
-    alpha = args.alpha if args.alpha is not None else default_alpha(args.source)
-    eval_domain = args.eval_domain or args.source
-
-    seeds = [args.seed + k for k in range(args.num_seeds)]
+def load_data(args: Args, eval_domain: str):
+    """The source dataset, and a description of it with its reward scale and the evaluation's score references."""
     source_dataset = load_dataset(args.source_dataset, domain=args.source, physics=args.physics,
                                   quality=None if args.source_dataset else args.quality)
-    obs_dim, act_dim = source_dataset.obs_dim, source_dataset.act_dim
-    if (obs_dim, act_dim) != (domain_info(eval_domain).obs_dim, domain_info(eval_domain).act_dim):
+    if (source_dataset.obs_dim, source_dataset.act_dim) != (domain_info(eval_domain).obs_dim,
+                                                            domain_info(eval_domain).act_dim):
         raise SystemExit(f"--eval-domain {eval_domain} has other observation/action sizes than the source dataset; "
                          f"pick a domain of the same task.")
-    ref_min = ref_max = references = None
+    references = {"random": None, "expert": None, "source": None}
     if args.policy:  # exits with a sentence when the evaluation domain has no known references
         references = reference_info(eval_domain, source_dataset if eval_domain == args.source else None,
                                     args.physics, args.references)
-        ref_min, ref_max = references["random"], references["expert"]
-    reward_scale = reward_scale_of(source_dataset) if args.reward_scaling else 1.0
-    source = jax.device_put(to_transitions(source_dataset, reward_scale))
-    value_bound = 10.0 * float(np.abs(source_dataset.rewards).max()) * reward_scale / max(1.0 - args.discount, 1e-3)
-    data_info = {"source_dataset": source_dataset.name, "source_size": source_dataset.size,
-                 "source_fingerprint": fingerprint(dataset_arrays(source_dataset)), "eval_domain": eval_domain,
-                 "ref_min_score": ref_min, "ref_max_score": ref_max, "reward_scale": reward_scale,
-                 "references": None if references is None else references["source"]}
+    info = {"source_dataset": source_dataset.name, "source_size": source_dataset.size,
+            "source_fingerprint": fingerprint(dataset_arrays(source_dataset)), "eval_domain": eval_domain,
+            "ref_min_score": references["random"], "ref_max_score": references["expert"],
+            "reward_scale": reward_scale_of(source_dataset) if args.reward_scaling else 1.0,
+            "references": references["source"]}
+    return source_dataset, info
+
+
+# ---------------------------------------------------------------- main
+def main(argv: Optional[list[str]] = None) -> dict:
+    args = tyro.cli(Args, args=argv)
+    check_args(args)
+    out, saved = open_run(args, f"runs/sql/{args.source}-{args.quality}{physics_tag(args)}/seed{args.seed}")
+    alpha = args.alpha if args.alpha is not None else default_alpha(args.source)
+    eval_domain, seeds = args.eval_domain or args.source, [args.seed + k for k in range(args.num_seeds)]
+    source_dataset, data_info = load_data(args, eval_domain)
+    obs_dim, act_dim, reward_scale = source_dataset.obs_dim, source_dataset.act_dim, data_info["reward_scale"]
+    trained_on = {"seeds": seeds, "source": args.source, "quality": None if args.source_dataset else args.quality,
+                  **{key: data_info[key] for key in ("source_dataset", "source_size", "source_fingerprint")},
+                  "obs_dim": obs_dim, "act_dim": act_dim, "hidden": list(args.hidden), "alpha": alpha,
+                  **{key: getattr(args, key) for key in ("batch_size", "lr", "discount", "tau", "layer_norm")},
+                  "reward_scale": reward_scale}
     init, train = make_train(args, obs_dim, act_dim)
     policy = make_policy(args, act_dim)
-    hparams = Hyperparams(alpha=jnp.full(args.num_seeds, alpha, jnp.float32))
 
-    start = time.perf_counter()
-    runner = jax.jit(jax.vmap(init))(jnp.stack([jax.random.PRNGKey(seed) for seed in seeds]))
-    runner = jax.block_until_ready(runner)
-    compile_seconds = time.perf_counter() - start
-    start_step, evaluations = 0, []
-    if saved is not None:
-        runner = serialization.from_state_dict(runner, saved["runner"])
-        start_step, evaluations = int(saved["step"]), json.loads(saved["evaluations"])
-    shardings = run_shardings(args.num_seeds)
-    if shardings is not None:  # several accelerators: each trains its share of the seeds
-        per_run, shared = shardings
-        runner, hparams = jax.device_put((runner, hparams), per_run)
-        source = jax.device_put(source, shared)
-    elif jax.device_count() > 1:
-        print(f"{args.num_seeds} seeds do not divide among {jax.device_count()} devices: all run on the first.")
+    def evaluate_chunk(runner, step: int, metrics) -> dict:
+        if not args.policy:  # the losses alone
+            return {"step": step, "losses": losses_entry(metrics)}
+        result = evaluate(policy, runner.state.actor.params, eval_domain, num_episodes=args.eval_episodes,
+                          seed=args.seed + step, ref_scores=(data_info["ref_min_score"], data_info["ref_max_score"]),
+                          physics=args.physics)
+        return evaluation_entry(step, result, metrics)
 
-    # One program per chunk length (--eval-every, and the remainder), compiled ahead of time: no chunk recompiles.
-    chunks = [min(args.eval_every, args.steps - step) for step in range(start_step, args.steps, args.eval_every)]
-    compiled = {}
-    for num_steps in sorted(set(chunks)):
-        start = time.perf_counter()
-        train_chunk = jax.jit(jax.vmap(partial(train, num_steps=num_steps), in_axes=(0, None, 0)))
-        compiled[num_steps] = train_chunk.lower(runner, source, hparams).compile()
-        compile_seconds += time.perf_counter() - start
+    def report(step: int, entry: dict, metrics) -> tuple[str, str]:
+        line = (f"step {step}: value loss {np.mean(metrics['value_loss']):.3g}, critic loss "
+                f"{np.mean(metrics['critic_loss']):.3g}, advantage {np.mean(metrics['advantage_mean']):.3g}")
+        if not args.policy:
+            return "", line
+        return (f"score={entry['score_mean']:.1f}",
+                f"{line}, score {entry['score_mean']:.1f} +- {entry['score_std']:.1f}")
 
-    def write_artifact(step: int) -> None:
-        """The critics and value of every seed, and what they were trained on."""
+    def write_artifact(runner, step: int) -> None:
+        """The critics and value of every seed (sql.msgpack), and what they were trained on (sql.json)."""
         state = jax.device_get(runner.state)
-        artifact = {"critic": serialization.to_state_dict(state.critic.params),
-                    "value": serialization.to_state_dict(state.value.params)}
-        info = {"kind": "sql", "step": step, "steps": args.steps, "finished": step == args.steps, "seeds": seeds,
-                "source": args.source, "quality": None if args.source_dataset else args.quality,
-                "source_dataset": source_dataset.name, "source_size": source_dataset.size,
-                "source_fingerprint": data_info["source_fingerprint"], "obs_dim": obs_dim, "act_dim": act_dim,
-                "hidden": list(args.hidden), "alpha": alpha, "batch_size": args.batch_size, "lr": args.lr,
-                "discount": args.discount, "tau": args.tau, "layer_norm": args.layer_norm,
-                "reward_scale": reward_scale}
-        write_atomic(out / "sql.msgpack", serialization.msgpack_serialize(artifact))
-        write_atomic(out / "sql.json", json.dumps(info, indent=1).encode())
+        write_atomic(out / "sql.msgpack", serialization.msgpack_serialize(
+            {"critic": serialization.to_state_dict(state.critic.params),
+             "value": serialization.to_state_dict(state.value.params)}))
+        write_atomic(out / "sql.json", json_bytes({"kind": "sql", "step": step, "steps": args.steps,
+                                                   "finished": step == args.steps, **trained_on}))
 
-    def write_results(step: int, timing: Optional[dict]) -> dict:
-        final = evaluations[-1] if step == args.steps and args.policy else None
-        results = {
-            "algo": "sql", "finished": step == args.steps, "step": step, "args": asdict(args), "alpha": alpha,
-            "seeds": seeds, "data": data_info, "artifact": str(out / "sql.msgpack"), "evaluations": evaluations,
-            "final": None if final is None else {key: value for key, value in final.items() if key != "losses"},
-            "timing": timing, "versions": package_versions()}
-        write_atomic(out / "results.json", json.dumps(results, indent=1).encode())
-        return results
-
-    out.mkdir(parents=True, exist_ok=True)
-    step, train_seconds, eval_seconds = start_step, 0.0, 0.0
-    if not chunks:  # --resume of a finished run: results.json again from the checkpoint, with its last timing
-        previous = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {}
-        results = write_results(step, previous.get("timing"))
-    pbar = tqdm(total=args.steps, initial=start_step, unit="step", dynamic_ncols=True,
-                desc=f"sql {args.source} x{args.num_seeds}")
-    pbar.set_postfix(score=f"{evaluations[-1]['score_mean']:.1f}" if evaluations and args.policy else "-")
-    for num_steps in chunks:
-        start = time.perf_counter()
-        runner, metrics = jax.block_until_ready(compiled[num_steps](runner, source, hparams))
-        train_seconds += time.perf_counter() - start
-        step += num_steps
-        diverged = divergence(jax.device_get(metrics), value_bound)
-        if diverged:  # nothing of this chunk is saved: the last artefact and checkpoint stay the sound ones
-            kept = f"the artefact in {out} stays at step {step - num_steps}" if step > num_steps else \
-                "no artefact was written"
-            raise SystemExit(f"SQL diverged in the {step - num_steps}-{step} chunk ({diverged}); {kept}. Try "
-                             f"--reward-scaling --layer-norm (the defaults), or a larger --alpha.")
-
-        if args.policy:
-            start = time.perf_counter()
-            result = evaluate(policy, runner.state.actor.params, eval_domain, num_episodes=args.eval_episodes,
-                              seed=args.seed + step, ref_scores=(ref_min, ref_max),
-                              physics=args.physics)
-            eval_seconds += time.perf_counter() - start
-            evaluations.append(evaluation_entry(step, result, metrics))
-        else:
-            evaluations.append({"step": step, "losses": {name: np.asarray(value, dtype=np.float64).tolist()
-                                                         for name, value in metrics.items()}})
-
-        # artefact and checkpoint first: if killed before results.json is rewritten, --resume rewrites it
-        write_artifact(step)
-        checkpoint = {"runner": serialization.to_state_dict(jax.device_get(runner)), "step": step,
-                      "evaluations": json.dumps(evaluations), "flags": json.dumps(run_flags(args))}
-        write_atomic(out / "checkpoint.msgpack", serialization.msgpack_serialize(checkpoint))
-        timed_steps = step - start_step
-        results = write_results(step, {
-            "steps_per_second": timed_steps / train_seconds,  # gradient steps, every seed at once
-            "updates_per_second": timed_steps * args.num_seeds / train_seconds,
-            "compile_seconds": compile_seconds, "train_seconds": train_seconds, "eval_seconds": eval_seconds,
-            "wall_seconds": time.perf_counter() - wall_start, "timed_steps": timed_steps,
-            "resumed_from_step": start_step, "device_kind": jax.devices()[0].device_kind,
-            "platform": jax.default_backend(),
-            "devices": jax.device_count() if shardings else 1})
-
-        latest = evaluations[-1]
-        pbar.update(num_steps)
-        message = f"step {step}: value loss {np.mean(metrics['value_loss']):.3g}, critic loss " \
-                  f"{np.mean(metrics['critic_loss']):.3g}, advantage {np.mean(metrics['advantage_mean']):.3g}"
-        if args.policy:
-            pbar.set_postfix(score=f"{latest['score_mean']:.1f}")
-            message += f", score {latest['score_mean']:.1f} +- {latest['score_std']:.1f}"
-        tqdm.write(message)
-    pbar.close()
-
-    score = f"final score {results['final']['score_mean']:.1f} +- {results['final']['score_std']:.1f}, " \
-        if args.policy else ""
+    results = train_loop(args, out, saved, algo="sql", title=f"sql {args.source} x{args.num_seeds}", init=init,
+                         keys=jnp.stack([jax.random.PRNGKey(seed) for seed in seeds]), train=train,
+                         inputs=(jax.device_put(to_transitions(source_dataset, reward_scale)),
+                                 Hyperparams(alpha=jnp.full(args.num_seeds, alpha, jnp.float32))),
+                         in_axes=(None, 0), evaluate=evaluate_chunk, report=report,
+                         header={"alpha": alpha, "data": data_info, "artifact": str(out / "sql.msgpack")},
+                         final=without_losses if args.policy else None, before_checkpoint=write_artifact,
+                         value_bound=value_bound_of(source_dataset.rewards, args.discount) * reward_scale,
+                         advice="try --reward-scaling --layer-norm (the defaults), or a larger --alpha")
+    score = (f"final score {results['final']['score_mean']:.1f} +- {results['final']['score_std']:.1f}, "
+             if args.policy else "")
     data = args.source_dataset or f"{args.source} ({args.quality})"
-    print(f"sql {data}, alpha {alpha}, seeds {seeds}: {score}{step} steps; critics and value "
+    print(f"sql {data}, alpha {alpha}, seeds {seeds}: {score}{results['step']} steps; critics and value "
           f"in {out / 'sql.msgpack'}, results in {out}")
     return results
 

@@ -4,78 +4,47 @@
 Datasets" (V2A, ICML 2026), built on DVDF (arXiv:2512.02435), IGDF (Wen et al., ICML 2024, arXiv:2405.06192), SQL
 (Xu et al., ICLR 2023) and IQL (Kostrikov et al., ICLR 2022). When the source dataset mixes several shifted domains
 and behaviour policies, DVDF's value signal A(s, a) averages over all of them ("value misassignment"); V2A
-conditions it on a representation z of the trajectory a transition came from. The whole pipeline in one file:
-    1. Trajectory encoder (stage 1/4). q(z | trajectory): a one-layer GRU (--gru-hidden 256) over the steps
-       [s_t, a_t, s_{t+1} - s_t]; its state after the last valid step feeds linear heads for the mean and log-std
-       (clamped to [-5, 2]) of z (--z-dim 128). Decoder: an ensemble of --ensemble-size 3 MLPs on [s, a, z] that
-       predict s' - s. Loss: reconstruction MSE (mean over ensemble members and state dims, masked mean over the
-       valid steps of the batch) + --kl-weight 1e-3 KL(q || N(0, I)) (summed over z dims, mean over windows).
-       Each step draws --encoder-batch-size 16 trajectories uniformly, and from each a window of min(length,
-       --window 200) consecutive steps at a uniform random start (shorter trajectories: all of it, padded and
-       masked); then, on the same batch, an encoder step with the decoder frozen (z = mean + std * noise), and a
-       decoder step with the encoder frozen and z = the (just updated) encoder mean. Adam --lr, gradient norm
-       clipped at --grad-clip 10, --encoder-steps 100,000.
-    2. Relabel. One z per source trajectory, the encoder mean, given to every transition of it. By default each
-       FULL trajectory is encoded in one masked pass (trajectories padded to the longest one, so a 1000-step
-       episode runs the GRU for 1000 steps although it was trained on windows of at most 200); with
-       `--relabel-window W` a trajectory is cut into consecutive windows of W steps and its z is the
-       length-weighted mean of their encoder means (the encoder never sees more steps than it was trained on).
-       Trajectories are the runs of equal episode_ids of the source dataset.
-    3. SQL with z (stage 2/4): SQL's critics Q1, Q2(s, a, z) and value V(s, z) (z concatenated to s), alpha 0.2,
-       batch 256, --sqlz-steps 5,000; the Q target r + discount (1 - d) V(s', z) uses the same trajectory's z; the
-       target critics take a Polyak step (--tau) every --sqlz-target-every 2 steps. The modality-aware advantage
-       is A(s, a, z) = min(Q1, Q2)(s, a, z) - V(s, z) with the online critics.
-    4. IGDF's contrastive dynamics scorer (stage 3/4), exactly as in dvdf.py (and so sharing its cache).
-    5. Filtered IQL (stage 4/4), exactly DVDF's with A(s, a, z) in place of A(s, a): per step B source and B target
-       transitions; g = lam h + (1 - lam) Norm(A(s, a, z)); keep the top int(B xi) source samples; IQL on kept
-       source + target with Q-loss weights exp(h) clamped at 100 on kept source samples (`--weighting
-       g_indicator`: g instead) and 1 on target. lam 0.6, xi 0.5. The final Q, V and policy do not take z.
+conditions it on a representation z of the trajectory a transition came from.
 
     python algos/v2a.py --source-dataset <heterogeneous source.hdf5> --source halfcheetah-morph --target halfcheetah
     python algos/v2a.py ... --lam 0.4 0.6 1 --xi 0.3 0.5    # a lam x xi x seed grid in one program
 
-The grid, exactly as dvdf.py: --lam and --xi accept several values; every (lam, xi, seed) is one run of the same
-jitted program (lam outermost, seed innermost, sharded across accelerators when there are several); lam and the kept
-count int(B xi) are traced values, the top-k is a rank mask and dropped samples are masked out of every loss.
---source names the source's domain only for the output folder (a heterogeneous source mixes several); the
-episode_metadata of the source dataset says which domain and quality each trajectory came from.
+The method, in the numbering the code cites (DVDF's steps are those of dvdf.py):
+    1. Temporally-consistent modality representation (stage 1/4, then the relabelling). q(z | trajectory): a GRU
+       (--gru-hidden 256) over the steps [s_t, a_t, s_{t+1} - s_t] whose last valid state feeds linear heads for the
+       mean and log-std (clamped to [-5, 2]) of z (--z-dim 128); an ensemble of --ensemble-size 3 MLP decoders on
+       [s, a, z] predicts s' - s. Loss: reconstruction MSE + --kl-weight 1e-3 KL(q || N(0, I)), on windows of at
+       most --window 200 steps of --encoder-batch-size 16 trajectories; per step an encoder step with the decoders
+       frozen (z reparameterised), then a decoder step with z = the new encoder mean. Adam --lr, gradient norm
+       clipped at --grad-clip 10, --encoder-steps 100,000. Relabel: each source trajectory (a run of equal
+       episode_ids) gets one z, the encoder mean over the whole trajectory (or, with --relabel-window W, the
+       length-weighted mean over its windows of W steps), and every transition of it that z.
+    2. Modality-aware advantage (stage 2/4): SQL's critics Q1, Q2(s, a, z) and value V(s, z) (z concatenated to s),
+       alpha 0.2, batch 256, --sqlz-steps 5,000; the Q target r + discount (1 - d) V(s', z) uses the same
+       trajectory's z; the target critics take a Polyak step every --sqlz-target-every 2 steps.
+       A(s, a, z) = min(Q1, Q2)(s, a, z) - V(s, z) with the online critics.
+    3. Filtering and learning (stage 4/4, with IGDF's scorer of stage 3/4): DVDF's, with A(s, a, z) in place of
+       A(s, a): g = lam h + (1 - lam) Norm(A(s, a, z)); keep the top int(B xi) source samples; IQL on kept source +
+       target with Q-loss weights exp(h) (`--weighting g_indicator`: g) clamped at 100 on kept source samples and 1
+       on target; lam 0.6, xi 0.5. The final Q, V and policy do not take z.
+The grid is dvdf.py's: every (lam, xi, seed) is one run of the same jitted program. --source names the source's
+domain only for the output folder (a heterogeneous source mixes several); the source's episode_metadata says which
+domain and quality each trajectory came from. Stages 1-3 are trained once with --seed, shared by every run, and
+cached under --cache-dir (envs/run.py), keyed by the datasets' fingerprints (for the encoder also the episode
+boundaries'), the stage's flags and the seed; the SQL-with-z key includes the encoder's and --relabel-window. The
+scorer stage is dvdf.py's, with the same key; --scorer-artifact takes an artefact of algos/igdf_scorer.py instead.
 
-Stages 1-3 are frozen inputs of stage 4, trained once with the first seed (--seed) and shared by every run of the
-grid. They are cached under --cache-dir as `<stage>-<sha of its inputs>.msgpack` (+ `.json`), keyed by the
-fingerprints of the datasets (and, for the encoder, of the episode boundaries), the stage's flags and the seed;
-the SQL-with-z stage's key includes the encoder's key and --relabel-window. An interrupted stage resumes from
-`<stage>-<sha>.partial.msgpack`. The scorer stage is dvdf.py's, with the same key: a DVDF run and a V2A run on the
-same data share it. --scorer-artifact takes an artefact of algos/igdf_scorer.py instead.
-
-Diagnostics of the representation (results.json "representation", and z_projection.png in --out): a linear
-probe on the trajectories' z predicts each trajectory's episode_metadata "domain" (and "quality"): a multinomial
-logistic regression on standardised z fitted on the probe's training trajectories, its accuracy measured on
---probe-fraction of each class's trajectories held out (a split by trajectory; the encoder itself is unsupervised
-and sees all of them), next to the chance level (always the majority class) and a nearest-centroid probe's
-accuracy; and a 2-D PCA projection of the trajectories' z coloured by domain (marker by quality). Filter
-diagnostics per evaluation and run, as dvdf.py: mean h, A(s, a, z) and g of kept and dropped samples, the Q weight
-of kept ones, and per domain and quality their share of the kept samples (kept_share), of the drawn samples
-(batch_share) and the fraction of drawn ones kept (keep_rate). `--representation-only` stops after the encoder
-and these representation diagnostics (benchmarks/v2a_probe.py uses it).
-
-Outputs in --out (default runs/v2a/<source>_to_<target>-<quality>/lam<lams>_xi<xis>/seed<seed>), written
-atomically:
-    results.json        flags, the grid, the stages, the representation diagnostics, every evaluation (per-run
-                        return and score, per-setting mean and std over seeds, losses, filter diagnostics), the
-                        final scores, timing and package versions
-    z_projection.png    the PCA of the trajectories' z, coloured by domain
-    checkpoint.msgpack  everything --resume needs; a resumed run ends bit for bit where an uninterrupted one would
+Outputs in --out (default runs/v2a/<source>_to_<target>-<quality>/lam<lams>_xi<xis>/seed<seed>), as envs/run.py
+describes, and z_projection.png (a PCA of the trajectories' z, coloured by domain); results.json adds the grid, the
+settings, the stages, "representation" (envs/diagnostics.py: a linear and a nearest-centroid probe on z, fitted on
+all but --probe-fraction of each domain's and quality's trajectories, against the chance level) and per evaluation
+each setting's mean and std over seeds and the filter's diagnostics (dvdf.py's, with each domain's and quality's
+share of the kept samples). `--representation-only` stops after the encoder and its diagnostics.
 """
-import hashlib
-import json
-import os
-import platform
 import sys
-import textwrap
 import time
 from dataclasses import asdict, dataclass
 from functools import partial
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, Optional
 
@@ -93,7 +62,13 @@ from flax import serialization
 from flax.training.train_state import TrainState
 from tqdm import tqdm
 
-from envs import check_domain, evaluate, load_dataset, reference_info, subsample
+from envs import evaluate, load_dataset, reference_info, subsample
+from envs.diagnostics import (SOURCE_HOLDOUT_SEED, episode_groups, filter_diagnostics, filter_sums, held_out,
+                              held_out_separation, holdout_split, plot_projection, representation_diagnostics,
+                              trajectory_groups)
+from envs.run import (cached_stage, check_common_flags, dataset_arrays, fingerprint, finite_json,
+                      grid_evaluation_entry, json_bytes, need, open_run, package_versions, physics_tag, read_artifact,
+                      run_stage, save_stage, stage_path, train_loop, value_bound_of, write_atomic)
 
 Quality = Literal["random", "medium", "medium-replay", "medium-expert", "expert"]
 
@@ -224,15 +199,9 @@ class Args:
 
 
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0  # the original IQL's log-std bounds, and V2A's bounds of the encoder's log-std
-HOLDOUT_MAX = 10_000  # held-out transitions per dataset at most: enough for a precise AUC, cheap to score
-SOURCE_HOLDOUT_SEED = 0  # the source hold-out is the same for every seed, so seed k equals a 1-seed run
-GROUP_KEYS = ("quality", "domain")  # per-episode metadata whose share among kept samples is reported
-STAGE_CHUNKS = (100, 1_000, 10_000)  # the chunk sizes a pre-training stage runs between two saves
-STAGE_SAVE_SECONDS = 60.0  # a stage saves and reports progress about this often, at most every 10,000 steps
 CACHE_VERSION = 1  # part of every stage's cache key: bump it when a stage's computation changes
 FILTER_WEIGHT_MAX = 100.0  # V2A clamps the Q-loss weights of kept source samples (exp(h) <= e: a safeguard)
 RELABEL_CHUNK = 256  # trajectories (or windows) encoded per call when relabelling
-PROBE_STEPS, PROBE_LR, PROBE_L2 = 2_000, 0.5, 1e-3  # the linear probe's gradient descent on standardised z
 
 
 # ---------------------------------------------------------------- networks
@@ -337,7 +306,7 @@ class DeltaDecoder(nn.Module):
         return ensemble(self.hidden, self.obs_dim)(jnp.concatenate([obs, actions, z], axis=-1))
 
 
-# ---------------------------------------------------------------- train states and data
+# ---------------------------------------------------------------- train state and data
 class IQLState(NamedTuple):
     actor: TrainState
     critic: TrainState
@@ -363,7 +332,7 @@ class Data(NamedTuple):
     source: Transitions  # shared by every run
     source_trajectory: jax.Array  # [N_source] int32: which trajectory each source transition belongs to
     trajectory_z: jax.Array  # [E, z_dim]: the representation of each source trajectory (the encoder mean)
-    source_groups: tuple  # per key of GROUP_KEYS the dataset has: [N_source] int32 label of each transition
+    source_groups: tuple  # per metadata key the dataset has: [N_source] int32 label of each transition
     target: Transitions  # one subsample per seed, stacked along a leading seed axis; runs index it by seed_index
 
 
@@ -383,6 +352,215 @@ class Hyperparams(NamedTuple):
     seed_index: jax.Array  # int32, which seed's target subsample the run trains on
 
 
+# ---------------------------------------------------------------- the filter (V2A step 3: DVDF's steps 2-6)
+def dynamics_score(sa_repr, next_repr, eps=1e-8):
+    """h(s, a, s') = cos(phi(s, a), psi(s')) in [-1, 1], per transition (torch's cosine_similarity, eps 1e-8)."""
+    norms = jnp.linalg.norm(sa_repr, axis=-1) * jnp.linalg.norm(next_repr, axis=-1)
+    return (sa_repr * next_repr).sum(-1) / jnp.maximum(norms, eps)
+
+
+def normalise_advantage(advantage):
+    """Norm(A) = (A - min_batch A) / (max_batch A - min_batch A + 1e-8), in [0, 1) (DVDF step 2)."""
+    low, high = advantage.min(), advantage.max()
+    return (advantage - low) / (high - low + 1e-8)
+
+
+def filter_score(dynamics_score, advantage, lam):
+    """g = lam h + (1 - lam) Norm(A) (DVDF step 3): lam = 1 ranks by the dynamics score alone (IGDF), lam = 0 by A."""
+    return lam * dynamics_score + (1.0 - lam) * normalise_advantage(advantage)
+
+
+def keep_count(source_size: int, xi: float) -> int:
+    """The kept count int(B xi) of DVDF step 4, on the host in float64 as the authors' Python computes it."""
+    return int(source_size * xi)
+
+
+def keep_mask(score, keep_count):
+    """1.0 on the keep_count samples with the highest score, 0.0 elsewhere: exactly keep_count ones (DVDF step 4).
+
+    The rank of sample i is the number of samples with a higher score plus those with an equal score and a lower
+    index (lax.top_k's tie rule); keep rank < keep_count. A mask instead of a gather keeps shapes static, so
+    keep_count can be a traced (vmapped) value.
+    """
+    index = jnp.arange(score.shape[0])
+    ahead = (score[None, :] > score[:, None]) | ((score[None, :] == score[:, None]) & (index[None, :] < index[:, None]))
+    return (ahead.sum(1) < keep_count).astype(score.dtype)
+
+
+def q_weights(dynamics_score, score, keep, target_size: int, weighting: str):
+    """Per-sample Q-loss weights of [source batch, target batch]: exp(h) (or g) clamped at 100 on kept source
+    samples (V2A step 3; DVDF steps 5-6), 0 on dropped ones (masked out anyway), 1 on target samples."""
+    source_weight = jnp.minimum(jnp.exp(dynamics_score) if weighting == "exp_h" else score, FILTER_WEIGHT_MAX)
+    return jnp.concatenate([keep * source_weight, jnp.ones(target_size, keep.dtype)])
+
+
+# ---------------------------------------------------------------- IQL losses over kept source + target samples
+def masked_mean(values, mask):
+    """Mean of values over the samples where mask is 1: over the concatenation of kept source and target samples,
+    exactly (a dropped sample adds nothing to the sum and is not counted)."""
+    chex.assert_equal_shape([values, mask])
+    return (values * mask).sum() / mask.sum()
+
+
+def expectile_loss(diff, expectile):
+    """Per-sample asymmetric squared error |expectile - 1[diff < 0]| * diff^2 (IQL eq. 5)."""
+    return jnp.where(diff < 0, 1.0 - expectile, expectile) * diff**2
+
+
+def value_loss(v, target_q, expectile, mask):
+    """Unweighted IQL V loss on u = min(Q1', Q2')(s, a) - V(s) with the target critics; returns (loss, u)."""
+    advantage = target_q - v
+    return masked_mean(expectile_loss(advantage, expectile), mask), advantage
+
+
+def weighted_critic_loss(q, target, weight, mask):
+    """Sum over the two critics of the masked mean of weight_i (Q_k(s_i, a_i) - y_i)^2. q: [2, B]; the rest [B]."""
+    per_sample = ((q - target) ** 2).sum(0)
+    chex.assert_equal_shape([weight, per_sample])  # a [B, 1] weight would broadcast to [B, B] (IGDF's bug)
+    return masked_mean(weight * per_sample, mask)
+
+
+def advantage_weight(advantage, temperature, max_weight):
+    """min(exp(temperature * A), max_weight) (IQL eq. 7), a constant for the actor."""
+    return jax.lax.stop_gradient(jnp.minimum(jnp.exp(temperature * advantage), max_weight))
+
+
+def deterministic_actor_loss(mean, actions, weight, mask):
+    """Weighted behaviour cloning: masked mean over samples, mean over action dims, of weight (tanh(mu(s)) - a)^2."""
+    per_sample = ((mean - actions) ** 2).mean(-1)
+    chex.assert_equal_shape([weight, per_sample])
+    return masked_mean(weight * per_sample, mask)
+
+
+def gaussian_actor_loss(mean, log_std, actions, weight, mask):
+    """Weighted negative log-likelihood of a under N(tanh(mu(s)), exp(log_std)^2), summed over action dims."""
+    log_prob = (-0.5 * ((actions - mean) / jnp.exp(log_std)) ** 2 - log_std - 0.5 * jnp.log(2 * jnp.pi)).sum(-1)
+    chex.assert_equal_shape([weight, log_prob])
+    return -masked_mean(weight * log_prob, mask)
+
+
+# ---------------------------------------------------------------- stage 4: filtered IQL
+def make_train(args: Args, obs_dim: int, act_dim: int, sql_hidden, scorer_hidden, repr_dim: int,
+               groups: tuple = (), sql_layer_norm: bool = False):
+    """Returns init(rng) -> Runner and train(runner, data, frozen, hparams, num_steps) -> (runner, metrics).
+
+    dvdf.py's make_train with the modality-aware advantage A(s, a, z): each source sample brings its trajectory's
+    z to the frozen SQL-with-z critics and value; the IQL networks do not see z. Pure functions of one run, run as
+    jax.jit(jax.vmap(...)) over the (lam, xi, seed) grid. metrics = (mean losses, summed filter statistics).
+    """
+    actor_net = Actor(act_dim, args.hidden, gaussian=args.actor == "gaussian")
+    critic_net, value_net = TwinCritic(args.hidden), ValueNet(args.hidden)
+    _, _, modality_advantage = make_sqlz_losses(tuple(sql_hidden), args.discount, sql_layer_norm)
+    scorer_net = Scorer(tuple(scorer_hidden), repr_dim)
+    source_size = args.batch_size // 2
+    target_size = args.batch_size - source_size
+
+    def init(rng) -> Runner:
+        rng, actor_key, critic_key, value_key = jax.random.split(rng, 4)
+        obs, action = jnp.zeros((1, obs_dim)), jnp.zeros((1, act_dim))
+        critic_params = critic_net.init(critic_key, obs, action)
+        state = IQLState(
+            actor=TrainState.create(apply_fn=actor_net.apply, params=actor_net.init(actor_key, obs),
+                                    tx=optax.adam(optax.cosine_decay_schedule(args.lr, args.steps))),
+            critic=TrainState.create(apply_fn=critic_net.apply, params=critic_params, tx=optax.adam(args.lr)),
+            critic_target_params=jax.tree.map(jnp.copy, critic_params),
+            value=TrainState.create(apply_fn=value_net.apply, params=value_net.init(value_key, obs),
+                                    tx=optax.adam(args.lr)),
+        )
+        return Runner(state, rng)
+
+    def filter_source(source_batch: Transitions, z, frozen: Frozen, hparams: Hyperparams):
+        """h, A(s, a, z), g and the keep mask of one source batch (V2A step 3: DVDF steps 2-4 with A(s, a, z));
+        the frozen stages get no gradient."""
+        frozen = jax.lax.stop_gradient(frozen)
+        obs, actions = source_batch.observations, source_batch.actions
+        h = dynamics_score(*scorer_net.apply(frozen.scorer, obs, actions, source_batch.next_observations))
+        advantage = modality_advantage(frozen.sql_critic, frozen.sql_value, obs, actions, z)  # online critics
+        score = filter_score(h, advantage, hparams.lam)
+        return h, advantage, score, keep_mask(score, hparams.keep_count)
+
+    def update(state: IQLState, source_batch: Transitions, source_z, target_batch: Transitions, labels: tuple,
+               frozen: Frozen, hparams: Hyperparams):
+        """Filter the source batch, then one IQL step on kept source + target (no z from here on)."""
+        h, sql_advantage, score, keep = filter_source(source_batch, source_z, frozen, hparams)
+        mask = jnp.concatenate([keep, jnp.ones(target_size)])
+        q_weight = q_weights(h, score, keep, target_size, args.weighting)
+        batch = jax.tree.map(lambda s, t: jnp.concatenate([s, t]), source_batch, target_batch)
+
+        # 1. value (unweighted): expectile regression towards the target critics' min (IQL eq. 5)
+        target_q = critic_net.apply(state.critic_target_params, batch.observations, batch.actions).min(0)
+
+        def value_loss_fn(params):
+            return value_loss(value_net.apply(params, batch.observations), target_q, hparams.expectile, mask)
+
+        (v_loss, advantage), grads = jax.value_and_grad(value_loss_fn, has_aux=True)(state.value.params)
+        value = state.value.apply_gradients(grads=grads)
+
+        # 2. critics, weighted (DVDF step 5): y = r + discount (1 - d) V(s') with the value just updated (IQL eq. 6)
+        next_v = value_net.apply(value.params, batch.next_observations)
+        target = batch.rewards + args.discount * (1.0 - batch.terminals) * next_v
+
+        def critic_loss_fn(params):
+            q = critic_net.apply(params, batch.observations, batch.actions)
+            return weighted_critic_loss(q, target, q_weight, mask), masked_mean(q.mean(0), mask)
+
+        (q_loss, q_mean), grads = jax.value_and_grad(critic_loss_fn, has_aux=True)(state.critic.params)
+        critic = state.critic.apply_gradients(grads=grads)
+
+        # 3. target critics
+        critic_target_params = optax.incremental_update(critic.params, state.critic_target_params, args.tau)
+
+        # 4. actor (no filter weight): advantage-weighted regression with the advantage of step 1 (IQL eq. 7)
+        weight = advantage_weight(advantage, hparams.temperature, args.max_weight)
+
+        def actor_loss_fn(params):
+            mean, log_std = actor_net.apply(params, batch.observations)
+            if args.actor == "gaussian":
+                return gaussian_actor_loss(mean, log_std, batch.actions, weight, mask)
+            return deterministic_actor_loss(mean, batch.actions, weight, mask)
+
+        actor_loss, grads = jax.value_and_grad(actor_loss_fn)(state.actor.params)
+        actor = state.actor.apply_gradients(grads=grads)
+
+        losses = {"value_loss": v_loss, "critic_loss": q_loss, "actor_loss": actor_loss,
+                  "advantage_mean": masked_mean(advantage, mask), "q_mean": q_mean,
+                  "weight_mean": masked_mean(weight, mask)}
+        sums = filter_sums(keep, h, sql_advantage, score, q_weight[:source_size], groups, labels)
+        return IQLState(actor, critic, critic_target_params, value), losses, sums
+
+    def train(runner: Runner, data: Data, frozen: Frozen, hparams: Hyperparams, num_steps: int):
+        """num_steps gradient steps in one lax.scan; losses are their means, filter statistics their sums."""
+
+        def step(runner: Runner, _):
+            rng, batch_key = jax.random.split(runner.rng)
+            source_key, target_key = jax.random.split(batch_key)
+            source_indices = jax.random.randint(source_key, (source_size,), 0, data.source.rewards.shape[0])
+            target_indices = jax.random.randint(target_key, (target_size,), 0, data.target.rewards.shape[1])
+            source_batch = jax.tree.map(lambda x: x[source_indices], data.source)
+            source_z = data.trajectory_z[data.source_trajectory[source_indices]]
+            target_batch = jax.tree.map(lambda x: x[hparams.seed_index, target_indices], data.target)
+            labels = tuple(label[source_indices] for label in data.source_groups)
+            state, losses, sums = update(runner.state, source_batch, source_z, target_batch, labels, frozen,
+                                         hparams)
+            return Runner(state, rng), (losses, sums)
+
+        runner, (losses, sums) = jax.lax.scan(step, runner, None, length=num_steps)
+        return runner, (jax.tree.map(jnp.mean, losses), jax.tree.map(lambda x: x.sum(0), sums))
+
+    return init, train
+
+
+def make_policy(args: Args, act_dim: int):
+    """The deterministic evaluation action tanh(mu(s)), for one run's actor parameters."""
+    actor_net = Actor(act_dim, args.hidden, gaussian=args.actor == "gaussian")
+
+    def policy(actor_params, obs):
+        return actor_net.apply(actor_params, obs)[0]
+
+    return policy
+
+
+# ---------------------------------------------------------------- stage 1: the trajectory encoder (V2A step 1)
 class EncoderState(NamedTuple):
     encoder: TrainState
     decoder: TrainState
@@ -399,41 +577,6 @@ class EncoderData(NamedTuple):
     lengths: jax.Array  # [E] int32: its number of transitions
 
 
-class SQLState(NamedTuple):
-    critic: TrainState
-    critic_target_params: Any
-    value: TrainState
-
-
-class SQLRunner(NamedTuple):
-    state: SQLState
-    rng: jax.Array
-
-
-class SQLHyperparams(NamedTuple):
-    alpha: jax.Array
-
-
-class SQLZData(NamedTuple):
-    source: Transitions
-    source_trajectory: jax.Array  # [N] int32
-    trajectory_z: jax.Array  # [E, z_dim]
-
-
-class ScorerRunner(NamedTuple):
-    """One seed's whole scorer training state; many seeds stack it along a leading axis."""
-    state: TrainState
-    rng: jax.Array
-
-
-class ScorerData(NamedTuple):
-    target_observations: jax.Array  # [N_t, obs_dim] target transitions: the positives and the rows
-    target_actions: jax.Array  # [N_t, act_dim]
-    target_next_observations: jax.Array  # [N_t, obs_dim]
-    source_next_observations: jax.Array  # [N_s, obs_dim] source next states: the shared negatives
-
-
-# ---------------------------------------------------------------- stage 1: the trajectory encoder
 def gaussian_kl(mean, log_std):
     """KL(N(mean, exp(log_std)^2) || N(0, I)) per row, summed over the last axis."""
     return 0.5 * (jnp.exp(2.0 * log_std) + mean**2 - 1.0 - 2.0 * log_std).sum(-1)
@@ -546,6 +689,38 @@ def encoder_steps(dataset) -> np.ndarray:
                            dataset.next_observations - dataset.observations], axis=1).astype(np.float32)
 
 
+def encoder_stage(args: Args, source, obs_dim: int, act_dim: int) -> tuple[dict, dict]:
+    """Stage 1: the trajectory encoder and its decoders, from the cache or trained now and cached."""
+    starts, lengths = trajectory_bounds(source)
+    info = {"kind": "encoder", "version": CACHE_VERSION, "source_fingerprint": fingerprint(dataset_arrays(source)),
+            "episodes_fingerprint": fingerprint((source.episode_ids,)), "obs_dim": obs_dim, "act_dim": act_dim,
+            "steps": args.encoder_steps, "batch_size": args.encoder_batch_size, "window": args.window,
+            "gru_hidden": args.gru_hidden, "z_dim": args.z_dim, "hidden": list(args.hidden),
+            "ensemble_size": args.ensemble_size, "kl_weight": args.kl_weight, "lr": args.lr,
+            "grad_clip": args.grad_clip, "seeds": [args.seed]}
+    cached = cached_stage(args.cache_dir, "encoder", info, obs_dim, act_dim)
+    if cached is not None:
+        return cached
+    path = stage_path(args.cache_dir, "encoder", info)
+    init, train = make_encoder_train(args.gru_hidden, args.z_dim, tuple(args.hidden), args.ensemble_size,
+                                     args.kl_weight, args.lr, args.grad_clip, args.encoder_batch_size, args.window,
+                                     obs_dim, act_dim)
+    runner = jax.jit(jax.vmap(init))(jax.random.PRNGKey(args.seed)[None])
+    data = jax.device_put(EncoderData(encoder_steps(source), starts, lengths))
+    start = time.perf_counter()
+    runner, metrics, partial_path = run_stage(f"stage 1/4: trajectory encoder ({len(starts)} trajectories)", path,
+                                              runner, train, (0, None), (data,), args.encoder_steps)
+    host_state = jax.device_get(runner.state)
+    artifact = {"encoder": serialization.to_state_dict(host_state.encoder.params),
+                "decoder": serialization.to_state_dict(host_state.decoder.params)}
+    info |= {"step": args.encoder_steps, "finished": True, "source": args.source, "source_dataset": source.name,
+             "source_size": source.size, "trajectories": len(starts), "trajectory_length_min": int(lengths.min()),
+             "trajectory_length_max": int(lengths.max()), "final_losses": metrics,
+             "train_seconds": time.perf_counter() - start}
+    return save_stage(path, partial_path, artifact, info)
+
+
+# ---------------------------------------------------------------- the relabelling: one z per trajectory (V2A step 1)
 def relabel_rows(starts, lengths, window: Optional[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(row starts, row lengths, owner trajectory of each row): one row per trajectory (window None), or its
     consecutive windows of `window` steps (the last one shorter)."""
@@ -576,8 +751,11 @@ def make_encode_fn(gru_hidden, z_dim):
 
 
 def relabel(encoder_params, dataset, gru_hidden: int, z_dim: int, window: Optional[int]):
-    """One z per trajectory, the encoder mean (see the module docstring): returns (trajectory index of each
-    transition [N] int32, z of each trajectory [E, z_dim] float32)."""
+    """One z per trajectory, the encoder mean (V2A step 1): returns (trajectory index of each transition [N] int32,
+    z of each trajectory [E, z_dim] float32). window None: each full trajectory in one masked pass, padded to the
+    longest (a 1000-step episode runs the GRU for 1000 steps although it was trained on windows of at most 200);
+    window W: the length-weighted mean of the encoder means of its consecutive windows of W steps (the encoder never
+    sees more steps than it was trained on)."""
     starts, lengths = trajectory_bounds(dataset)
     row_starts, row_lengths, owner = relabel_rows(starts, lengths, window)
     width = int(row_lengths.max())
@@ -599,7 +777,45 @@ def relabel(encoder_params, dataset, gru_hidden: int, z_dim: int, window: Option
     return np.repeat(np.arange(len(starts), dtype=np.int32), lengths), trajectory_z.astype(np.float32)
 
 
-# ---------------------------------------------------------------- stage 2: SQL with z
+def describe_representation(args: Args, out: Path, source, trajectory_z, groups: dict) -> dict:
+    """How well z tells the source's domains (and qualities) apart: the probes and the PCA of z (envs/diagnostics.py)
+    for results.json, the PCA plotted in out/z_projection.png."""
+    per_trajectory = trajectory_groups(groups, trajectory_bounds(source)[0])
+    representation = representation_diagnostics(trajectory_z, per_trajectory, args.probe_fraction, args.seed)
+    projection = representation.pop("projection")
+    probes = representation["probe"]
+    summary = ", ".join(f"{key} {probes[key]['accuracy']:.2f} (chance {probes[key]['chance']:.2f})"
+                        for key in ("domain", "quality") if probes.get(key) is not None)
+    out.mkdir(parents=True, exist_ok=True)
+    plot_projection(out / "z_projection.png", projection, per_trajectory,
+                    f"z of {len(trajectory_z)} source trajectories, PCA\nlinear probe accuracy on held-out "
+                    f"trajectories: {summary or 'n/a'}")
+    print(f"representation: linear probe accuracy on held-out trajectories: {summary or 'n/a'}")
+    return representation | {"relabel_window": args.relabel_window, "projection_png": "z_projection.png"}
+
+
+# ---------------------------------------------------------------- stage 2: SQL with z (V2A step 2)
+class SQLState(NamedTuple):
+    critic: TrainState
+    critic_target_params: Any
+    value: TrainState
+
+
+class SQLRunner(NamedTuple):
+    state: SQLState
+    rng: jax.Array
+
+
+class SQLHyperparams(NamedTuple):
+    alpha: jax.Array
+
+
+class SQLZData(NamedTuple):
+    source: Transitions
+    source_trajectory: jax.Array  # [N] int32
+    trajectory_z: jax.Array  # [E, z_dim]
+
+
 def sql_value_loss(v, target_q, alpha):
     """SQL's sparse value loss on u = min(Q1', Q2')(s, a) - V(s) with the target critics; returns (loss, u).
 
@@ -702,7 +918,65 @@ def make_sqlz_train(hidden, lr, batch_size, discount, tau, target_every, obs_dim
     return init, train
 
 
+def reward_scale_of(dataset) -> float:
+    """IQL's MuJoCo reward scale, 1000 / (max - min episode return) over the dataset's episodes."""
+    _, episode = np.unique(dataset.episode_ids, return_inverse=True)
+    returns = np.bincount(episode, weights=dataset.rewards.astype(np.float64))
+    if returns.max() - returns.min() <= 0:
+        raise SystemExit("Reward scaling needs episodes with different returns, but every episode of the source "
+                         "dataset has the same return: turn the scaling off for this dataset.")
+    return float(1000.0 / (returns.max() - returns.min()))
+
+
+def sqlz_stage(args: Args, source, source_trajectory, trajectory_z, encoder_info: dict, obs_dim: int,
+               act_dim: int) -> tuple[dict, dict]:
+    """Stage 2: the frozen SQL-with-z critics and value, from the cache or trained now and cached."""
+    info = {"kind": "sqlz", "version": CACHE_VERSION, "source_fingerprint": fingerprint(dataset_arrays(source)),
+            "encoder": Path(encoder_info["path"]).stem, "relabel_window": args.relabel_window, "obs_dim": obs_dim,
+            "act_dim": act_dim, "z_dim": int(trajectory_z.shape[1]), "steps": args.sqlz_steps,
+            "batch_size": args.sqlz_batch_size, "alpha": args.alpha, "target_every": args.sqlz_target_every,
+            "lr": args.lr, "hidden": list(args.hidden), "discount": args.discount, "tau": args.tau,
+            "seeds": [args.seed], "layer_norm": args.sql_layer_norm,
+            "reward_scale": reward_scale_of(source) if args.sql_reward_scaling else 1.0}
+    cached = cached_stage(args.cache_dir, "sqlz", info, obs_dim, act_dim)
+    if cached is not None:
+        return cached
+    path = stage_path(args.cache_dir, "sqlz", info)
+    init, train = make_sqlz_train(tuple(args.hidden), args.lr, args.sqlz_batch_size, args.discount, args.tau,
+                                  args.sqlz_target_every, obs_dim, act_dim, int(trajectory_z.shape[1]),
+                                  args.sql_layer_norm)
+    runner = jax.jit(jax.vmap(init))(jax.random.PRNGKey(args.seed)[None])
+    transitions = to_transitions(source)
+    transitions = transitions._replace(rewards=(transitions.rewards * info["reward_scale"]).astype(np.float32))
+    data = jax.device_put(SQLZData(transitions, source_trajectory, trajectory_z))
+    start = time.perf_counter()
+    runner, metrics, partial_path = run_stage(
+        "stage 2/4: sql with z", path, runner, train, (0, None, 0),
+        (data, SQLHyperparams(alpha=jnp.full(1, args.alpha, jnp.float32))), args.sqlz_steps,
+        value_bound_of(transitions.rewards, args.discount),
+        "try --sql-reward-scaling --sql-layer-norm, or a larger --alpha")
+    host_state = jax.device_get(runner.state)
+    artifact = {"critic": serialization.to_state_dict(host_state.critic.params),
+                "value": serialization.to_state_dict(host_state.value.params)}
+    info |= {"step": args.sqlz_steps, "finished": True, "source": args.source, "source_dataset": source.name,
+             "source_size": source.size, "final_losses": metrics, "train_seconds": time.perf_counter() - start}
+    return save_stage(path, partial_path, artifact, info)
+
+
 # ---------------------------------------------------------------- stage 3: the scorer (as igdf_scorer.py)
+class ScorerRunner(NamedTuple):
+    """One seed's whole scorer training state; many seeds stack it along a leading axis."""
+    state: TrainState
+    rng: jax.Array
+
+
+class ScorerData(NamedTuple):
+    target_observations: jax.Array  # [N_t, obs_dim] target transitions: the positives and the rows
+    target_actions: jax.Array  # [N_t, act_dim]
+    target_next_observations: jax.Array  # [N_t, obs_dim]
+    source_next_observations: jax.Array  # [N_s, obs_dim] source next states: the shared negatives
+
+
 def nce_loss(sa_repr, target_next_repr, source_next_repr):
     """IGDF's binary NCE; returns (loss, logits [B, B]).
 
@@ -718,12 +992,6 @@ def nce_loss(sa_repr, target_next_repr, source_next_repr):
     logits = jnp.concatenate([positive, negatives], axis=1)
     labels = jnp.zeros_like(logits).at[:, 0].set(1.0)
     return optax.sigmoid_binary_cross_entropy(logits, labels).mean(), logits
-
-
-def dynamics_score(sa_repr, next_repr, eps=1e-8):
-    """h(s, a, s') = cos(phi(s, a), psi(s')) in [-1, 1], per transition (torch's cosine_similarity, eps 1e-8)."""
-    norms = jnp.linalg.norm(sa_repr, axis=-1) * jnp.linalg.norm(next_repr, axis=-1)
-    return (sa_repr * next_repr).sum(-1) / jnp.maximum(norms, eps)
 
 
 def make_scorer_train(hidden, repr_dim, lr, batch_size, obs_dim, act_dim):
@@ -775,709 +1043,6 @@ def make_score_fn(hidden, repr_dim):
     return score
 
 
-def separation_auc(target_scores, source_scores) -> float:
-    """ROC AUC of h: the chance that a held-out target transition scores above a source one, ties counted half."""
-    sorted_source = np.sort(np.asarray(source_scores, dtype=np.float64))
-    target_scores = np.asarray(target_scores, dtype=np.float64)
-    below = np.searchsorted(sorted_source, target_scores, side="left")
-    not_above = np.searchsorted(sorted_source, target_scores, side="right")
-    return float((below + 0.5 * (not_above - below)).sum() / (len(target_scores) * len(sorted_source)))
-
-
-def held_out_separation(score, params, target_held, source_held) -> dict:
-    """Per seed: AUC of h between held-out target and source transitions, and the mean h of each.
-
-    params: stacked over S seeds; target_held: (obs, actions, next_obs) stacked [S, n, ...]; source_held: the
-    shared (obs, actions, next_obs) [m, ...].
-    """
-    batched = jax.jit(jax.vmap(score, in_axes=(0, 0, 0, 0)))
-    target_scores = np.asarray(batched(params, *target_held))
-    source_scores = np.asarray(jax.jit(jax.vmap(score, in_axes=(0, None, None, None)))(params, *source_held))
-    return {"auc": [separation_auc(t, s) for t, s in zip(target_scores, source_scores)],
-            "target_score_mean": target_scores.mean(1).astype(np.float64).tolist(),
-            "source_score_mean": source_scores.mean(1).astype(np.float64).tolist()}
-
-
-def holdout_split(size: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(training indices, held-out indices): a random `fraction` of `size` held out, at least 1, at most 10,000."""
-    held = min(max(1, int(round(fraction * size))), HOLDOUT_MAX)
-    if held >= size:
-        raise SystemExit(f"A dataset of {size} transitions is too small to hold out {held} of them for the "
-                         f"scorer's separation test; use more data or a smaller --holdout-fraction.")
-    permutation = np.random.default_rng(seed).permutation(size)
-    return np.sort(permutation[held:]), np.sort(permutation[:held])
-
-
-def held_out(dataset, indices) -> tuple:
-    return dataset.observations[indices], dataset.actions[indices], dataset.next_observations[indices]
-
-
-# ---------------------------------------------------------------- the filter
-def normalise_advantage(advantage):
-    """Norm(A) = (A - min_batch A) / (max_batch A - min_batch A + 1e-8), in [0, 1) over the source batch."""
-    low, high = advantage.min(), advantage.max()
-    return (advantage - low) / (high - low + 1e-8)
-
-
-def filter_score(dynamics_score, advantage, lam):
-    """g = lam h + (1 - lam) Norm(A) (DVDF): lam = 1 ranks by the dynamics score alone (IGDF), lam = 0 by A."""
-    return lam * dynamics_score + (1.0 - lam) * normalise_advantage(advantage)
-
-
-def keep_mask(score, keep_count):
-    """1.0 on the keep_count samples with the highest score, 0.0 elsewhere: exactly keep_count ones.
-
-    The rank of sample i is the number of samples with a higher score plus those with an equal score and a lower
-    index (lax.top_k's tie rule); keep rank < keep_count. A mask instead of a gather keeps shapes static, so
-    keep_count can be a traced (vmapped) value.
-    """
-    index = jnp.arange(score.shape[0])
-    ahead = (score[None, :] > score[:, None]) | ((score[None, :] == score[:, None]) & (index[None, :] < index[:, None]))
-    return (ahead.sum(1) < keep_count).astype(score.dtype)
-
-
-def q_weights(dynamics_score, score, keep, target_size: int, weighting: str):
-    """Per-sample Q-loss weights of [source batch, target batch]: exp(h) (or g) clamped at 100 on kept source
-    samples, 0 on dropped ones (masked out anyway), 1 on target samples."""
-    source_weight = jnp.minimum(jnp.exp(dynamics_score) if weighting == "exp_h" else score, FILTER_WEIGHT_MAX)
-    return jnp.concatenate([keep * source_weight, jnp.ones(target_size, keep.dtype)])
-
-
-# ---------------------------------------------------------------- IQL losses over kept source + target samples
-def masked_mean(values, mask):
-    """Mean of values over the samples where mask is 1: over the concatenation of kept source and target samples,
-    exactly (a dropped sample adds nothing to the sum and is not counted)."""
-    chex.assert_equal_shape([values, mask])
-    return (values * mask).sum() / mask.sum()
-
-
-def expectile_loss(diff, expectile):
-    """Per-sample asymmetric squared error |expectile - 1[diff < 0]| * diff^2 (IQL eq. 5)."""
-    return jnp.where(diff < 0, 1.0 - expectile, expectile) * diff**2
-
-
-def value_loss(v, target_q, expectile, mask):
-    """Unweighted IQL V loss on u = min(Q1', Q2')(s, a) - V(s) with the target critics; returns (loss, u)."""
-    advantage = target_q - v
-    return masked_mean(expectile_loss(advantage, expectile), mask), advantage
-
-
-def weighted_critic_loss(q, target, weight, mask):
-    """Sum over the two critics of the masked mean of weight_i (Q_k(s_i, a_i) - y_i)^2. q: [2, B]; the rest [B]."""
-    per_sample = ((q - target) ** 2).sum(0)
-    chex.assert_equal_shape([weight, per_sample])  # a [B, 1] weight would broadcast to [B, B] (IGDF's bug)
-    return masked_mean(weight * per_sample, mask)
-
-
-def advantage_weight(advantage, temperature, max_weight):
-    """min(exp(temperature * A), max_weight) (IQL eq. 7), a constant for the actor."""
-    return jax.lax.stop_gradient(jnp.minimum(jnp.exp(temperature * advantage), max_weight))
-
-
-def deterministic_actor_loss(mean, actions, weight, mask):
-    """Weighted behaviour cloning: masked mean over samples, mean over action dims, of weight (tanh(mu(s)) - a)^2."""
-    per_sample = ((mean - actions) ** 2).mean(-1)
-    chex.assert_equal_shape([weight, per_sample])
-    return masked_mean(weight * per_sample, mask)
-
-
-def gaussian_actor_loss(mean, log_std, actions, weight, mask):
-    """Weighted negative log-likelihood of a under N(tanh(mu(s)), exp(log_std)^2), summed over action dims."""
-    log_prob = (-0.5 * ((actions - mean) / jnp.exp(log_std)) ** 2 - log_std - 0.5 * jnp.log(2 * jnp.pi)).sum(-1)
-    chex.assert_equal_shape([weight, log_prob])
-    return -masked_mean(weight * log_prob, mask)
-
-
-# ---------------------------------------------------------------- stage 4: filtered IQL
-def make_train(args: Args, obs_dim: int, act_dim: int, sql_hidden, scorer_hidden, repr_dim: int,
-               groups: tuple = (), sql_layer_norm: bool = False):
-    """Returns init(rng) -> Runner and train(runner, data, frozen, hparams, num_steps) -> (runner, metrics).
-
-    dvdf.py's make_train with the modality-aware advantage A(s, a, z): each source sample brings its trajectory's
-    z to the frozen SQL-with-z critics and value; the IQL networks do not see z. Pure functions of one run, run as
-    jax.jit(jax.vmap(...)) over the (lam, xi, seed) grid. metrics = (mean losses, summed filter statistics).
-    """
-    actor_net = Actor(act_dim, args.hidden, gaussian=args.actor == "gaussian")
-    critic_net, value_net = TwinCritic(args.hidden), ValueNet(args.hidden)
-    _, _, modality_advantage = make_sqlz_losses(tuple(sql_hidden), args.discount, sql_layer_norm)
-    scorer_net = Scorer(tuple(scorer_hidden), repr_dim)
-    source_size = args.batch_size // 2
-    target_size = args.batch_size - source_size
-
-    def init(rng) -> Runner:
-        rng, actor_key, critic_key, value_key = jax.random.split(rng, 4)
-        obs, action = jnp.zeros((1, obs_dim)), jnp.zeros((1, act_dim))
-        critic_params = critic_net.init(critic_key, obs, action)
-        state = IQLState(
-            actor=TrainState.create(apply_fn=actor_net.apply, params=actor_net.init(actor_key, obs),
-                                    tx=optax.adam(optax.cosine_decay_schedule(args.lr, args.steps))),
-            critic=TrainState.create(apply_fn=critic_net.apply, params=critic_params, tx=optax.adam(args.lr)),
-            critic_target_params=jax.tree.map(jnp.copy, critic_params),
-            value=TrainState.create(apply_fn=value_net.apply, params=value_net.init(value_key, obs),
-                                    tx=optax.adam(args.lr)),
-        )
-        return Runner(state, rng)
-
-    def filter_source(source_batch: Transitions, z, frozen: Frozen, hparams: Hyperparams):
-        """h, A(s, a, z), g and the keep mask of one source batch; the frozen stages get no gradient."""
-        frozen = jax.lax.stop_gradient(frozen)
-        obs, actions = source_batch.observations, source_batch.actions
-        h = dynamics_score(*scorer_net.apply(frozen.scorer, obs, actions, source_batch.next_observations))
-        advantage = modality_advantage(frozen.sql_critic, frozen.sql_value, obs, actions, z)  # online critics
-        score = filter_score(h, advantage, hparams.lam)
-        return h, advantage, score, keep_mask(score, hparams.keep_count)
-
-    def update(state: IQLState, source_batch: Transitions, source_z, target_batch: Transitions, labels: tuple,
-               frozen: Frozen, hparams: Hyperparams):
-        """Filter the source batch, then one IQL step on kept source + target (no z from here on)."""
-        h, sql_advantage, score, keep = filter_source(source_batch, source_z, frozen, hparams)
-        mask = jnp.concatenate([keep, jnp.ones(target_size)])
-        q_weight = q_weights(h, score, keep, target_size, args.weighting)
-        batch = jax.tree.map(lambda s, t: jnp.concatenate([s, t]), source_batch, target_batch)
-
-        # 1. value (unweighted): expectile regression towards the target critics' min
-        target_q = critic_net.apply(state.critic_target_params, batch.observations, batch.actions).min(0)
-
-        def value_loss_fn(params):
-            return value_loss(value_net.apply(params, batch.observations), target_q, hparams.expectile, mask)
-
-        (v_loss, advantage), grads = jax.value_and_grad(value_loss_fn, has_aux=True)(state.value.params)
-        value = state.value.apply_gradients(grads=grads)
-
-        # 2. critics, weighted: y = r + discount (1 - d) V(s') with the value just updated
-        next_v = value_net.apply(value.params, batch.next_observations)
-        target = batch.rewards + args.discount * (1.0 - batch.terminals) * next_v
-
-        def critic_loss_fn(params):
-            q = critic_net.apply(params, batch.observations, batch.actions)
-            return weighted_critic_loss(q, target, q_weight, mask), masked_mean(q.mean(0), mask)
-
-        (q_loss, q_mean), grads = jax.value_and_grad(critic_loss_fn, has_aux=True)(state.critic.params)
-        critic = state.critic.apply_gradients(grads=grads)
-
-        # 3. target critics
-        critic_target_params = optax.incremental_update(critic.params, state.critic_target_params, args.tau)
-
-        # 4. actor (no filter weight): advantage-weighted regression with the advantage of step 1
-        weight = advantage_weight(advantage, hparams.temperature, args.max_weight)
-
-        def actor_loss_fn(params):
-            mean, log_std = actor_net.apply(params, batch.observations)
-            if args.actor == "gaussian":
-                return gaussian_actor_loss(mean, log_std, batch.actions, weight, mask)
-            return deterministic_actor_loss(mean, batch.actions, weight, mask)
-
-        actor_loss, grads = jax.value_and_grad(actor_loss_fn)(state.actor.params)
-        actor = state.actor.apply_gradients(grads=grads)
-
-        losses = {"value_loss": v_loss, "critic_loss": q_loss, "actor_loss": actor_loss,
-                  "advantage_mean": masked_mean(advantage, mask), "q_mean": q_mean,
-                  "weight_mean": masked_mean(weight, mask)}
-        dropped = 1.0 - keep
-        sums = {"kept": keep.sum(), "dynamics_score_kept": (h * keep).sum(),
-                "dynamics_score_dropped": (h * dropped).sum(), "advantage_kept": (sql_advantage * keep).sum(),
-                "advantage_dropped": (sql_advantage * dropped).sum(), "filter_score_kept": (score * keep).sum(),
-                "filter_score_dropped": (score * dropped).sum(), "q_weight_kept": q_weight[:source_size].sum()}
-        for (key, size), label in zip(groups, labels):
-            one_hot = jax.nn.one_hot(label, size)
-            sums[f"seen_by_{key}"] = one_hot.sum(0)
-            sums[f"kept_by_{key}"] = (one_hot * keep[:, None]).sum(0)
-        return IQLState(actor, critic, critic_target_params, value), losses, sums
-
-    def train(runner: Runner, data: Data, frozen: Frozen, hparams: Hyperparams, num_steps: int):
-        """num_steps gradient steps in one lax.scan; losses are their means, filter statistics their sums."""
-
-        def step(runner: Runner, _):
-            rng, batch_key = jax.random.split(runner.rng)
-            source_key, target_key = jax.random.split(batch_key)
-            source_indices = jax.random.randint(source_key, (source_size,), 0, data.source.rewards.shape[0])
-            target_indices = jax.random.randint(target_key, (target_size,), 0, data.target.rewards.shape[1])
-            source_batch = jax.tree.map(lambda x: x[source_indices], data.source)
-            source_z = data.trajectory_z[data.source_trajectory[source_indices]]
-            target_batch = jax.tree.map(lambda x: x[hparams.seed_index, target_indices], data.target)
-            labels = tuple(label[source_indices] for label in data.source_groups)
-            state, losses, sums = update(runner.state, source_batch, source_z, target_batch, labels, frozen,
-                                         hparams)
-            return Runner(state, rng), (losses, sums)
-
-        runner, (losses, sums) = jax.lax.scan(step, runner, None, length=num_steps)
-        return runner, (jax.tree.map(jnp.mean, losses), jax.tree.map(lambda x: x.sum(0), sums))
-
-    return init, train
-
-
-def make_policy(args: Args, act_dim: int):
-    """The deterministic evaluation action tanh(mu(s)), for one run's actor parameters."""
-    actor_net = Actor(act_dim, args.hidden, gaussian=args.actor == "gaussian")
-
-    def policy(actor_params, obs):
-        return actor_net.apply(actor_params, obs)[0]
-
-    return policy
-
-
-def filter_diagnostics(sums: dict, group_names: dict, num_steps: int, source_size: int) -> dict:
-    """Per-run means of kept and dropped source samples from a chunk's summed statistics ([G] arrays); None where
-    nothing was kept or dropped."""
-    sums = {name: np.asarray(value, dtype=np.float64) for name, value in sums.items()}
-    kept = sums["kept"]
-    dropped = num_steps * source_size - kept
-
-    def ratio(numerator, denominator):
-        with np.errstate(divide="ignore", invalid="ignore"):
-            values = np.where(denominator > 0, numerator / denominator, np.nan)
-        return [None if not np.isfinite(v) else float(v) for v in np.atleast_1d(values)]
-
-    diagnostics = {"kept_fraction": ratio(kept, kept + dropped)}
-    for name in ("dynamics_score", "advantage", "filter_score"):
-        diagnostics[f"{name}_kept"] = ratio(sums[f"{name}_kept"], kept)
-        diagnostics[f"{name}_dropped"] = ratio(sums[f"{name}_dropped"], dropped)
-    diagnostics["q_weight_kept"] = ratio(sums["q_weight_kept"], kept)
-    for share in ("kept_share", "batch_share", "keep_rate"):
-        diagnostics[share] = {}
-    for key, names in group_names.items():
-        kept_by, seen_by = sums[f"kept_by_{key}"], sums[f"seen_by_{key}"]  # [G, C]
-        diagnostics["kept_share"][key] = {n: ratio(kept_by[:, c], kept) for c, n in enumerate(names)}
-        diagnostics["batch_share"][key] = {n: ratio(seen_by[:, c], kept + dropped) for c, n in enumerate(names)}
-        diagnostics["keep_rate"][key] = {n: ratio(kept_by[:, c], seen_by[:, c]) for c, n in enumerate(names)}
-    return diagnostics
-
-
-# ---------------------------------------------------------------- diagnostics of the representation
-def probe_split(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-    """A held-out mask over trajectories: `fraction` (at least 1) of each class with 2 or more trajectories."""
-    rng, held = np.random.default_rng(seed), np.zeros(len(labels), dtype=bool)
-    for label in np.unique(labels):
-        members = rng.permutation(np.flatnonzero(labels == label))
-        if len(members) >= 2:
-            held[members[:max(1, int(round(fraction * len(members))))]] = True
-    return held
-
-
-def nearest_centroid_probe(z: np.ndarray, labels: np.ndarray, held: np.ndarray) -> dict:
-    """Accuracy on the held-out trajectories of the nearest class centroid (Euclidean, centroids of the others),
-    and the chance level: the accuracy of always answering the most common class of the others."""
-    train_classes = np.unique(labels[~held])
-    centroids = np.stack([z[~held & (labels == label)].mean(0) for label in train_classes])
-    distances = ((z[held][:, None, :] - centroids[None]) ** 2).sum(-1)
-    predicted = train_classes[distances.argmin(1)]
-    majority = train_classes[np.argmax([(labels[~held] == label).sum() for label in train_classes])]
-    return {"accuracy": float((predicted == labels[held]).mean()), "chance": float((labels[held] == majority).mean()),
-            "train_trajectories": int((~held).sum()), "test_trajectories": int(held.sum())}
-
-
-def linear_probe_accuracy(z: np.ndarray, labels: np.ndarray, held: np.ndarray) -> float:
-    """Accuracy on the held-out trajectories of a multinomial logistic regression fitted on the others: z
-    standardised with the training trajectories' mean and std, PROBE_STEPS full-batch gradient steps from zero
-    weights with an L2 penalty (deterministic). Unlike centroids it finds a domain that is one direction of z
-    when each domain is itself several clusters (one per behaviour policy)."""
-    mean, std = z[~held].mean(0), z[~held].std(0) + 1e-8
-    features, classes = (z - mean) / std, labels.max() + 1
-    train_features, train_targets = features[~held], np.eye(classes)[labels[~held]]
-    weights, bias = np.zeros((z.shape[1], classes)), np.zeros(classes)
-    for _ in range(PROBE_STEPS):
-        logits = train_features @ weights + bias
-        probabilities = np.exp(logits - logits.max(1, keepdims=True))
-        probabilities /= probabilities.sum(1, keepdims=True)
-        error = (probabilities - train_targets) / len(train_features)
-        weights -= PROBE_LR * (train_features.T @ error + PROBE_L2 * weights)
-        bias -= PROBE_LR * error.sum(0)
-    return float(((features[held] @ weights + bias).argmax(1) == labels[held]).mean())
-
-
-def representation_diagnostics(trajectory_z: np.ndarray, trajectory_labels: dict, fraction: float, seed: int) -> dict:
-    """The probes for each metadata key with two or more values (None where no trajectory can be held out), and
-    the PCA of z. trajectory_labels: {key: (value names, [E] label of each trajectory)}."""
-    z = trajectory_z.astype(np.float64)
-    probes = {}
-    for key, (names, labels) in trajectory_labels.items():
-        if len(np.unique(labels)) < 2:
-            continue
-        held = probe_split(labels, fraction, seed)
-        if not held.any():
-            probes[key] = None
-            continue
-        centroid = nearest_centroid_probe(z, labels, held)
-        probes[key] = {"accuracy": linear_probe_accuracy(z, labels, held), "chance": centroid["chance"],
-                       "nearest_centroid_accuracy": centroid["accuracy"],
-                       "train_trajectories": centroid["train_trajectories"],
-                       "test_trajectories": centroid["test_trajectories"],
-                       "classes": [names[label] for label in np.unique(labels)]}
-    centred = z - z.mean(0)
-    _, singular, components = np.linalg.svd(centred, full_matrices=False)
-    projection = np.zeros((len(z), 2))
-    projection[:, :min(2, len(singular))] = centred @ components[:2].T
-    variance = singular**2
-    explained = (variance[:2] / variance.sum()).tolist() if variance.sum() > 0 else [0.0] * min(2, len(singular))
-    return {"trajectories": len(z), "z_dim": z.shape[1], "probe": probes,
-            "z_norm_mean": float(np.linalg.norm(z, axis=1).mean()), "pca_explained_variance": explained,
-            "projection": projection}
-
-
-def plot_projection(path: Path, projection: np.ndarray, trajectory_labels: dict, title: str) -> None:
-    """The 2-D PCA of the trajectories' z as a PNG: colour by domain, marker by quality (where known)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    count = len(projection)
-    domain_names, domains = trajectory_labels.get("domain", (["all"], np.zeros(count, dtype=np.int32)))
-    quality_names, qualities = trajectory_labels.get("quality", ([None], np.zeros(count, dtype=np.int32)))
-    markers, colours = "o^sDvP*Xh<>", plt.get_cmap("tab10")
-    figure, axis = plt.subplots(figsize=(6.5, 5))
-    for d, domain in enumerate(domain_names):
-        for q, quality in enumerate(quality_names):
-            chosen = (domains == d) & (qualities == q)
-            if chosen.any():
-                axis.scatter(projection[chosen, 0], projection[chosen, 1], s=14, alpha=0.75, color=colours(d % 10),
-                             marker=markers[q % len(markers)],
-                             label=domain if quality is None else f"{domain}, {quality}")
-    axis.set_xlabel("principal component 1 of z")
-    axis.set_ylabel("principal component 2 of z")
-    axis.set_title(textwrap.fill(title, 80), fontsize=9)  # a long one (mixture name and probe scores) wraps
-    axis.legend(fontsize=7, loc="best")
-    figure.tight_layout()
-    tmp = path.with_name(path.name + ".tmp")
-    figure.savefig(tmp, format="png", dpi=120)
-    plt.close(figure)
-    os.replace(tmp, path)
-
-
-# ---------------------------------------------------------------- data
-def check_args(args: Args) -> None:
-    """Exit with one sentence naming the flag and its valid range."""
-    check_domain(args.source, flag="--source")
-    check_domain(args.target, flag="--target")
-
-    def need(ok: bool, message: str):
-        if not ok:
-            raise SystemExit(message)
-
-    need(0.0 < args.target_fraction <= 1.0, f"--target-fraction must be in (0, 1], got {args.target_fraction}.")
-    need(args.target_size is None or args.target_size >= 1,
-         f"--target-size must be a positive number of transitions, got {args.target_size}.")
-    need(args.encoder_steps >= 0, f"--encoder-steps must be 0 (an untrained encoder) or more, got {args.encoder_steps}.")
-    for flag in ("steps", "eval_every", "eval_episodes", "num_seeds", "encoder_batch_size", "window",
-                 "gru_hidden", "z_dim", "ensemble_size", "sqlz_steps", "sqlz_batch_size", "sqlz_target_every",
-                 "scorer_steps", "repr_dim"):
-        need(getattr(args, flag) >= 1, f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}.")
-    need(args.relabel_window is None or args.relabel_window >= 1,
-         f"--relabel-window must be at least 1 step, got {args.relabel_window}.")
-    need(args.seed >= 0, f"--seed must be 0 or more, got {args.seed}.")
-    need(args.batch_size >= 2 and args.batch_size % 2 == 0,
-         f"--batch-size must be even and at least 2 (half source, half target), got {args.batch_size}.")
-    need(args.scorer_batch_size >= 2, f"--scorer-batch-size must be at least 2 (one positive and one negative per "
-                                      f"row), got {args.scorer_batch_size}.")
-    need(len(args.hidden) >= 1 and min(args.hidden) >= 1,
-         f"--hidden must be one or more positive layer widths, got {args.hidden}.")
-    need(args.lr > 0, f"--lr must be positive, got {args.lr}.")
-    need(0.0 <= args.discount <= 1.0, f"--discount must be in [0, 1], got {args.discount}.")
-    need(0.0 < args.tau <= 1.0, f"--tau must be in (0, 1], got {args.tau}.")
-    need(0.0 < args.expectile < 1.0, f"--expectile must be in (0, 1), got {args.expectile}.")
-    need(args.temperature >= 0, f"--temperature must be 0 or more, got {args.temperature}.")
-    need(args.max_weight > 0, f"--max-weight must be positive, got {args.max_weight}.")
-    need(args.alpha > 0, f"--alpha must be positive, got {args.alpha}.")
-    need(args.kl_weight >= 0, f"--kl-weight must be 0 or more, got {args.kl_weight}.")
-    need(args.grad_clip > 0, f"--grad-clip must be positive, got {args.grad_clip}.")
-    need(0.0 < args.holdout_fraction <= 0.5, f"--holdout-fraction must be in (0, 0.5], got {args.holdout_fraction}.")
-    need(0.0 < args.probe_fraction <= 0.5, f"--probe-fraction must be in (0, 0.5], got {args.probe_fraction}.")
-    need(len(args.lam) >= 1 and all(0.0 <= lam <= 1.0 for lam in args.lam),
-         f"--lam must be one or more values in [0, 1], got {list(args.lam)}.")
-    need(len(args.xi) >= 1 and all(0.0 < xi <= 1.0 for xi in args.xi),
-         f"--xi must be one or more values in (0, 1], got {list(args.xi)}.")
-    need(min(keep_count(args.batch_size // 2, xi) for xi in args.xi) >= 1,
-         f"--xi {min(args.xi)} keeps no source sample of {args.batch_size // 2}; raise --xi or --batch-size.")
-    need(len(set(args.lam)) == len(args.lam) and len(set(args.xi)) == len(args.xi),
-         f"--lam and --xi must not repeat a value, got {list(args.lam)} and {list(args.xi)}.")
-
-
-def keep_count(source_size: int, xi: float) -> int:
-    """int(B xi), in float64 as the authors' Python computes it."""
-    return int(source_size * xi)
-
-
-def to_transitions(dataset) -> Transitions:
-    return Transitions(observations=dataset.observations, actions=dataset.actions, rewards=dataset.rewards,
-                       next_observations=dataset.next_observations, terminals=dataset.terminals)
-
-
-def fingerprint(transitions) -> str:
-    """A short sha256 of a dataset's arrays: artefacts and caches name the exact data they were trained on."""
-    digest = hashlib.sha256()
-    for array in transitions:
-        digest.update(np.ascontiguousarray(array).tobytes())
-    return digest.hexdigest()[:16]
-
-
-def dataset_arrays(dataset) -> tuple:
-    """The fields a fingerprint covers, in a fixed order."""
-    return (dataset.observations, dataset.actions, dataset.rewards, dataset.next_observations, dataset.terminals)
-
-
-def episode_groups(dataset) -> dict:
-    """{metadata key: (value names, [N] int32 label of each transition)} for each key of GROUP_KEYS that the
-    dataset's per-episode metadata carries; episodes without the key are labelled "unknown"."""
-    groups = {}
-    if not dataset.episode_metadata or dataset.episode_ids.max() >= len(dataset.episode_metadata):
-        return groups
-    for key in GROUP_KEYS:
-        values = [episode.get(key) for episode in dataset.episode_metadata]
-        if all(value is None for value in values):
-            continue
-        names = sorted({str(value) for value in values if value is not None})
-        names += ["unknown"] * any(value is None for value in values)
-        per_episode = np.array([names.index("unknown" if value is None else str(value)) for value in values],
-                               dtype=np.int32)
-        groups[key] = (names, per_episode[dataset.episode_ids])
-    return groups
-
-
-def trajectory_groups(groups: dict, starts: np.ndarray) -> dict:
-    """{metadata key: (value names, [E] label of each trajectory)} from the per-transition labels of
-    episode_groups (a trajectory's transitions share its episode's label)."""
-    return {key: (names, labels[starts]) for key, (names, labels) in groups.items()}
-
-
-def load_data(args: Args, seeds: list[int]):
-    """The source dataset, the full target dataset and one target subsample per seed (host objects)."""
-    target_full = load_dataset(args.target_dataset, domain=args.target, physics=args.physics,
-                               quality=None if args.target_dataset else args.quality)
-    source = load_dataset(args.source_dataset, domain=args.source, physics=args.physics,
-                          quality=None if args.source_dataset else args.quality)
-    if (source.obs_dim, source.act_dim) != (target_full.obs_dim, target_full.act_dim):
-        raise SystemExit(f"The source dataset has observation/action sizes {source.obs_dim}/{source.act_dim} "
-                         f"but the target has {target_full.obs_dim}/{target_full.act_dim}; pick domains of "
-                         f"the same task.")
-    size = {"count": args.target_size} if args.target_size else {"fraction": args.target_fraction}
-    targets = [subsample(target_full, **size, seed=seed) for seed in seeds]
-    return source, target_full, targets
-
-
-# ---------------------------------------------------------------- devices
-def run_shardings(num_runs: int):
-    """(per-run, shared) shardings that spread the leading run axis (the vmapped seeds) over every accelerator
-    and copy shared data to each, so one jitted program runs each device's share of the runs; None on a single
-    device, or when the runs do not divide evenly among the devices (then everything runs on the first)."""
-    devices = jax.devices()
-    if len(devices) < 2 or num_runs % len(devices):
-        return None
-    mesh = jax.sharding.Mesh(np.array(devices), ("runs",))
-    return (jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("runs")),
-            jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-
-
-# ---------------------------------------------------------------- files
-def write_atomic(path: Path, content: bytes) -> None:
-    """Write to a temporary file next to `path`, then rename it over `path`: whole or not at all."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(content)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def package_versions() -> dict:
-    versions = {"python": platform.python_version()}
-    for name in ("jax", "jaxlib", "flax", "optax", "chex", "numpy", "gymnasium", "mujoco", "minari", "tyro"):
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
-
-
-def reward_scale_of(dataset) -> float:
-    """IQL's MuJoCo reward scale, 1000 / (max - min episode return) over the dataset's episodes."""
-    _, episode = np.unique(dataset.episode_ids, return_inverse=True)
-    returns = np.bincount(episode, weights=dataset.rewards.astype(np.float64))
-    if returns.max() - returns.min() <= 0:
-        raise SystemExit("Reward scaling needs episodes with different returns, but every episode of the source "
-                         "dataset has the same return: turn the scaling off for this dataset.")
-    return float(1000.0 / (returns.max() - returns.min()))
-
-
-LOSS_LIMIT = 1e10  # a squared TD error beyond this (|Q - y| ~ 1e5) leaves any MuJoCo return scale float32 can fit
-
-
-def divergence(metrics: dict, value_bound: Optional[float]) -> Optional[str]:
-    """Why a chunk's metrics say a stage diverged, or None: a non-finite metric, a loss beyond LOSS_LIMIT, or a mean
-    Q beyond `value_bound` (a discounted return no reward of the data can reach: 10 max|r| / (1 - discount))."""
-    for name, value in metrics.items():
-        if not np.all(np.isfinite(np.asarray(value))):
-            return f"{name} is not finite"
-    for name, value in metrics.items():
-        if name.endswith("_loss") and float(np.max(np.abs(np.asarray(value)))) > LOSS_LIMIT:
-            return f"{name} reached {float(np.max(np.abs(np.asarray(value)))):.3g}, beyond {LOSS_LIMIT:.0e}"
-    if value_bound is not None and "q_mean" in metrics:
-        q_mean = float(np.max(np.abs(np.asarray(metrics["q_mean"]))))
-        if q_mean > value_bound:
-            return f"|mean Q| reached {q_mean:.3g}, beyond {value_bound:.3g}, ten times any discounted return of the data"
-    return None
-
-
-def cache_key(inputs: dict) -> str:
-    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def read_artifact(path: str, kind: str, flag: str, obs_dim: int, act_dim: int) -> tuple[dict, dict]:
-    """(the first seed's parameters, the artefact's description) of a sql/scorer artefact, or one clear exit."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / f"{kind}.msgpack"
-    info_path = path.with_suffix(".json")
-    if not path.is_file() or not info_path.is_file():
-        raise SystemExit(f"{flag} {path} is not an artefact: give the {kind}.msgpack (with its {kind}.json beside it) "
-                         f"that algos/{'sql_pretrain' if kind == 'sql' else 'igdf_scorer'}.py wrote.")
-    info = json.loads(info_path.read_text())
-    if info.get("kind") != kind:
-        raise SystemExit(f"{flag} {path} holds a {info.get('kind')!r} artefact, not a {kind!r} one.")
-    if (info.get("obs_dim"), info.get("act_dim")) != (obs_dim, act_dim):
-        raise SystemExit(f"{flag} {path} was trained on observation/action sizes {info.get('obs_dim')}/"
-                         f"{info.get('act_dim')}, but the datasets here have {obs_dim}/{act_dim}.")
-    if not info.get("finished", False):
-        print(f"note: {flag} {path} is from step {info.get('step')} of {info.get('steps')}; its training did not "
-              f"finish.")
-    params = serialization.msgpack_restore(path.read_bytes())
-    return jax.tree.map(lambda x: x[0], params), info | {"path": str(path)}
-
-
-def stage_chunk(remaining: int, seconds_per_step: Optional[float]) -> int:
-    """The steps to run before the next save: the largest of STAGE_CHUNKS expected to take at most
-    STAGE_SAVE_SECONDS at the measured speed (the smallest while the speed is unknown or slow), and at most
-    `remaining`; a remainder below the smallest size runs as one chunk. Sizes from one short list keep compilations
-    to a handful."""
-    size = STAGE_CHUNKS[0]
-    if seconds_per_step is not None:
-        size = max([size] + [n for n in STAGE_CHUNKS if n * seconds_per_step <= STAGE_SAVE_SECONDS])
-    fitting = [n for n in STAGE_CHUNKS if n <= min(size, remaining)]
-    return max(fitting) if fitting else remaining
-
-
-def run_stage(title: str, path: Path, runner, train, in_axes: tuple, inputs: tuple, steps: int,
-              value_bound: Optional[float] = None, advice: str = "try a smaller --lr"):
-    """Train a pre-training stage for `steps` steps in chunks (stage_chunk) with a progress bar.
-
-    train(runner, *inputs, num_steps) -> (runner, metrics) is the stage's train for one seed, run vmapped with
-    in_axes over a seed axis of 1, as the stage's own script runs it. After every chunk the runner is saved to
-    <path>.partial.msgpack (the path is keyed by all the stage depends on), so an interrupted stage resumes there.
-    The first chunk is STAGE_CHUNKS[0] steps; later ones are sized to the measured speed, so a slow stage (the V2A
-    encoder on a CPU runs a few steps per second) still reports and saves about every minute. The chunking does not
-    change the result: a scan of a + b steps equals a scan of a then one of b. A chunk whose metrics diverge
-    (`divergence`, with `value_bound` for a value stage) stops the run with one sentence and is not saved.
-    """
-    partial_path = path.with_name(path.stem + ".partial.msgpack")
-    step = 0
-    if partial_path.exists():
-        saved = serialization.msgpack_restore(partial_path.read_bytes())
-        runner, step = serialization.from_state_dict(runner, saved["runner"]), int(saved["step"])
-        print(f"{title}: resuming from step {step} ({partial_path})")
-    compiled, metrics, seconds_per_step = {}, {}, None
-    pbar = tqdm(total=steps, initial=step, unit="step", dynamic_ncols=True, desc=title)
-    while step < steps:
-        num_steps = stage_chunk(steps - step, seconds_per_step)
-        if num_steps not in compiled:
-            chunk = jax.jit(jax.vmap(partial(train, num_steps=num_steps), in_axes=in_axes))
-            compiled[num_steps] = chunk.lower(runner, *inputs).compile()
-        start = time.perf_counter()
-        runner, metrics = compiled[num_steps](runner, *inputs)
-        runner = jax.block_until_ready(runner)
-        seconds_per_step = (time.perf_counter() - start) / num_steps
-        diverged = divergence(jax.device_get(metrics), value_bound)
-        if diverged:  # the partial file keeps the last sound chunk; nothing is cached
-            raise SystemExit(f"{title} diverged in steps {step}-{step + num_steps} ({diverged}); nothing of it is "
-                             f"cached: {advice}.")
-        step += num_steps
-        write_atomic(partial_path, serialization.msgpack_serialize(
-            {"runner": serialization.to_state_dict(jax.device_get(runner)), "step": step}))
-        pbar.update(num_steps)
-        pbar.set_postfix({name: f"{float(np.mean(value)):.3g}" for name, value in metrics.items()})
-    pbar.close()
-    return runner, {name: float(np.mean(value)) for name, value in metrics.items()}, partial_path
-
-
-def cached_stage(args: Args, kind: str, info: dict, obs_dim: int, act_dim: int):
-    """(the stage's cache path, its first seed's parameters and description if cached there, else None)."""
-    path = Path(args.cache_dir) / f"{kind}-{cache_key(info)}.msgpack"
-    if path.is_file() and path.with_suffix(".json").is_file():
-        params, saved = read_artifact(str(path), kind, f"the cached {kind} stage", obs_dim, act_dim)
-        return path, (params, saved | {"origin": "cache"})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path, None
-
-
-def save_stage(path: Path, partial_path: Path, artifact: dict, info: dict) -> tuple[dict, dict]:
-    """Write a trained stage's artefact (seed axis of 1) and description; returns its first seed's parameters."""
-    write_atomic(path, serialization.msgpack_serialize(artifact))
-    write_atomic(path.with_suffix(".json"), json.dumps(info, indent=1).encode())
-    partial_path.unlink(missing_ok=True)
-    return jax.tree.map(lambda x: x[0], artifact), info | {"path": str(path), "origin": "trained"}
-
-
-def encoder_stage(args: Args, source, obs_dim: int, act_dim: int) -> tuple[dict, dict]:
-    """Stage 1: the trajectory encoder and its decoders, from the cache or trained now and cached."""
-    starts, lengths = trajectory_bounds(source)
-    info = {"kind": "encoder", "version": CACHE_VERSION, "source_fingerprint": fingerprint(dataset_arrays(source)),
-            "episodes_fingerprint": fingerprint((source.episode_ids,)), "obs_dim": obs_dim, "act_dim": act_dim,
-            "steps": args.encoder_steps, "batch_size": args.encoder_batch_size, "window": args.window,
-            "gru_hidden": args.gru_hidden, "z_dim": args.z_dim, "hidden": list(args.hidden),
-            "ensemble_size": args.ensemble_size, "kl_weight": args.kl_weight, "lr": args.lr,
-            "grad_clip": args.grad_clip, "seeds": [args.seed]}
-    path, cached = cached_stage(args, "encoder", info, obs_dim, act_dim)
-    if cached is not None:
-        return cached
-    init, train = make_encoder_train(args.gru_hidden, args.z_dim, tuple(args.hidden), args.ensemble_size,
-                                     args.kl_weight, args.lr, args.grad_clip, args.encoder_batch_size, args.window,
-                                     obs_dim, act_dim)
-    runner = jax.jit(jax.vmap(init))(jax.random.PRNGKey(args.seed)[None])
-    data = jax.device_put(EncoderData(encoder_steps(source), starts, lengths))
-    start = time.perf_counter()
-    runner, metrics, partial_path = run_stage(f"stage 1/4: trajectory encoder ({len(starts)} trajectories)", path,
-                                              runner, train, (0, None), (data,), args.encoder_steps)
-    host_state = jax.device_get(runner.state)
-    artifact = {"encoder": serialization.to_state_dict(host_state.encoder.params),
-                "decoder": serialization.to_state_dict(host_state.decoder.params)}
-    info |= {"step": args.encoder_steps, "finished": True, "source": args.source, "source_dataset": source.name,
-             "source_size": source.size, "trajectories": len(starts), "trajectory_length_min": int(lengths.min()),
-             "trajectory_length_max": int(lengths.max()), "final_losses": metrics,
-             "train_seconds": time.perf_counter() - start}
-    return save_stage(path, partial_path, artifact, info)
-
-
-def sqlz_stage(args: Args, source, source_trajectory, trajectory_z, encoder_info: dict, obs_dim: int,
-               act_dim: int) -> tuple[dict, dict]:
-    """Stage 2: the frozen SQL-with-z critics and value, from the cache or trained now and cached."""
-    info = {"kind": "sqlz", "version": CACHE_VERSION, "source_fingerprint": fingerprint(dataset_arrays(source)),
-            "encoder": Path(encoder_info["path"]).stem, "relabel_window": args.relabel_window, "obs_dim": obs_dim,
-            "act_dim": act_dim, "z_dim": int(trajectory_z.shape[1]), "steps": args.sqlz_steps,
-            "batch_size": args.sqlz_batch_size, "alpha": args.alpha, "target_every": args.sqlz_target_every,
-            "lr": args.lr, "hidden": list(args.hidden), "discount": args.discount, "tau": args.tau,
-            "seeds": [args.seed], "layer_norm": args.sql_layer_norm,
-            "reward_scale": reward_scale_of(source) if args.sql_reward_scaling else 1.0}
-    path, cached = cached_stage(args, "sqlz", info, obs_dim, act_dim)
-    if cached is not None:
-        return cached
-    init, train = make_sqlz_train(tuple(args.hidden), args.lr, args.sqlz_batch_size, args.discount, args.tau,
-                                  args.sqlz_target_every, obs_dim, act_dim, int(trajectory_z.shape[1]),
-                                  args.sql_layer_norm)
-    runner = jax.jit(jax.vmap(init))(jax.random.PRNGKey(args.seed)[None])
-    transitions = to_transitions(source)
-    transitions = transitions._replace(rewards=(transitions.rewards * info["reward_scale"]).astype(np.float32))
-    value_bound = 10.0 * float(np.abs(transitions.rewards).max()) / max(1.0 - args.discount, 1e-3)
-    data = jax.device_put(SQLZData(transitions, source_trajectory, trajectory_z))
-    start = time.perf_counter()
-    runner, metrics, partial_path = run_stage(
-        "stage 2/4: sql with z", path, runner, train, (0, None, 0),
-        (data, SQLHyperparams(alpha=jnp.full(1, args.alpha, jnp.float32))), args.sqlz_steps, value_bound,
-        "try --sql-reward-scaling --sql-layer-norm, or a larger --alpha")
-    host_state = jax.device_get(runner.state)
-    artifact = {"critic": serialization.to_state_dict(host_state.critic.params),
-                "value": serialization.to_state_dict(host_state.value.params)}
-    info |= {"step": args.sqlz_steps, "finished": True, "source": args.source, "source_dataset": source.name,
-             "source_size": source.size, "final_losses": metrics, "train_seconds": time.perf_counter() - start}
-    return save_stage(path, partial_path, artifact, info)
-
-
 def scorer_stage(args: Args, source, target, obs_dim: int, act_dim: int) -> tuple[dict, dict]:
     """Stage 3: the frozen scorer, from --scorer-artifact, the cache, or trained now (on the first seed's target
     subsample, as igdf_scorer.py's seed --seed) and cached; with its held-out separation. dvdf.py's scorer_stage:
@@ -1494,9 +1059,10 @@ def scorer_stage(args: Args, source, target, obs_dim: int, act_dim: int) -> tupl
             "steps": args.scorer_steps, "batch_size": args.scorer_batch_size, "lr": args.lr,
             "hidden": list(args.hidden), "repr_dim": args.repr_dim, "holdout_fraction": args.holdout_fraction,
             "seeds": [args.seed]}
-    path, cached = cached_stage(args, "scorer", info, obs_dim, act_dim)
+    cached = cached_stage(args.cache_dir, "scorer", info, obs_dim, act_dim)
     if cached is not None:
         return cached
+    path = stage_path(args.cache_dir, "scorer", info)
     source_train, source_held = holdout_split(source.size, args.holdout_fraction, SOURCE_HOLDOUT_SEED)
     target_train, target_held = holdout_split(target.size, args.holdout_fraction, args.seed)
     data = ScorerData(target.observations[target_train][None], target.actions[target_train][None],
@@ -1521,229 +1087,199 @@ def scorer_stage(args: Args, source, target, obs_dim: int, act_dim: int) -> tupl
     return save_stage(path, partial_path, artifact, info)
 
 
-# ---------------------------------------------------------------- main
-def open_run(args: Args) -> tuple[Path, Optional[dict]]:
-    """The output folder, and the checkpoint to continue with --resume (whose flags must be this run's)."""
-    grid = f"lam{'-'.join(f'{v:g}' for v in args.lam)}_xi{'-'.join(f'{v:g}' for v in args.xi)}"
-    physics_tag = "-v5physics" if args.physics == "v5" else ""  # the papers' physics names no folder
-    out = Path(args.out or f"runs/v2a/{args.source}_to_{args.target}-{args.quality}{physics_tag}/{grid}/"
-               f"seed{args.seed}")
-    checkpoint_path = out / "checkpoint.msgpack"
-    if args.resume and not checkpoint_path.exists():
-        raise SystemExit(f"--resume found no checkpoint at {checkpoint_path}; run without --resume to start.")
-    if not args.resume and checkpoint_path.exists():
-        raise SystemExit(f"{out} already holds a run; pass --resume to continue it or choose another --out.")
-    if not args.resume:
-        return out, None
-    saved = serialization.msgpack_restore(checkpoint_path.read_bytes())
-    saved_flags = json.loads(saved["flags"])
-    for name, value in run_flags(args).items():
-        if value != saved_flags.get(name):
-            raise SystemExit(f"--resume needs the interrupted run's flags, but --{name.replace('_', '-')} is "
-                             f"{value} here and {saved_flags.get(name)} in {checkpoint_path}.")
-    return out, saved
+# ---------------------------------------------------------------- data and the grid
+def check_args(args: Args) -> None:
+    """Exit with one sentence naming the flag and its valid range."""
+    check_common_flags(args)
+    need(0.0 < args.target_fraction <= 1.0, f"--target-fraction must be in (0, 1], got {args.target_fraction}.")
+    need(args.target_size is None or args.target_size >= 1,
+         f"--target-size must be a positive number of transitions, got {args.target_size}.")
+    need(args.encoder_steps >= 0,
+         f"--encoder-steps must be 0 (an untrained encoder) or more, got {args.encoder_steps}.")
+    for flag in ("encoder_batch_size", "window", "gru_hidden", "z_dim", "ensemble_size", "sqlz_steps",
+                 "sqlz_batch_size", "sqlz_target_every", "scorer_steps", "repr_dim"):
+        need(getattr(args, flag) >= 1, f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}.")
+    need(args.relabel_window is None or args.relabel_window >= 1,
+         f"--relabel-window must be at least 1 step, got {args.relabel_window}.")
+    need(args.batch_size >= 2 and args.batch_size % 2 == 0,
+         f"--batch-size must be even and at least 2 (half source, half target), got {args.batch_size}.")
+    need(args.scorer_batch_size >= 2, f"--scorer-batch-size must be at least 2 (one positive and one negative per "
+                                      f"row), got {args.scorer_batch_size}.")
+    need(0.0 < args.expectile < 1.0, f"--expectile must be in (0, 1), got {args.expectile}.")
+    need(args.temperature >= 0, f"--temperature must be 0 or more, got {args.temperature}.")
+    need(args.max_weight > 0, f"--max-weight must be positive, got {args.max_weight}.")
+    need(args.alpha > 0, f"--alpha must be positive, got {args.alpha}.")
+    need(args.kl_weight >= 0, f"--kl-weight must be 0 or more, got {args.kl_weight}.")
+    need(args.grad_clip > 0, f"--grad-clip must be positive, got {args.grad_clip}.")
+    need(0.0 < args.holdout_fraction <= 0.5, f"--holdout-fraction must be in (0, 0.5], got {args.holdout_fraction}.")
+    need(0.0 < args.probe_fraction <= 0.5, f"--probe-fraction must be in (0, 0.5], got {args.probe_fraction}.")
+    need(len(args.lam) >= 1 and all(0.0 <= lam <= 1.0 for lam in args.lam),
+         f"--lam must be one or more values in [0, 1], got {list(args.lam)}.")
+    need(len(args.xi) >= 1 and all(0.0 < xi <= 1.0 for xi in args.xi),
+         f"--xi must be one or more values in (0, 1], got {list(args.xi)}.")
+    need(min(keep_count(args.batch_size // 2, xi) for xi in args.xi) >= 1,
+         f"--xi {min(args.xi)} keeps no source sample of {args.batch_size // 2}; raise --xi or --batch-size.")
+    need(len(set(args.lam)) == len(args.lam) and len(set(args.xi)) == len(args.xi),
+         f"--lam and --xi must not repeat a value, got {list(args.lam)} and {list(args.xi)}.")
 
 
-def run_flags(args: Args) -> dict:
-    """The flags that define a run (all but --resume and --out), as JSON values."""
-    return json.loads(json.dumps({k: v for k, v in asdict(args).items() if k not in ("resume", "out")}))
+def to_transitions(dataset) -> Transitions:
+    return Transitions(observations=dataset.observations, actions=dataset.actions, rewards=dataset.rewards,
+                       next_observations=dataset.next_observations, terminals=dataset.terminals)
 
 
-def evaluation_entry(step: int, returns, scores, settings: list, losses, filter_stats: dict) -> dict:
-    """One row of results.json: per-run return and score; per (lam, xi) setting their mean and std over seeds
-    (ddof 0); over all runs only when there is one setting (then it is the usual mean +- std over seeds); the
-    per-run losses and filter diagnostics of the chunk of steps that led here."""
-    returns, scores = np.asarray(returns, dtype=np.float64), np.asarray(scores, dtype=np.float64)
-    per_setting = [(r, s) for r, s in zip(returns.reshape(len(settings), -1), scores.reshape(len(settings), -1))]
-    one_setting = len(settings) == 1
-    return {"step": step, "returns": returns.tolist(), "scores": scores.tolist(),
-            "by_setting": [{"lam": lam, "xi": xi, "return_mean": float(r.mean()), "return_std": float(r.std()),
-                            "score_mean": float(s.mean()), "score_std": float(s.std())}
-                           for (lam, xi), (r, s) in zip(settings, per_setting)],
-            "return_mean": float(returns.mean()) if one_setting else None,
-            "return_std": float(returns.std()) if one_setting else None,
-            "score_mean": float(scores.mean()) if one_setting else None,
-            "score_std": float(scores.std()) if one_setting else None,
-            "losses": {name: np.asarray(value, dtype=np.float64).tolist() for name, value in losses.items()},
-            "filter": filter_stats}
+def load_data(args: Args, seeds: list[int]):
+    """The source dataset, the full target dataset and one target subsample per seed (host objects)."""
+    target_full = load_dataset(args.target_dataset, domain=args.target, physics=args.physics,
+                               quality=None if args.target_dataset else args.quality)
+    source = load_dataset(args.source_dataset, domain=args.source, physics=args.physics,
+                          quality=None if args.source_dataset else args.quality)
+    if (source.obs_dim, source.act_dim) != (target_full.obs_dim, target_full.act_dim):
+        raise SystemExit(f"The source dataset has observation/action sizes {source.obs_dim}/{source.act_dim} "
+                         f"but the target has {target_full.obs_dim}/{target_full.act_dim}; pick domains of "
+                         f"the same task.")
+    size = {"count": args.target_size} if args.target_size else {"fraction": args.target_fraction}
+    targets = [subsample(target_full, **size, seed=seed) for seed in seeds]
+    return source, target_full, targets
 
 
-def main(argv: Optional[list[str]] = None) -> dict:
-    args = tyro.cli(Args, args=argv)
-    check_args(args)
-    out, saved = open_run(args)
-    wall_start = time.perf_counter()
-
-    seeds = [args.seed + k for k in range(args.num_seeds)]
-    if args.representation_only:  # the source alone: no target data, no references
-        source = load_dataset(args.source_dataset, domain=args.source, physics=args.physics,
-                              quality=None if args.source_dataset else args.quality)
-        obs_dim, act_dim = source.obs_dim, source.act_dim
-    else:
-        source, target_full, targets = load_data(args, seeds)
-        references = reference_info(args.target, target_full, args.physics, args.references)  # exits when unknown
-        ref_min, ref_max = references["random"], references["expert"]
-        obs_dim, act_dim = target_full.obs_dim, target_full.act_dim
-
-    # stages 1-3, and the relabelling: frozen, shared by every run of the grid
-    start = time.perf_counter()
-    encoder_params, encoder_info = encoder_stage(args, source, obs_dim, act_dim)
-    source_trajectory, trajectory_z = relabel(encoder_params["encoder"], source, args.gru_hidden, args.z_dim,
-                                              args.relabel_window)
-    stage_seconds = time.perf_counter() - start
-
-    # how well z separates the source's domains (and qualities)
-    groups = episode_groups(source)
-    group_names = {key: names for key, (names, _) in groups.items()}
-    per_trajectory = trajectory_groups(groups, trajectory_bounds(source)[0])
-    representation = representation_diagnostics(trajectory_z, per_trajectory, args.probe_fraction, args.seed)
-    projection = representation.pop("projection")
-    probes = representation["probe"]
-    summary = ", ".join(f"{key} {probes[key]['accuracy']:.2f} (chance {probes[key]['chance']:.2f})"
-                        for key in ("domain", "quality") if probes.get(key) is not None)
-    out.mkdir(parents=True, exist_ok=True)
-    plot_projection(out / "z_projection.png", projection, per_trajectory,
-                    f"z of {len(trajectory_z)} source trajectories, PCA\nlinear probe accuracy on held-out "
-                    f"trajectories: {summary or 'n/a'}")
-    representation |= {"relabel_window": args.relabel_window, "projection_png": "z_projection.png"}
-    print(f"representation: linear probe accuracy on held-out trajectories: {summary or 'n/a'}")
-    if args.representation_only:
-        results = {"algo": "v2a", "finished": True, "representation_only": True, "args": asdict(args),
-                   "data": {"source_dataset": source.name, "source_size": source.size,
-                            "source_trajectories": len(trajectory_z)},
-                   "stages": {"encoder": encoder_info}, "representation": representation,
-                   "timing": {"stage_seconds": stage_seconds, "wall_seconds": time.perf_counter() - wall_start},
-                   "versions": package_versions()}
-        write_atomic(out / "results.json", json.dumps(results, indent=1).encode())
-        print(f"--representation-only: results in {out}")
-        return results
-
-    start = time.perf_counter()
-    sqlz_params, sqlz_info = sqlz_stage(args, source, source_trajectory, trajectory_z, encoder_info, obs_dim, act_dim)
-    scorer_params, scorer_info = scorer_stage(args, source, targets[0], obs_dim, act_dim)
-    stage_seconds += time.perf_counter() - start
-    frozen = jax.device_put(Frozen(sqlz_params["critic"], sqlz_params["value"], scorer_params["scorer"]))
-
-    data = jax.device_put(Data(
-        source=to_transitions(source), source_trajectory=source_trajectory, trajectory_z=trajectory_z,
-        source_groups=tuple(labels for _, labels in groups.values()),
-        target=Transitions(*(np.stack(fields) for fields in zip(*(to_transitions(t) for t in targets))))))
-    data_info = {"source_dataset": source.name, "source_size": source.size, "target_dataset": target_full.name,
-                 "target_full_size": target_full.size, "target_size": targets[0].size,
-                 "source_trajectories": len(trajectory_z), "source_groups": group_names, "ref_min_score": ref_min,
-                 "ref_max_score": ref_max, "references": references["source"]}
-
-    # the grid: lam outermost, then xi, then seed
-    source_size = args.batch_size // 2
+def make_grid(args: Args, seeds: list[int]) -> tuple[list, list, Hyperparams]:
+    """The runs of the (lam, xi, seed) grid, lam outermost and seed innermost: (the (lam, xi) settings, one row per
+    run, the runs' traced Hyperparams). The runs of one seed start from the same initialisation and draw the same
+    batch indices whatever lam and xi: common random numbers across settings."""
     settings = [(lam, xi) for lam in args.lam for xi in args.xi]
-    grid = [{"lam": lam, "xi": xi, "seed": seed, "keep_count": keep_count(source_size, xi)}
+    grid = [{"lam": lam, "xi": xi, "seed": seed, "keep_count": keep_count(args.batch_size // 2, xi)}
             for lam, xi in settings for seed in seeds]
-    num_runs = len(grid)
-    hparams = Hyperparams(expectile=jnp.full(num_runs, args.expectile, jnp.float32),
-                          temperature=jnp.full(num_runs, args.temperature, jnp.float32),
+    hparams = Hyperparams(expectile=jnp.full(len(grid), args.expectile, jnp.float32),
+                          temperature=jnp.full(len(grid), args.temperature, jnp.float32),
                           lam=jnp.array([run["lam"] for run in grid], jnp.float32),
                           keep_count=jnp.array([run["keep_count"] for run in grid], jnp.int32),
                           seed_index=jnp.array([seeds.index(run["seed"]) for run in grid], jnp.int32))
-    init, train = make_train(args, obs_dim, act_dim, sqlz_info["hidden"], scorer_info["hidden"],
-                             scorer_info["repr_dim"], tuple((key, len(names)) for key, names in group_names.items()),
-                             sqlz_info.get("layer_norm", False))
-    policy = make_policy(args, act_dim)
+    return settings, grid, hparams
 
-    start = time.perf_counter()
-    runner = jax.jit(jax.vmap(init))(jnp.stack([jax.random.PRNGKey(run["seed"]) for run in grid]))
-    runner = jax.block_until_ready(runner)
-    compile_seconds = time.perf_counter() - start
-    start_step, evaluations = 0, []
-    if saved is not None:
-        runner = serialization.from_state_dict(runner, saved["runner"])
-        start_step, evaluations = int(saved["step"]), json.loads(saved["evaluations"])
-    shardings = run_shardings(num_runs)
-    if shardings is not None:  # several accelerators: each trains its share of the runs
-        per_run, shared = shardings
-        runner, hparams = jax.device_put((runner, hparams), per_run)
-        data, frozen = jax.device_put((data, frozen), shared)
-    elif jax.device_count() > 1:
-        print(f"{num_runs} runs do not divide among {jax.device_count()} devices: all run on the first.")
 
-    # One program per chunk length (--eval-every, and the remainder), compiled ahead of time: no chunk recompiles.
-    chunks = [min(args.eval_every, args.steps - step) for step in range(start_step, args.steps, args.eval_every)]
-    compiled = {}
-    for num_steps in sorted(set(chunks)):
-        start = time.perf_counter()
-        train_chunk = jax.jit(jax.vmap(partial(train, num_steps=num_steps), in_axes=(0, None, None, 0)))
-        compiled[num_steps] = train_chunk.lower(runner, data, frozen, hparams).compile()
-        compile_seconds += time.perf_counter() - start
+def make_grid_evaluate(args: Args, policy, settings: list, seeds: list[int], ref_scores: tuple, group_names: dict):
+    """evaluate(runner, step, (losses, sums)) -> the evaluations row of results.json: one evaluation per (lam, xi)
+    setting, in which seed k plays the episodes of a 1-seed run with seed + k (the same in every setting), and the
+    filter's diagnostics of the chunk of steps since the last evaluation."""
 
-    def write_results(step: int, timing: Optional[dict]) -> dict:
-        final = evaluations[-1] if step == args.steps else None
-        results = {
-            "algo": "v2a", "finished": final is not None, "step": step, "args": asdict(args), "seeds": seeds,
-            "grid": grid, "settings": [{"lam": lam, "xi": xi} for lam, xi in settings], "data": data_info,
-            "stages": {"encoder": encoder_info, "sqlz": sqlz_info, "scorer": scorer_info},
-            "representation": representation, "evaluations": evaluations,
-            "final": None if final is None else {key: value for key, value in final.items()
-                                                 if key not in ("losses", "filter")},
-            "timing": timing, "versions": package_versions()}
-        write_atomic(out / "results.json", json.dumps(results, indent=1).encode())
-        return results
-
-    step, train_seconds, eval_seconds = start_step, 0.0, 0.0
-    if not chunks:  # --resume of a finished run: results.json again from the checkpoint, with its last timing
-        previous = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {}
-        results = write_results(step, previous.get("timing"))
-    pbar = tqdm(total=args.steps, initial=start_step, unit="step", dynamic_ncols=True,
-                desc=f"stage 4/4: v2a {args.target} x{num_runs}")
-    for num_steps in chunks:
-        start = time.perf_counter()
-        runner, (losses, sums) = jax.block_until_ready(compiled[num_steps](runner, data, frozen, hparams))
-        train_seconds += time.perf_counter() - start
-        step += num_steps
-
-        # one evaluation per (lam, xi) setting: seed k is evaluated on the episodes of a 1-seed run with seed + k,
-        # the same for every setting
-        start = time.perf_counter()
+    def evaluate_grid(runner: Runner, step: int, metrics) -> dict:
+        losses, sums = metrics
         returns, scores = [], []
         for index in range(len(settings)):
             actor_params = jax.tree.map(lambda x: x[index * len(seeds):(index + 1) * len(seeds)],
                                         runner.state.actor.params)
             result = evaluate(policy, actor_params, args.target, num_episodes=args.eval_episodes,
-                              seed=args.seed + step, ref_scores=(ref_min, ref_max),
-                              physics=args.physics)
+                              seed=args.seed + step, ref_scores=ref_scores, physics=args.physics)
             returns.append(result.mean_return)
             scores.append(result.normalized_score)
-        eval_seconds += time.perf_counter() - start
-        evaluations.append(evaluation_entry(step, np.concatenate(returns), np.concatenate(scores), settings, losses,
-                                            filter_diagnostics(sums, group_names, num_steps, source_size)))
+        chunk_steps = step - (step - 1) // args.eval_every * args.eval_every  # an evaluation ends every chunk
+        return grid_evaluation_entry(step, np.concatenate(returns), np.concatenate(scores), settings, losses,
+                                     filter_diagnostics(sums, group_names, chunk_steps, args.batch_size // 2))
 
-        # checkpoint first: if killed before results.json is rewritten, --resume rewrites it
-        checkpoint = {"runner": serialization.to_state_dict(jax.device_get(runner)), "step": step,
-                      "evaluations": json.dumps(evaluations), "flags": json.dumps(run_flags(args))}
-        write_atomic(out / "checkpoint.msgpack", serialization.msgpack_serialize(checkpoint))
-        timed_steps = step - start_step
-        results = write_results(step, {
-            "steps_per_second": timed_steps / train_seconds,  # gradient steps, every run at once
-            "updates_per_second": timed_steps * num_runs / train_seconds,
-            "compile_seconds": compile_seconds, "train_seconds": train_seconds, "eval_seconds": eval_seconds,
-            "stage_seconds": stage_seconds, "wall_seconds": time.perf_counter() - wall_start,
-            "timed_steps": timed_steps, "resumed_from_step": start_step,
-            "device_kind": jax.devices()[0].device_kind, "platform": jax.default_backend(),
-            "devices": jax.device_count() if shardings else 1})
+    return evaluate_grid
 
-        latest = evaluations[-1]
-        pbar.update(num_steps)
-        pbar.set_postfix(score=f"{max(entry['score_mean'] for entry in latest['by_setting']):.1f}")
-        shares = latest["filter"]["kept_share"].get("domain", {})
-        tqdm.write(f"step {step}: " + ", ".join(
-            f"lam {entry['lam']:g} xi {entry['xi']:g} score {entry['score_mean']:.1f} +- {entry['score_std']:.1f}"
-            for entry in latest["by_setting"]) + "".join(
-            f"; kept share of {name} {np.mean([v for v in values if v is not None] or [np.nan]):.2f}"
-            for name, values in shares.items()))
-    pbar.close()
 
+def settings_line(entry: dict, label: str = "score") -> str:
+    """Each setting's mean score +- std over seeds in an evaluations row, for the log."""
+    return ", ".join(f"lam {setting['lam']:g} xi {setting['xi']:g} {label} {setting['score_mean']:.1f} +- "
+                     f"{setting['score_std']:.1f}" for setting in entry["by_setting"])
+
+
+def grid_data(source, source_trajectory, trajectory_z, groups: dict, target_full, targets: list,
+              references: dict) -> tuple[Data, dict]:
+    """Stage 4's data on the device (the source with each transition's trajectory, the trajectories' z and the
+    metadata labels; one target subsample per seed, stacked), and its description for results.json."""
+    data = jax.device_put(Data(
+        source=to_transitions(source), source_trajectory=source_trajectory, trajectory_z=trajectory_z,
+        source_groups=tuple(labels for _, labels in groups.values()),
+        target=Transitions(*(np.stack(fields) for fields in zip(*(to_transitions(t) for t in targets))))))
+    return data, {"source_dataset": source.name, "source_size": source.size, "target_dataset": target_full.name,
+                  "target_full_size": target_full.size, "target_size": targets[0].size,
+                  "source_trajectories": len(trajectory_z),
+                  "source_groups": {key: names for key, (names, _) in groups.items()},
+                  "ref_min_score": references["random"], "ref_max_score": references["expert"],
+                  "references": references["source"]}
+
+
+def report(step: int, entry: dict, metrics) -> tuple[str, str]:
+    """The progress bar's best score and the log line of an evaluation: each setting's score, the kept share of
+    each domain."""
+    shares = entry["filter"]["kept_share"].get("domain", {})
+    return (f"score={max(setting['score_mean'] for setting in entry['by_setting']):.1f}",
+            f"step {step}: {settings_line(entry)}" + "".join(
+                f"; kept share of {name} {np.mean([v for v in values if v is not None] or [np.nan]):.2f}"
+                for name, values in shares.items()))
+
+
+# ---------------------------------------------------------------- main
+def write_representation_only(args: Args, out: Path, source, trajectory_z, encoder_info: dict, representation: dict,
+                              timing: dict) -> dict:
+    """--representation-only: results.json of the encoder and its diagnostics alone (no checkpoint)."""
+    results = {"algo": "v2a", "finished": True, "representation_only": True, "args": asdict(args),
+               "data": {"source_dataset": source.name, "source_size": source.size,
+                        "source_trajectories": len(trajectory_z)},
+               "stages": {"encoder": encoder_info}, "representation": representation, "timing": timing,
+               "versions": package_versions()}
+    write_atomic(out / "results.json", json_bytes(results))
+    print(f"--representation-only: results in {out}")
+    return finite_json(results)
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    args = tyro.cli(Args, args=argv)
+    check_args(args)
+    grid_name = f"lam{'-'.join(f'{v:g}' for v in args.lam)}_xi{'-'.join(f'{v:g}' for v in args.xi)}"
+    out, saved = open_run(args, f"runs/v2a/{args.source}_to_{args.target}-{args.quality}{physics_tag(args)}/"
+                                f"{grid_name}/seed{args.seed}")
+    wall_start, seeds = time.perf_counter(), [args.seed + k for k in range(args.num_seeds)]
+    if args.representation_only:  # the source alone: no target data, no references
+        source = load_dataset(args.source_dataset, domain=args.source, physics=args.physics,
+                              quality=None if args.source_dataset else args.quality)
+    else:
+        source, target_full, targets = load_data(args, seeds)
+        references = reference_info(args.target, target_full, args.physics, args.references)  # exits when unknown
+    obs_dim, act_dim = source.obs_dim, source.act_dim  # load_data checked that they are the target's
+
+    # stage 1 and the relabelling: one z per source trajectory, and how well it tells the domains apart
+    start = time.perf_counter()
+    encoder_params, encoder_info = encoder_stage(args, source, obs_dim, act_dim)
+    source_trajectory, trajectory_z = relabel(encoder_params["encoder"], source, args.gru_hidden, args.z_dim,
+                                              args.relabel_window)
+    stage_seconds = time.perf_counter() - start
+    groups = episode_groups(source)
+    representation = describe_representation(args, out, source, trajectory_z, groups)
+    if args.representation_only:
+        return write_representation_only(args, out, source, trajectory_z, encoder_info, representation, {
+            "stage_seconds": stage_seconds, "wall_seconds": time.perf_counter() - wall_start})
+
+    # stages 2 and 3: frozen, shared by every run of the grid with the encoder
+    start = time.perf_counter()
+    sqlz_params, sqlz_info = sqlz_stage(args, source, source_trajectory, trajectory_z, encoder_info, obs_dim, act_dim)
+    scorer_params, scorer_info = scorer_stage(args, source, targets[0], obs_dim, act_dim)
+    stage_seconds += time.perf_counter() - start
+    frozen = jax.device_put(Frozen(sqlz_params["critic"], sqlz_params["value"], scorer_params["scorer"]))
+    data, data_info = grid_data(source, source_trajectory, trajectory_z, groups, target_full, targets, references)
+    group_names = data_info["source_groups"]
+
+    # stage 4: the filtered IQL of every (lam, xi, seed) run at once
+    settings, grid, hparams = make_grid(args, seeds)
+    init, train = make_train(args, obs_dim, act_dim, sqlz_info["hidden"], scorer_info["hidden"],
+                             scorer_info["repr_dim"], tuple((key, len(names)) for key, names in group_names.items()),
+                             sqlz_info.get("layer_norm", False))
+    evaluate_grid = make_grid_evaluate(args, make_policy(args, act_dim), settings, seeds,
+                                       (references["random"], references["expert"]), group_names)
+
+    results = train_loop(
+        args, out, saved, algo="v2a", title=f"stage 4/4: v2a {args.target} x{len(grid)}", init=init,
+        keys=jnp.stack([jax.random.PRNGKey(run["seed"]) for run in grid]), train=train, inputs=(data, frozen, hparams),
+        in_axes=(None, None, 0), evaluate=evaluate_grid, report=report, losses_of=lambda metrics: metrics[0],
+        header={"grid": grid, "settings": [{"lam": lam, "xi": xi} for lam, xi in settings], "data": data_info,
+                "stages": {"encoder": encoder_info, "sqlz": sqlz_info, "scorer": scorer_info},
+                "representation": representation}, timing={"stage_seconds": stage_seconds})
     data = f"{args.source_dataset or args.source} -> {args.target_dataset or f'{args.target} ({args.quality})'}"
-    print(f"v2a {data}, seeds {seeds}, after {step} steps: " + ", ".join(
-        f"lam {entry['lam']:g} xi {entry['xi']:g} final score {entry['score_mean']:.1f} +- {entry['score_std']:.1f}"
-        for entry in results["final"]["by_setting"]) + f"; results in {out}")
+    print(f"v2a {data}, seeds {seeds}, after {results['step']} steps: "
+          f"{settings_line(results['final'], 'final score')}; results in {out}")
     return results
 
 

@@ -84,6 +84,22 @@ def trajectory_groups(groups: dict, starts: np.ndarray) -> dict:
     return {key: (names, labels[starts]) for key, (names, labels) in groups.items()}
 
 
+def filter_sums(keep, dynamics_score, advantage, filter_score, q_weight, groups: tuple, labels: tuple) -> dict:
+    """One step's statistics of a filter over a source batch, computed inside the jitted step ([B] arrays: the keep
+    mask, h, A, g and the Q weight of each source sample; groups: ((metadata key, number of values), ...) with the
+    batch's [B] labels of each key): summed over a chunk, filter_diagnostics turns them into means."""
+    dropped = 1.0 - keep
+    sums = {"kept": keep.sum(), "dynamics_score_kept": (dynamics_score * keep).sum(),
+            "dynamics_score_dropped": (dynamics_score * dropped).sum(), "advantage_kept": (advantage * keep).sum(),
+            "advantage_dropped": (advantage * dropped).sum(), "filter_score_kept": (filter_score * keep).sum(),
+            "filter_score_dropped": (filter_score * dropped).sum(), "q_weight_kept": (q_weight * keep).sum()}
+    for (key, size), label in zip(groups, labels):
+        one_hot = jax.nn.one_hot(label, size)
+        sums[f"seen_by_{key}"] = one_hot.sum(0)
+        sums[f"kept_by_{key}"] = (one_hot * keep[:, None]).sum(0)
+    return sums
+
+
 def filter_diagnostics(sums: dict, group_names: dict, num_steps: int, source_size: int) -> dict:
     """Per-run means of kept and dropped source samples from a chunk's summed statistics ([G] arrays); None where
     nothing was kept or dropped."""

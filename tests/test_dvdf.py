@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 from flax import serialization
 
-from envs import load_dataset
+import envs.diagnostics
+from envs import load_dataset, run
 from synthetic import assert_one_sentence_exit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -205,7 +206,7 @@ def test_grid_runs_are_independent_of_their_place_and_diagnostics_follow_the_fil
     np.testing.assert_allclose(losses["critic_loss"][order], shuffled_losses["critic_loss"], rtol=1e-5)
     assert not np.allclose(losses["critic_loss"][0], losses["critic_loss"][1:])  # and the runs differ
 
-    diagnostics = dvdf.filter_diagnostics(sums, {"quality": ["expert", "random"]}, 30, 8)
+    diagnostics = envs.diagnostics.filter_diagnostics(sums, {"quality": ["expert", "random"]}, 30, 8)
     np.testing.assert_allclose(diagnostics["kept_fraction"], [0.25, 0.5, 0.25, 0.5])
     for i, (lam, _, _) in enumerate(grid):
         kept_better = "dynamics_score" if lam == 1.0 else "advantage"  # what the filter ranks by
@@ -224,7 +225,7 @@ def test_episode_groups_label_each_transition_by_its_episode():
         episode_metadata = ({"quality": "expert", "domain": "a"}, {"quality": "random"}, {"quality": "expert"})
         episode_ids = np.array([0, 0, 1, 2, 2])
 
-    groups = dvdf.episode_groups(Fake)
+    groups = envs.diagnostics.episode_groups(Fake)
     assert groups["quality"][0] == ["expert", "random"]
     np.testing.assert_array_equal(groups["quality"][1], [0, 0, 1, 0, 0])
     assert groups["domain"][0] == ["a", "unknown"]
@@ -234,21 +235,27 @@ def test_episode_groups_label_each_transition_by_its_episode():
 def test_shared_helpers_are_identical_copies():
     shared = {
         (dvdf, sql, iql): ["MLP", "TwinCritic", "ValueNet", "Actor", "critic_loss"],
-        (dvdf, sql, igdf, iql): ["write_atomic", "package_versions", "run_flags"],
         (dvdf, iql): ["expectile_loss", "advantage_weight"],
-        (sql, iql): ["evaluation_entry", "deterministic_actor_loss", "gaussian_actor_loss", "make_policy"],
-        (dvdf, sql): ["sql_value_loss", "default_alpha", "fingerprint", "dataset_arrays", "reward_scale_of",
-                      "divergence"],
+        (sql, iql): ["deterministic_actor_loss", "gaussian_actor_loss", "make_policy"],
+        (dvdf, sql): ["sql_value_loss", "default_alpha", "reward_scale_of"],
         (dvdf, igdf): ["Scorer", "ScorerRunner", "ScorerData", "nce_loss", "dynamics_score", "make_scorer_train",
-                       "make_score_fn", "separation_auc", "held_out_separation", "holdout_split", "held_out",
-                       "fingerprint", "dataset_arrays"],
+                       "make_score_fn"],
     }
     for modules, names in shared.items():
         for name in names:
             sources = {inspect.getsource(getattr(module, name)) for module in modules}
             assert len(sources) == 1, f"{name} differs between {[m.__name__ for m in modules]}"
-    assert dvdf.HOLDOUT_MAX == igdf.HOLDOUT_MAX and dvdf.SOURCE_HOLDOUT_SEED == igdf.SOURCE_HOLDOUT_SEED
-    assert dvdf.LOSS_LIMIT == sql.LOSS_LIMIT
+    # the harness and the diagnostics are not copied: what dvdf.py uses of them is envs/'s own
+    harness = {run: ["write_atomic", "package_versions", "run_flags", "open_run", "run_shardings", "fingerprint",
+                     "dataset_arrays", "cache_key", "read_artifact", "stage_chunk", "run_stage", "cached_stage",
+                     "save_stage", "divergence", "LOSS_LIMIT", "STAGE_CHUNKS", "STAGE_SAVE_SECONDS",
+                     "evaluation_entry", "grid_evaluation_entry"],
+               envs.diagnostics: ["holdout_split", "held_out", "separation_auc", "held_out_separation",
+                                  "HOLDOUT_MAX", "SOURCE_HOLDOUT_SEED", "GROUP_KEYS", "episode_groups",
+                                  "filter_diagnostics", "filter_sums"]}
+    for module, names in harness.items():
+        for name in names:
+            assert getattr(dvdf, name, getattr(module, name)) is getattr(module, name), f"dvdf.py copies {name}"
 
 
 # ---------------------------------------------------------------- end to end through main()
@@ -332,8 +339,9 @@ def test_end_to_end_results_json(finished_run, datasets):
     assert len(final["by_setting"]) == 2
     assert results["timing"]["updates_per_second"] == pytest.approx(4 * results["timing"]["steps_per_second"])
     assert (out / "checkpoint.msgpack").exists() and not list(out.glob("*.tmp"))
-    assert sorted(path.suffix for path in Path(datasets["cache"]).iterdir()) == [".json", ".json", ".msgpack",
-                                                                                ".msgpack"]  # no partial left
+    # the two stages, their descriptions and their (released) locks; no partial left
+    assert sorted(path.suffix for path in Path(datasets["cache"]).iterdir()) == [".json", ".json", ".lock", ".lock",
+                                                                                ".msgpack", ".msgpack"]
 
 
 def test_resume_uses_the_cached_stages_and_ends_bit_for_bit(datasets, finished_run, tmp_path, monkeypatch):
@@ -359,8 +367,8 @@ def test_resume_uses_the_cached_stages_and_ends_bit_for_bit(datasets, finished_r
     with pytest.raises(SystemExit, match="--xi"):
         dvdf.main(_flags(datasets, out, "--resume", "--xi", "0.25"))
     resumed = dvdf.main(_flags(datasets, out, "--resume"))
-    saved = dvdf.serialization.msgpack_restore((out / "checkpoint.msgpack").read_bytes())
-    reference = dvdf.serialization.msgpack_restore((finished_run[0] / "checkpoint.msgpack").read_bytes())
+    saved = serialization.msgpack_restore((out / "checkpoint.msgpack").read_bytes())
+    reference = serialization.msgpack_restore((finished_run[0] / "checkpoint.msgpack").read_bytes())
     for leaf, reference_leaf in zip(jax.tree.leaves(saved["runner"]), jax.tree.leaves(reference["runner"]),
                                     strict=True):
         np.testing.assert_array_equal(leaf, reference_leaf)
@@ -376,8 +384,8 @@ def test_stages_equal_the_standalone_scripts_whose_artifacts_are_accepted(datase
                "--repr-dim", "8", "--batch-size", "16", "--target-size", "200"])
     stages = finished_run[1]["stages"]
     for name in ("sql", "scorer"):
-        made = dvdf.serialization.msgpack_restore((tmp_path / name / f"{name}.msgpack").read_bytes())
-        cached = dvdf.serialization.msgpack_restore(Path(stages[name]["path"]).read_bytes())
+        made = serialization.msgpack_restore((tmp_path / name / f"{name}.msgpack").read_bytes())
+        cached = serialization.msgpack_restore(Path(stages[name]["path"]).read_bytes())
         for a, b in zip(jax.tree.leaves(made), jax.tree.leaves(cached), strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
@@ -387,7 +395,7 @@ def test_stages_equal_the_standalone_scripts_whose_artifacts_are_accepted(datase
     sql_params, sql_info = dvdf.sql_stage(args, source, OBS_DIM, ACT_DIM)
     scorer_params, scorer_info = dvdf.scorer_stage(args, source, target, OBS_DIM, ACT_DIM)
     assert sql_info["origin"] == scorer_info["origin"] == "artifact" and sql_info["hidden"] == [16, 16]
-    made = dvdf.serialization.msgpack_restore((tmp_path / "sql" / "sql.msgpack").read_bytes())
+    made = serialization.msgpack_restore((tmp_path / "sql" / "sql.msgpack").read_bytes())
     for a, b in zip(jax.tree.leaves(sql_params), jax.tree.leaves(made), strict=True):
         np.testing.assert_array_equal(a, b[0])  # the first seed's
     assert jax.tree.leaves(scorer_params)[0].ndim == 1  # unstacked: the bias of the first layer
@@ -431,36 +439,36 @@ def _toy_train(runner: _Toy, scale, num_steps: int):
     (40, None, 40),
 ])
 def test_stage_chunks_follow_the_measured_speed(remaining, seconds_per_step, expected):
-    assert dvdf.STAGE_CHUNKS == (100, 1_000, 10_000) and dvdf.STAGE_SAVE_SECONDS == 60.0
-    assert dvdf.stage_chunk(remaining, seconds_per_step) == expected
+    assert run.STAGE_CHUNKS == (100, 1_000, 10_000) and run.STAGE_SAVE_SECONDS == 60.0
+    assert run.stage_chunk(remaining, seconds_per_step) == expected
 
 
 def test_a_slow_stage_saves_after_its_first_small_chunk(tmp_path, monkeypatch):
     start = _Toy(jnp.zeros(1), jax.random.PRNGKey(0)[None])
     saved_steps = []
-    real_write = dvdf.write_atomic
+    real_write = run.write_atomic
 
     def record(path, content):
         saved_steps.append(int(serialization.msgpack_restore(content)["step"]))
         real_write(path, content)
 
-    monkeypatch.setattr(dvdf, "write_atomic", record)
-    monkeypatch.setattr(dvdf, "STAGE_SAVE_SECONDS", 0.0)  # every chunk is "slow": all stay at the smallest size
-    dvdf.run_stage("toy", tmp_path / "slow.msgpack", start, _toy_train, (0, 0), (jnp.ones(1),), 250)
+    monkeypatch.setattr(run, "write_atomic", record)
+    monkeypatch.setattr(run, "STAGE_SAVE_SECONDS", 0.0)  # every chunk is "slow": all stay at the smallest size
+    run.run_stage("toy", tmp_path / "slow.msgpack", start, _toy_train, (0, 0), (jnp.ones(1),), 250)
     assert saved_steps == [100, 200, 250]
     saved_steps.clear()
-    monkeypatch.setattr(dvdf, "STAGE_SAVE_SECONDS", 1e9)  # every size is fast enough: 100 first, then the largest
-    dvdf.run_stage("toy", tmp_path / "fast.msgpack", start, _toy_train, (0, 0), (jnp.ones(1),), 12_345)
+    monkeypatch.setattr(run, "STAGE_SAVE_SECONDS", 1e9)  # every size is fast enough: 100 first, then the largest
+    run.run_stage("toy", tmp_path / "fast.msgpack", start, _toy_train, (0, 0), (jnp.ones(1),), 12_345)
     assert saved_steps == [100, 10_100, 11_100, 12_100, 12_200, 12_300, 12_345]
 
 
 def test_an_interrupted_stage_resumes_where_it_stopped(tmp_path, monkeypatch):
     start = _Toy(jnp.zeros(1), jax.random.PRNGKey(0)[None])
     scale = jnp.ones(1)
-    whole, _, _ = dvdf.run_stage("toy", tmp_path / "whole.msgpack", start, _toy_train, (0, 0), (scale,), 100)
+    whole, _, _ = run.run_stage("toy", tmp_path / "whole.msgpack", start, _toy_train, (0, 0), (scale,), 100)
 
-    monkeypatch.setattr(dvdf, "STAGE_CHUNKS", (30,))
-    real_write, writes = dvdf.write_atomic, []
+    monkeypatch.setattr(run, "STAGE_CHUNKS", (30,))
+    real_write, writes = run.write_atomic, []
 
     def killed_after_second_chunk(path, content):
         real_write(path, content)
@@ -468,12 +476,12 @@ def test_an_interrupted_stage_resumes_where_it_stopped(tmp_path, monkeypatch):
         if len(writes) == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(dvdf, "write_atomic", killed_after_second_chunk)
+    monkeypatch.setattr(run, "write_atomic", killed_after_second_chunk)
     with pytest.raises(KeyboardInterrupt):
-        dvdf.run_stage("toy", tmp_path / "toy.msgpack", start, _toy_train, (0, 0), (scale,), 100)
+        run.run_stage("toy", tmp_path / "toy.msgpack", start, _toy_train, (0, 0), (scale,), 100)
     assert [path.name for path in writes] == ["toy.partial.msgpack"] * 2
-    monkeypatch.setattr(dvdf, "write_atomic", real_write)
-    resumed, _, partial_path = dvdf.run_stage("toy", tmp_path / "toy.msgpack", start, _toy_train, (0, 0), (scale,),
+    monkeypatch.setattr(run, "write_atomic", real_write)
+    resumed, _, partial_path = run.run_stage("toy", tmp_path / "toy.msgpack", start, _toy_train, (0, 0), (scale,),
                                               100)
     assert partial_path == tmp_path / "toy.partial.msgpack"
     np.testing.assert_allclose(resumed.total, whole.total, rtol=1e-6)  # 30 + 30, then 30 + 10 == 100 at once

@@ -11,7 +11,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import serialization
 
+from envs.diagnostics import HOLDOUT_MAX, holdout_split, separation_auc
 from synthetic import assert_one_sentence_exit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,16 +78,16 @@ def test_score_fn_is_the_cosine_of_the_two_encoders():
 
 def test_separation_auc_by_hand():
     # target 0.9 beats both source scores (2), 0.5 beats 0.2 and ties 0.5 (1.5), 0.1 beats none: 3.5 of 6 pairs
-    assert scorer.separation_auc([0.9, 0.5, 0.1], [0.2, 0.5]) == pytest.approx(3.5 / 6)
-    assert scorer.separation_auc([1.0, 2.0], [0.0]) == 1.0 and scorer.separation_auc([0.0], [1.0, 2.0]) == 0.0
+    assert separation_auc([0.9, 0.5, 0.1], [0.2, 0.5]) == pytest.approx(3.5 / 6)
+    assert separation_auc([1.0, 2.0], [0.0]) == 1.0 and separation_auc([0.0], [1.0, 2.0]) == 0.0
 
 
 def test_holdout_split():
-    train, held = scorer.holdout_split(1000, 0.1, seed=0)
+    train, held = holdout_split(1000, 0.1, seed=0)
     assert len(held) == 100 and len(train) == 900 and not set(train) & set(held)
-    assert len(scorer.holdout_split(200_000, 0.1, seed=0)[1]) == scorer.HOLDOUT_MAX
+    assert len(holdout_split(200_000, 0.1, seed=0)[1]) == HOLDOUT_MAX
     with pytest.raises(SystemExit, match="too small"):
-        scorer.holdout_split(1, 0.1, seed=0)
+        holdout_split(1, 0.1, seed=0)
 
 
 # ---------------------------------------------------------------- end to end through main()
@@ -140,7 +142,7 @@ def test_end_to_end_results_and_artifact(finished_run):
     assert min(results["final"]["separation"]["auc"]) > 0.9
     assert results["final"]["auc_mean"] == pytest.approx(float(np.mean(results["final"]["separation"]["auc"])))
 
-    artifact = scorer.serialization.msgpack_restore((out / "scorer.msgpack").read_bytes())
+    artifact = serialization.msgpack_restore((out / "scorer.msgpack").read_bytes())
     info = json.loads((out / "scorer.json").read_text())
     assert set(artifact["scorer"]["params"]) == {"phi", "psi"}
     assert all(leaf.shape[0] == 2 and np.isfinite(leaf).all() for leaf in jax.tree.leaves(artifact))
@@ -164,8 +166,8 @@ def test_resume_gives_the_same_encoders(datasets, finished_run, tmp_path, monkey
         scorer.main(_flags(datasets, out))
     monkeypatch.setattr(scorer, "held_out_separation", real)
     resumed = scorer.main(_flags(datasets, out, "--resume"))
-    saved = scorer.serialization.msgpack_restore((out / "scorer.msgpack").read_bytes())
-    reference = scorer.serialization.msgpack_restore((finished_run[0] / "scorer.msgpack").read_bytes())
+    saved = serialization.msgpack_restore((out / "scorer.msgpack").read_bytes())
+    reference = serialization.msgpack_restore((finished_run[0] / "scorer.msgpack").read_bytes())
     for leaf, reference_leaf in zip(jax.tree.leaves(saved), jax.tree.leaves(reference), strict=True):
         np.testing.assert_array_equal(leaf, reference_leaf)
     assert resumed["final"]["separation"] == finished_run[1]["final"]["separation"]

@@ -10,7 +10,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import serialization
+
 from envs import load_dataset
+from envs.run import divergence
 from synthetic import assert_one_sentence_exit, write_d4rl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,7 +126,7 @@ def test_end_to_end_results_and_artifact(finished_run):
     assert results["final"]["score_mean"] == pytest.approx(float(np.mean(results["evaluations"][-1]["scores"])))
     assert results["timing"]["updates_per_second"] == pytest.approx(2 * results["timing"]["steps_per_second"])
 
-    artifact = sql.serialization.msgpack_restore((out / "sql.msgpack").read_bytes())
+    artifact = serialization.msgpack_restore((out / "sql.msgpack").read_bytes())
     info = json.loads((out / "sql.json").read_text())
     assert set(artifact) == {"critic", "value"}
     leaves = jax.tree.leaves(artifact)
@@ -158,8 +161,8 @@ def test_resume_after_kill_gives_the_same_final_parameters(source_file, finished
     with pytest.raises(SystemExit, match="--resume"):
         sql.main(_flags(source_file, out))
     resumed = sql.main(_flags(source_file, out, "--resume"))
-    saved = sql.serialization.msgpack_restore((out / "checkpoint.msgpack").read_bytes())
-    reference = sql.serialization.msgpack_restore((finished_run[0] / "checkpoint.msgpack").read_bytes())
+    saved = serialization.msgpack_restore((out / "checkpoint.msgpack").read_bytes())
+    reference = serialization.msgpack_restore((finished_run[0] / "checkpoint.msgpack").read_bytes())
     for leaf, reference_leaf in zip(jax.tree.leaves(saved["runner"]), jax.tree.leaves(reference["runner"]),
                                     strict=True):
         np.testing.assert_array_equal(leaf, reference_leaf)  # bit for bit
@@ -179,15 +182,15 @@ def test_flags_out_of_range_end_with_one_sentence(flags, message, tmp_path):
 
 def test_divergence_guard_by_hand():
     bound = 10.0 * 2.0 / (1 - 0.99)  # ten times the largest discounted return of rewards in [-2, 2]
-    assert sql.divergence({"q_mean": np.array([150.0, -199.0]), "value_loss": np.array([1.0, 2.0])}, bound) is None
-    assert sql.divergence({"q_mean": np.array([2100.0]), "value_loss": np.array([1.0])}, bound).startswith(
+    assert divergence({"q_mean": np.array([150.0, -199.0]), "value_loss": np.array([1.0, 2.0])}, bound) is None
+    assert divergence({"q_mean": np.array([2100.0]), "value_loss": np.array([1.0])}, bound).startswith(
         "|mean Q| reached 2.1e+03, beyond 2e+03")
-    assert sql.divergence({"q_mean": np.array([10.0, -2100.0]), "value_loss": np.array([1.0])}, bound) is not None
-    assert sql.divergence({"q_mean": np.array([1.0]), "critic_loss": np.array([np.nan])}, bound) == \
+    assert divergence({"q_mean": np.array([10.0, -2100.0]), "value_loss": np.array([1.0])}, bound) is not None
+    assert divergence({"q_mean": np.array([1.0]), "critic_loss": np.array([np.nan])}, bound) == \
         "critic_loss is not finite"
-    assert sql.divergence({"q_mean": np.array([1.0]), "critic_loss": np.array([2e10])}, None) == \
+    assert divergence({"q_mean": np.array([1.0]), "critic_loss": np.array([2e10])}, None) == \
         "critic_loss reached 2e+10, beyond 1e+10"
-    assert sql.divergence({"q_mean": np.array([1e9]), "critic_loss": np.array([1.0])}, None) is None  # no bound given
+    assert divergence({"q_mean": np.array([1e9]), "critic_loss": np.array([1.0])}, None) is None  # no bound given
 
 
 def test_a_diverging_stage_stops_with_one_sentence_and_keeps_the_last_sound_artifact(tmp_path):
@@ -213,7 +216,7 @@ def test_layer_norm_and_reward_scaling_flags(source_file, tmp_path):
                               "--steps", "100"))
     returns = np.array([s.sum() for s in np.split(np.asarray(load_dataset(source_file).rewards, np.float64), 20)])
     assert results["data"]["reward_scale"] == pytest.approx(1000.0 / (returns.max() - returns.min()), rel=1e-6)
-    artifact = sql.serialization.msgpack_restore((tmp_path / "run" / "sql.msgpack").read_bytes())
+    artifact = serialization.msgpack_restore((tmp_path / "run" / "sql.msgpack").read_bytes())
     paths = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(artifact)[0]]
     assert any("LayerNorm_0" in path for path in paths) and any("LayerNorm_1" in path for path in paths)
     info = json.loads((tmp_path / "run" / "sql.json").read_text())

@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import envs.diagnostics
+import envs.run
 from envs import Dataset, make_env, save_hdf5
 from synthetic import assert_one_sentence_exit
 
@@ -300,30 +302,30 @@ def test_q_weights_are_clamped_at_100():
 def test_probes_and_their_split_by_trajectory():
     rng = np.random.default_rng(0)
     labels = np.repeat([0, 1, 2], [10, 6, 1])
-    held = v2a.probe_split(labels, 0.3, seed=0)
+    held = envs.diagnostics.probe_split(labels, 0.3, seed=0)
     assert held[labels == 0].sum() == 3 and held[labels == 1].sum() == 2 and not held[labels == 2].any()
-    np.testing.assert_array_equal(held, v2a.probe_split(labels, 0.3, seed=0))  # reproducible
+    np.testing.assert_array_equal(held, envs.diagnostics.probe_split(labels, 0.3, seed=0))  # reproducible
     separated = rng.normal(size=(17, 5)) * 0.1 + np.eye(5)[labels] * 3.0
-    probe = v2a.nearest_centroid_probe(separated, labels, held)
+    probe = envs.diagnostics.nearest_centroid_probe(separated, labels, held)
     assert probe["accuracy"] == 1.0 and probe["chance"] == pytest.approx(3 / 5)
     assert probe["train_trajectories"] == 12 and probe["test_trajectories"] == 5
     # the centroid is of training trajectories only: a held-out point nearest another class's centroid is wrong
     moved = separated.copy()
     moved[np.flatnonzero(held & (labels == 0))[0]] = np.eye(5)[1] * 3.0
-    assert v2a.nearest_centroid_probe(moved, labels, held)["accuracy"] == pytest.approx(4 / 5)
+    assert envs.diagnostics.nearest_centroid_probe(moved, labels, held)["accuracy"] == pytest.approx(4 / 5)
 
     # a class carried by one low-variance direction next to a high-variance irrelevant one: the standardised
     # linear probe finds it, Euclidean centroids drown in the irrelevant direction
     labels = np.repeat([0, 1], 40)
     mixed = np.stack([100.0 * rng.normal(size=80), labels + 0.1 * rng.normal(size=80)], axis=1)
-    held = v2a.probe_split(labels, 0.3, seed=0)
-    assert v2a.linear_probe_accuracy(mixed, labels, held) == 1.0
-    assert v2a.nearest_centroid_probe(mixed, labels, held)["accuracy"] < 0.9
+    held = envs.diagnostics.probe_split(labels, 0.3, seed=0)
+    assert envs.diagnostics.linear_probe_accuracy(mixed, labels, held) == 1.0
+    assert envs.diagnostics.nearest_centroid_probe(mixed, labels, held)["accuracy"] < 0.9
 
     labels = np.repeat([0, 1, 2], [10, 6, 1])
-    diagnostics = v2a.representation_diagnostics(separated.astype(np.float32),
-                                                 {"domain": (["a", "b", "c"], labels), "quality": (["q"], labels * 0)},
-                                                 0.3, seed=0)
+    diagnostics = envs.diagnostics.representation_diagnostics(
+        separated.astype(np.float32), {"domain": (["a", "b", "c"], labels), "quality": (["q"], labels * 0)}, 0.3,
+        seed=0)
     probe = diagnostics["probe"]["domain"]
     assert set(diagnostics["probe"]) == {"domain"} and probe["classes"] == ["a", "b", "c"]
     assert probe["accuracy"] == probe["nearest_centroid_accuracy"] == 1.0 and probe["test_trajectories"] == 5
@@ -332,11 +334,12 @@ def test_probes_and_their_split_by_trajectory():
 
 def test_projection_png_with_and_without_metadata(tmp_path):
     z = np.random.default_rng(0).normal(size=(9, 3)).astype(np.float32)
-    without = v2a.representation_diagnostics(z, {}, 0.3, seed=0)  # a source without episode metadata: no probe
+    without = envs.diagnostics.representation_diagnostics(z, {}, 0.3, seed=0)  # no episode metadata: no probe
     assert without["probe"] == {}
     labels = {"domain": (["a", "b"], np.arange(9) % 2), "quality": (["q", "r", "s"], np.arange(9) % 3)}
     for name, trajectory_labels in (("without.png", {}), ("with.png", labels)):
-        v2a.plot_projection(tmp_path / name, without["projection"], trajectory_labels, "title\nsecond line")
+        envs.diagnostics.plot_projection(tmp_path / name, without["projection"], trajectory_labels,
+                                         "title\nsecond line")
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(tmp_path.glob("*.tmp"))
 
@@ -344,18 +347,27 @@ def test_projection_png_with_and_without_metadata(tmp_path):
 def test_shared_helpers_are_identical_copies_of_dvdf():
     names = ["MLP", "TwinCritic", "ValueNet", "Actor", "Scorer", "IQLState", "Runner", "Transitions", "Hyperparams",
              "SQLState", "SQLRunner", "SQLHyperparams", "ScorerRunner", "ScorerData", "sql_value_loss",
-             "critic_loss", "nce_loss", "dynamics_score", "make_scorer_train", "make_score_fn", "separation_auc",
-             "held_out_separation", "holdout_split", "held_out", "normalise_advantage", "filter_score", "keep_mask",
-             "masked_mean", "expectile_loss", "value_loss", "weighted_critic_loss", "advantage_weight",
-             "deterministic_actor_loss", "gaussian_actor_loss", "make_policy", "filter_diagnostics", "keep_count",
-             "to_transitions", "fingerprint", "dataset_arrays", "episode_groups", "load_data", "write_atomic",
-             "package_versions", "cache_key", "read_artifact", "stage_chunk", "run_stage", "run_flags",
-             "evaluation_entry", "run_shardings", "reward_scale_of", "divergence"]
+             "critic_loss", "nce_loss", "dynamics_score", "make_scorer_train", "make_score_fn", "normalise_advantage",
+             "filter_score", "keep_mask", "masked_mean", "expectile_loss", "value_loss", "weighted_critic_loss",
+             "advantage_weight", "deterministic_actor_loss", "gaussian_actor_loss", "make_policy", "keep_count",
+             "to_transitions", "load_data", "reward_scale_of", "make_grid", "make_grid_evaluate", "settings_line"]
     for name in names:
         assert inspect.getsource(getattr(v2a, name)) == inspect.getsource(getattr(dvdf, name)), name
-    for constant in ("LOG_STD_MIN", "LOG_STD_MAX", "HOLDOUT_MAX", "SOURCE_HOLDOUT_SEED", "GROUP_KEYS", "STAGE_CHUNKS",
-                     "STAGE_SAVE_SECONDS", "CACHE_VERSION", "LOSS_LIMIT"):
+    for constant in ("LOG_STD_MIN", "LOG_STD_MAX", "CACHE_VERSION"):
         assert getattr(v2a, constant) == getattr(dvdf, constant), constant
+    # the harness and the diagnostics are not copied: what v2a.py uses of them is envs/'s own
+    harness = {envs.run: ["write_atomic", "package_versions", "cache_key", "read_artifact", "stage_chunk",
+                          "run_stage", "cached_stage", "save_stage", "run_flags", "open_run", "evaluation_entry",
+                          "grid_evaluation_entry", "run_shardings", "divergence", "fingerprint", "dataset_arrays",
+                          "LOSS_LIMIT", "STAGE_CHUNKS", "STAGE_SAVE_SECONDS"],
+               envs.diagnostics: ["separation_auc", "held_out_separation", "holdout_split", "held_out",
+                                  "filter_diagnostics", "filter_sums", "episode_groups", "trajectory_groups",
+                                  "probe_split", "nearest_centroid_probe", "linear_probe_accuracy",
+                                  "representation_diagnostics", "plot_projection", "HOLDOUT_MAX",
+                                  "SOURCE_HOLDOUT_SEED", "GROUP_KEYS", "PROBE_STEPS", "PROBE_LR", "PROBE_L2"]}
+    for module, names in harness.items():
+        for name in names:
+            assert getattr(v2a, name, getattr(module, name)) is getattr(module, name), f"v2a.py copies {name}"
 
 
 # ---------------------------------------------------------------- end to end through main(), on real rollouts
