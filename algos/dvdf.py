@@ -24,7 +24,8 @@ binary NCE of target transitions against source next states, as algos/igdf_score
 --scorer-artifact take those scripts' artefacts instead). Stage 3/3 trains every (lam, xi, seed) run of the grid in
 one jitted program (lam outermost, seed innermost; lam and int(B xi) are traced). Evaluation: --eval-episodes
 episodes of tanh(mu(s)) per run in the target domain, normalised with its reference returns. Seed k of an N-seed run
-equals the 1-seed run with --seed <seed + k> given the same stages.
+is the 1-seed run with --seed <seed + k> given the same stages, up to float rounding of the batched matmuls, which
+grows with training (the two agree closely early on, not bit for bit).
 
 Outputs in --out (default runs/<dvdf|igdf>/<source>_to_<target>-<quality>/lam<lams>_xi<xis>/seed<seed>), as
 envs/run.py describes; results.json adds the grid, its settings, the stages (where each came from, the scorer's
