@@ -12,7 +12,15 @@ evaluations, each as mean +- std over seeds (ddof 0). Writes, atomically:
     NAME.md    two tables (final; mean of the last 5 evaluations), a row per task and a column per algorithm, the
                best finished mean of each row in bold, unfinished runs marked, and the command (and spec) behind it
     NAME.png   a panel per task: mean over seeds of the normalised score against gradient steps, +- 1 std shaded
-    NAME.json  the numbers of both, per algorithm and task
+    NAME.json  the numbers of both, per algorithm and task (with each seed's scores), and the aggregates below
+    NAME_intervals.png  the aggregates' 95% intervals, a row per algorithm
+Beside mean +- std, the aggregates the field now reports (Agarwal et al., "Deep Reinforcement Learning at the Edge
+of the Statistical Precipice", NeurIPS 2021), computed by their rliable package from each algorithm's scores as one
+[seeds, tasks] array of the final score (--aggregate-score last5: of the mean of the last 5): the interquartile mean
+(IQM), mean, median and optimality gap with 95% stratified-bootstrap intervals, and the probability of improvement
+P(X > Y) of each pair of algorithms (--baseline NAME: of each against NAME). Only finished runs count, over the tasks
+that every algorithm has finished; an algorithm with more seeds on some tasks than on others gives its first k on
+each, k its fewest. --bootstrap-reps resamples (default 2000) drawn from --bootstrap-seed (default 0).
 --include NAME.json adds the runs of an earlier report whose folders are not here (made on another machine, or in
 an earlier session whose runs/ is gone): a run found here replaces the recorded one of its cell, the recorded ones
 count towards their sweep's progress and are marked (+) in the tables.
@@ -35,6 +43,7 @@ from benchmarks.sweep import configurations  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 LAST = 5  # evaluations averaged for the "last 5" table
+METRICS = ("IQM", "mean", "median", "optimality gap")  # rliable's aggregates, the paper's headline one first
 
 
 def sweep_configurations(folder: Path) -> dict:
@@ -162,6 +171,7 @@ def summarise(run: dict) -> dict:
             "finished": run["finished"], "step": run["step"], "budget": run["budget"],
             "final_mean": float(final.mean()), "final_std": float(final.std()),
             "last5_mean": float(last.mean()), "last5_std": float(last.std()),
+            "final_scores": final.tolist(), "last5_scores": last.tolist(),  # per seed, for the aggregates
             "curve": {"steps": run["steps"], "mean": scores.mean(axis=1).tolist(), "std": scores.std(axis=1).tolist()}}
 
 
@@ -199,6 +209,16 @@ def table(cells: dict, tasks: list, algorithms: list, stat: str, data: dict | No
     return lines
 
 
+def save_png(figure, path: Path) -> None:
+    """The figure as a PNG at path, atomically (a reader never sees half a file), and closed."""
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_name(path.name + ".tmp")
+    figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(figure)
+    os.replace(tmp, path)
+
+
 def plot(cells: dict, tasks: list, algorithms: list, title: str, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -224,10 +244,131 @@ def plot(cells: dict, tasks: list, algorithms: list, title: str, path: Path) -> 
     figure.suptitle(title)
     figure.tight_layout()
     figure.legend(handles.values(), handles.keys(), loc="center left", bbox_to_anchor=(1, 0.5), frameon=False)
-    tmp = path.with_name(path.name + ".tmp")
-    figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    plt.close(figure)
-    os.replace(tmp, path)
+    save_png(figure, path)
+
+
+def seeded(seed: int, compute, *args, **kwargs):
+    """compute(*args, **kwargs) with numpy's global generator seeded, then restored: rliable 1.2.0 draws its
+    bootstrap indices from np.random (its random_state argument does not reach them), so this makes them repeat."""
+    state = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        return compute(*args, **kwargs)
+    finally:
+        np.random.set_state(state)
+
+
+def aggregates(summaries: list[dict], score: str, reps: int, seed: int, baseline: str | None) -> dict:
+    """rliable's IQM, mean, median and optimality gap (at 100, the expert's level) with 95% stratified-bootstrap
+    intervals per algorithm, and the probability of improvement per pair, from each algorithm's [seeds, tasks]
+    array of `score` ("final" or "last5"): finished runs only, over the tasks every algorithm has finished; an
+    algorithm's cells with more seeds than its fewest give their first ones. Every bootstrap starts from `seed`, so
+    an algorithm's numbers do not depend on which others are in the report."""
+    # rliable imports arch and pandas (seconds): only when the section is made
+    from rliable import library, metrics
+    from tqdm import tqdm
+
+    notes = []
+    usable = [s for s in summaries if s["finished"] and f"{score}_scores" in s]
+    if recorded_only := [s for s in summaries if s["finished"] and f"{score}_scores" not in s]:
+        notes.append(f"{len(recorded_only)} recorded run{'s' * (len(recorded_only) != 1)} without per-seed scores "
+                     "(an earlier report.py's NAME.json) left out.")
+    if unfinished := [s for s in summaries if not s["finished"]]:
+        notes.append(f"{len(unfinished)} unfinished run{'s' * (len(unfinished) != 1)} left out (their last "
+                     "evaluation is not at the end of their budget).")
+    cells = {(s["algorithm"], s["task"]): s for s in usable}
+    algorithms = list(dict.fromkeys(s["algorithm"] for s in usable))
+    all_tasks = list(dict.fromkeys(s["task"] for s in summaries))
+    tasks = [task for task in all_tasks if algorithms and all((a, task) in cells for a in algorithms)]
+    if dropped := [task for task in all_tasks if task not in tasks]:
+        notes.append(f"{len(dropped)} task{'s' * (len(dropped) != 1)} left out, not finished by every algorithm: "
+                     + "; ".join(dropped) + ".")
+    found = {"score": score, "reps": reps, "seed": seed, "confidence": 0.95, "method": "percentile",
+             "tasks": tasks, "seeds": {}, "aggregates": {}, "improvement": [], "notes": notes}
+    if not tasks:
+        return found
+    if baseline is not None and baseline not in algorithms:
+        raise SystemExit(f"--baseline {baseline!r} is none of the finished algorithms: {', '.join(algorithms)}.")
+    arrays = {}
+    for algorithm in algorithms:
+        counts = [len(cells[algorithm, task][f"{score}_scores"]) for task in tasks]
+        arrays[algorithm] = np.array([cells[algorithm, task][f"{score}_scores"][:min(counts)] for task in tasks]).T
+        found["seeds"][algorithm] = min(counts)
+        if max(counts) > min(counts):
+            notes.append(f"{algorithm}: {min(counts)} seeds on every task, its first ones where it has up to "
+                         f"{max(counts)} (rliable takes one [seeds, tasks] array per algorithm).")
+    pairs = ([(x, baseline) for x in algorithms if x != baseline] if baseline
+             else [(x, y) for i, x in enumerate(algorithms) for y in algorithms[i + 1:]])
+
+    def aggregate(scores):
+        return np.array([metrics.aggregate_iqm(scores), metrics.aggregate_mean(scores),
+                         metrics.aggregate_median(scores), metrics.aggregate_optimality_gap(scores, 100)])
+
+    with tqdm(total=len(algorithms) + len(pairs), desc=f"bootstrap ({reps} resamples)", unit="estimate") as bar:
+        for algorithm, scores in arrays.items():
+            point, interval = seeded(seed, library.get_interval_estimates, {algorithm: scores}, aggregate, reps=reps)
+            found["aggregates"][algorithm] = {
+                name: [float(point[algorithm][i]), *map(float, interval[algorithm][:, i])]
+                for i, name in enumerate(METRICS)}
+            bar.update()
+        for x, y in pairs:
+            point, interval = seeded(seed, library.get_interval_estimates, {"pair": [arrays[x], arrays[y]]},
+                                     metrics.probability_of_improvement, reps=reps)
+            found["improvement"].append({"x": x, "y": y, "probability": float(point["pair"]),
+                                         "low": float(interval["pair"][0, 0]), "high": float(interval["pair"][1, 0])})
+            bar.update()
+    return found
+
+
+def statistics_lines(found: dict, intervals_png: str) -> list[str]:
+    """The markdown section of aggregates(): how they were made, a table per algorithm, a table per pair."""
+    which = "final score (last evaluation)" if found["score"] == "final" else f"mean of the last {LAST} evaluations"
+    lines = ["## Aggregates over tasks and seeds (IQM, 95% stratified-bootstrap intervals)", ""]
+    if not found["tasks"]:
+        return lines + ["No task has finished runs of every algorithm yet: no aggregates.", "",
+                        *(f"Note: {note}" for note in found["notes"]), ""]
+    count = len(found["tasks"])
+    lines += [(f"Of the {which}, over {count} task{'s' * (count != 1)} and each algorithm's seeds (Agarwal et al., "
+              "[Deep RL at the Edge of the Statistical Precipice](https://arxiv.org/abs/2108.13264), NeurIPS 2021; "
+              "computed by the rliable package): IQM, the mean of the middle 50% of all its runs' scores pooled over "
+              "tasks; mean and median of the per-task means; optimality gap, the mean shortfall below 100 (the "
+              "expert's level). Brackets: 95% percentile intervals from "
+              f"{found['reps']} stratified-bootstrap resamples (seeds resampled within each task; numpy seed "
+              f"{found['seed']})."), "",
+              "| algorithm | seeds | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 2) + "|"]
+    for algorithm, values in found["aggregates"].items():
+        lines.append(f"| {algorithm} | {found['seeds'][algorithm]} | "
+                     + " | ".join(f"{point:.1f} [{low:.1f}, {high:.1f}]" for point, low, high in values.values())
+                     + " |")
+    lines.append("")
+    if found["improvement"]:
+        lines += [("P(X > Y), the probability of improvement: the chance that a run of X scores above a run of Y on "
+                  "the same task (ties count one half), averaged over the tasks; 95% interval from resampling each "
+                  "algorithm's seeds independently within each task. Above 0.5 favours X; an interval that holds "
+                  "0.5 does not tell them apart."), "",
+                  "| X | Y | P(X > Y) [95% CI] |", "|---|---|---|",
+                  *(f"| {p['x']} | {p['y']} | {p['probability']:.2f} [{p['low']:.2f}, {p['high']:.2f}] |"
+                    for p in found["improvement"]), ""]
+    notes = [f"Note: {note}" for note in found["notes"]]
+    return lines + notes + [""] * bool(notes) + [f"![aggregate intervals]({intervals_png})", ""]
+
+
+def plot_intervals(found: dict, algorithms: list, title: str, path: Path) -> None:
+    """rliable's plot of the aggregates' intervals, a row per algorithm in the learning curves' colours."""
+    import matplotlib
+    matplotlib.use("Agg")
+    from rliable import plot_utils
+
+    shown = list(found["aggregates"])[::-1]  # rliable draws the first row at the bottom: the table's first on top
+    height = 0.5 * len(shown) + 0.4  # inches; rliable places the x label and we the title in figure fractions
+    figure, _ = plot_utils.plot_interval_estimates(
+        {a: np.array([v[0] for v in found["aggregates"][a].values()]) for a in shown},
+        {a: np.array([v[1:] for v in found["aggregates"][a].values()]).T for a in shown},
+        metric_names=list(METRICS), algorithms=shown, xlabel="normalised score", xlabel_y_coordinate=-0.45 / height,
+        colors={a: f"C{algorithms.index(a) % 10}" for a in shown}, subfigure_width=3.6, row_height=height / len(shown))
+    figure.suptitle(f"{title}: aggregates over tasks and seeds, 95% intervals", x=0.4, y=1 + 0.6 / height,
+                    fontsize="xx-large")
+    save_png(figure, path)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -240,7 +381,15 @@ def main(argv: list[str] | None = None) -> None:
                         help="also the runs of an earlier report whose folders are not here (a run here wins)")
     parser.add_argument("--dataset-column", action="store_true",
                         help="add the mean ± std normalised episode return of each task's full target dataset")
+    parser.add_argument("--aggregate-score", choices=("final", "last5"), default="final",
+                        help="the score of each seed the aggregates (IQM, P(X > Y)) are made of (default final)")
+    parser.add_argument("--baseline", metavar="ALGORITHM",
+                        help="P(X > ALGORITHM) for every other algorithm (default: every pair of algorithms)")
+    parser.add_argument("--bootstrap-reps", type=int, default=2000, help="bootstrap resamples (default 2000)")
+    parser.add_argument("--bootstrap-seed", type=int, default=0, help="numpy seed of the bootstrap (default 0)")
     args = parser.parse_args(argv)
+    if args.bootstrap_reps < 1:
+        raise SystemExit(f"--bootstrap-reps must be at least 1, got {args.bootstrap_reps}.")
     if not args.results.is_dir():
         raise SystemExit(f"No folder at {args.results}.")
     out = args.out or ROOT / "benchmarks" / "results" / args.results.resolve().name
@@ -280,16 +429,22 @@ def main(argv: list[str] | None = None) -> None:
         count = sum(s.get("recorded") == str(path) for s in summaries)
         lines += [f"(+) {count} run{'s' * (count != 1)} recorded in `{path}` by an earlier report (their folders are "
                   "not on this machine; the numbers are those recorded there).", ""]
+    statistics = aggregates(summaries, args.aggregate_score, args.bootstrap_reps, args.bootstrap_seed, args.baseline)
+    intervals_png = out.with_name(out.name + "_intervals.png")
+    lines += statistics_lines(statistics, intervals_png.name)
     lines += [f"![learning curves]({Path(out).name}.png)", ""] + [f"Note: {note}" for note in notes]
 
     out.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(out.with_name(out.name + ".md"), "\n".join(lines).rstrip() + "\n")
     write_atomic(out.with_name(out.name + ".json"), json.dumps(
         {"command": command, "sweeps": [{k: m[k] for k in ("command", "spec_file", "spec")} for m in sweeps],
-         "results": [{k: v for k, v in s.items() if k not in ("config", "sweep")} for s in summaries]}, indent=1))
+         "results": [{k: v for k, v in s.items() if k not in ("config", "sweep")} for s in summaries],
+         "statistics": statistics}, indent=1))
     plot(cells, tasks, algorithms, title, out.with_name(out.name + ".png"))
+    if statistics["aggregates"]:
+        plot_intervals(statistics, algorithms, title, intervals_png)
     print("\n".join(lines[lines.index("## Final score (last evaluation)"):]))
-    print(f"wrote {out}.md, {out}.png and {out}.json")
+    print(f"wrote {out}.md, {out}.png, {out}.json" + (f" and {intervals_png}" if statistics["aggregates"] else ""))
 
 
 if __name__ == "__main__":
