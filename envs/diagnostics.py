@@ -87,12 +87,14 @@ def trajectory_groups(groups: dict, starts: np.ndarray) -> dict:
 def filter_sums(keep, dynamics_score, advantage, filter_score, q_weight, groups: tuple, labels: tuple) -> dict:
     """One step's statistics of a filter over a source batch, computed inside the jitted step ([B] arrays: the keep
     mask, h, A, g and the Q weight of each source sample; groups: ((metadata key, number of values), ...) with the
-    batch's [B] labels of each key): summed over a chunk, filter_diagnostics turns them into means."""
+    batch's [B] labels of each key): summed over a chunk, filter_diagnostics turns them into means. advantage is
+    None for a filter without one (OTDF's)."""
     dropped = 1.0 - keep
     sums = {"kept": keep.sum(), "dynamics_score_kept": (dynamics_score * keep).sum(),
-            "dynamics_score_dropped": (dynamics_score * dropped).sum(), "advantage_kept": (advantage * keep).sum(),
-            "advantage_dropped": (advantage * dropped).sum(), "filter_score_kept": (filter_score * keep).sum(),
+            "dynamics_score_dropped": (dynamics_score * dropped).sum(), "filter_score_kept": (filter_score * keep).sum(),
             "filter_score_dropped": (filter_score * dropped).sum(), "q_weight_kept": (q_weight * keep).sum()}
+    if advantage is not None:
+        sums |= {"advantage_kept": (advantage * keep).sum(), "advantage_dropped": (advantage * dropped).sum()}
     for (key, size), label in zip(groups, labels):
         one_hot = jax.nn.one_hot(label, size)
         sums[f"seen_by_{key}"] = one_hot.sum(0)
@@ -114,6 +116,8 @@ def filter_diagnostics(sums: dict, group_names: dict, num_steps: int, source_siz
 
     diagnostics = {"kept_fraction": ratio(kept, kept + dropped)}
     for name in ("dynamics_score", "advantage", "filter_score"):
+        if f"{name}_kept" not in sums:  # a filter without an advantage
+            continue
         diagnostics[f"{name}_kept"] = ratio(sums[f"{name}_kept"], kept)
         diagnostics[f"{name}_dropped"] = ratio(sums[f"{name}_dropped"], dropped)
     diagnostics["q_weight_kept"] = ratio(sums["q_weight_kept"], kept)

@@ -56,7 +56,8 @@ from envs.domains import check_domain
 LOSS_LIMIT = 1e10  # a squared TD error beyond this (|Q - y| ~ 1e5) leaves any MuJoCo return scale float32 can fit
 STAGE_CHUNKS = (100, 1_000, 10_000)  # the chunk sizes a pre-training stage runs between two saves
 STAGE_SAVE_SECONDS = 60.0  # a stage saves and reports progress about this often, at most every 10,000 steps
-STAGE_SCRIPTS = {"sql": "sql_pretrain", "scorer": "igdf_scorer", "encoder": "v2a", "sqlz": "v2a"}
+STAGE_SCRIPTS = {"sql": "sql_pretrain", "scorer": "igdf_scorer", "encoder": "v2a", "sqlz": "v2a", "ot": "otdf",
+                 "cvae": "otdf"}
 VERSIONED_PACKAGES = ("jax", "jaxlib", "flax", "optax", "chex", "numpy", "gymnasium", "mujoco", "minari", "tyro")
 
 
