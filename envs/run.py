@@ -19,10 +19,13 @@ at all:
                         and scores, mean and std over seeds, the per-run losses of the chunk), "final" (the last
                         evaluation without its losses, once finished), "timing" (steps_per_second: gradient steps of
                         all runs at once; updates_per_second: times the runs; compile, train, eval and wall seconds;
-                        the device) and "versions" (package versions)
-    checkpoint.msgpack  {"runner": every run's train state and rng key, "step", "evaluations" (JSON), "flags" (JSON)}:
+                        the device) and "versions" (package versions); a run with an evaluation whose return or score
+                        is not finite never says finished: "failed" says where, and the script ends with that
+                        sentence (exit status 1)
+    checkpoint.msgpack  {"runner": every run's train state and rng key, "step", "evaluations" (JSON), "flags" (JSON),
+                        "inputs" (the fingerprint of the training inputs: datasets, subsamples, frozen stages)}:
                         written after every evaluation, before results.json; --resume continues from it and ends bit
-                        for bit where an uninterrupted run ends (on CPU), and refuses other flags
+                        for bit where an uninterrupted run ends (on CPU), and refuses other flags or other data
 Pre-training stages (run_stage, used by dvdf.py and v2a.py) cache what they train under --cache-dir:
     <kind>-<sha>.msgpack   the first-seed parameters of a finished stage (params stacked over a seed axis of 1)
     <kind>-<sha>.json      what it was trained on and how: "kind", "version", fingerprints, sizes, flags, "step",
@@ -312,6 +315,19 @@ def grid_evaluation_entry(step: int, returns, scores, settings: list, losses, fi
             "losses": losses_entry(losses), "filter": filter_stats}
 
 
+def non_finite_evaluation(evaluations: list) -> Optional[str]:
+    """Where the first evaluation whose per-run returns or scores hold a non-finite number (or a null, as results.json
+    writes one) is, or None. A run with such an evaluation is not finished."""
+    for entry in evaluations:
+        for key in ("returns", "scores"):
+            values = np.asarray([np.nan if v is None else v for v in np.ravel(entry.get(key) or [])], np.float64)
+            bad = np.flatnonzero(~np.isfinite(values)).tolist()
+            if bad:
+                runs = f"run{'s' * (len(bad) > 1)} {', '.join(map(str, bad))}"
+                return f"the {key[:-1]} of {runs} at step {entry.get('step')} is not finite"
+    return None
+
+
 def without_losses(entry: dict) -> dict:
     """The "final" of results.json: the last evaluation without its per-chunk diagnostics."""
     return {key: value for key, value in entry.items() if key not in ("losses", "filter")}
@@ -333,7 +349,11 @@ def train_loop(args, out: Path, saved: Optional[dict], *, algo: str, title: str,
     final(last entry) once finished, "timing" (with `timing` added), "versions"}. `report(step, entry, metrics)`
     gives (progress-bar postfix, a line to print). A chunk whose losses_of(metrics) diverge (`divergence`) ends
     the run with one sentence that starts with `name` (default: the algo in capitals) and ends with `advice`;
-    nothing of that chunk is saved. Returns the last results written.
+    nothing of that chunk is saved. An evaluation whose returns or scores are not finite (`non_finite_evaluation`)
+    is noted when it happens; the run trains on and is saved as usual, but results.json never says finished and the
+    last step ends with one sentence ("failed" in results.json). The checkpoint records the fingerprint of `inputs`:
+    --resume on other data (a dataset changed since the run started) stops with one sentence. Returns the last
+    results written.
     """
     wall_start = time.perf_counter()
     num_runs = len(keys)
@@ -341,7 +361,14 @@ def train_loop(args, out: Path, saved: Optional[dict], *, algo: str, title: str,
     runner = jax.block_until_ready(jax.jit(jax.vmap(init))(keys))
     compile_seconds = time.perf_counter() - start
     start_step, evaluations = 0, []
+    # what the runs train on, so that --resume on other data (a dataset regenerated or edited since) is refused
+    inputs_fingerprint = fingerprint(np.asarray(leaf) for leaf in jax.tree.leaves(jax.device_get(inputs)))
     if saved is not None:
+        if saved.get("inputs", inputs_fingerprint) != inputs_fingerprint:  # checkpoints before this check lack it
+            raise SystemExit(f"--resume needs the data the interrupted run trained on, but its inputs here (datasets, "
+                             f"target subsamples, frozen stages) have fingerprint {inputs_fingerprint} and "
+                             f"{saved['inputs']} in {out / 'checkpoint.msgpack'}: a dataset changed since the run "
+                             f"started; put that data back, or start the run again in another --out.")
         runner = serialization.from_state_dict(runner, saved["runner"])
         start_step, evaluations = int(saved["step"]), json.loads(saved["evaluations"])
     shardings = run_shardings(num_runs)
@@ -362,12 +389,22 @@ def train_loop(args, out: Path, saved: Optional[dict], *, algo: str, title: str,
 
     seeds = [args.seed + k for k in range(args.num_seeds)]
 
+    def failure(step: int) -> Optional[str]:
+        """The sentence a run that trained all its steps with a non-finite evaluation ends with, else None."""
+        where = non_finite_evaluation(evaluations)
+        if step < args.steps or where is None:
+            return None
+        return (f"{name or algo.upper()} trained all {args.steps} steps, but {where} (a NaN or infinite return, or "
+                f"a score of equal or missing reference returns), so results.json in {out} says it did not finish; "
+                f"check the datasets and the reference returns, then run it again in another --out.")
+
     def write_results(step: int, run_timing: Optional[dict]) -> dict:
-        finished = step == args.steps
+        failed = failure(step)
+        finished = step == args.steps and failed is None
         results = {"algo": algo, "finished": finished, "step": step, "args": asdict(args), "seeds": seeds,
                    **(header or {}), "evaluations": evaluations,
                    "final": final(evaluations[-1]) if finished and final is not None and evaluations else None,
-                   "timing": run_timing, "versions": package_versions()}
+                   "timing": run_timing, "versions": package_versions(), **({"failed": failed} if failed else {})}
         write_atomic(out / "results.json", json_bytes(results))
         return finite_json(results)
 
@@ -375,8 +412,11 @@ def train_loop(args, out: Path, saved: Optional[dict], *, algo: str, title: str,
     step, train_seconds, eval_seconds = start_step, 0.0, 0.0
     results = None
     if not chunks:  # --resume of a finished run: results.json again from the checkpoint, with its last timing
-        previous = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {}
-        results = write_results(step, previous.get("timing"))
+        try:
+            previous = json.loads((out / "results.json").read_text())
+        except (OSError, ValueError):  # missing, or truncated by a crash of another writer: timing is lost, no more
+            previous = {}
+        results = write_results(step, previous.get("timing") if isinstance(previous, dict) else None)
     pbar = tqdm(total=args.steps, initial=start_step, unit="step", dynamic_ncols=True, desc=title)
     for num_steps in chunks:
         start = time.perf_counter()
@@ -392,11 +432,14 @@ def train_loop(args, out: Path, saved: Optional[dict], *, algo: str, title: str,
         start = time.perf_counter()
         evaluations.append(evaluate(runner, step, metrics))
         eval_seconds += time.perf_counter() - start
+        if (where := non_finite_evaluation(evaluations[-1:])) and not non_finite_evaluation(evaluations[:-1]):
+            tqdm.write(f"note: {where}; the run goes on, but it will not count as finished.")
         if before_checkpoint is not None:
             before_checkpoint(runner, step)
         # checkpoint first: if killed before results.json is rewritten, --resume rewrites it
         checkpoint = {"runner": serialization.to_state_dict(jax.device_get(runner)), "step": step,
-                      "evaluations": json.dumps(finite_json(evaluations)), "flags": json.dumps(run_flags(args))}
+                      "evaluations": json.dumps(finite_json(evaluations)), "flags": json.dumps(run_flags(args)),
+                      "inputs": inputs_fingerprint}
         write_atomic(out / "checkpoint.msgpack", serialization.msgpack_serialize(checkpoint))
         timed_steps = step - start_step
         results = write_results(step, {
@@ -414,6 +457,8 @@ def train_loop(args, out: Path, saved: Optional[dict], *, algo: str, title: str,
         tqdm.write(line)
     pbar.close()
     unlock(out / ".lock")  # the run is done: another process may --resume it (a finished run rewrites results)
+    if results.get("failed"):
+        raise SystemExit(results["failed"])
     return results
 
 

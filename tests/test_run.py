@@ -171,13 +171,13 @@ def train(runner, increment, *, num_steps):
     return runner, {"critic_loss": losses.mean()}
 
 
-def loop(args: Args, out: Path, saved=None, report=None):
+def loop(args: Args, out: Path, saved=None, report=None, evaluate=None):
     seeds = [args.seed + k for k in range(args.num_seeds)]
     return run.train_loop(
         args, out, saved, algo="fake", title="fake", init=init, keys=jnp.stack([jax.random.PRNGKey(s) for s in seeds]),
         train=train, inputs=(jnp.float32(args.increment),), in_axes=(None,),
-        evaluate=lambda runner, step, metrics: {"step": step, "w": np.asarray(runner["w"][:, 0]).tolist(),
-                                                "nan": float("nan"), "losses": run.losses_entry(metrics)},
+        evaluate=evaluate or (lambda runner, step, metrics: {"step": step, "w": np.asarray(runner["w"][:, 0]).tolist(),
+                                                             "nan": float("nan"), "losses": run.losses_entry(metrics)}),
         report=report or (lambda step, entry, metrics: ("", f"step {step}")), header={"data": {"n": 1}})
 
 
@@ -209,6 +209,63 @@ def test_an_interrupted_loop_resumes_from_its_checkpoint(tmp_path):
     results = loop(Args(out=str(tmp_path), resume=True), out, saved)
     assert [entry["step"] for entry in results["evaluations"]] == [10, 20, 30]
     assert results["final"]["w"] == [30.0, 30.0] and results["timing"]["resumed_from_step"] == 20
+
+
+def test_resume_on_other_data_stops_with_one_sentence(tmp_path):
+    """The checkpoint records the fingerprint of the training inputs: a dataset that changed since the run started
+    (here the increment every step adds) is refused, not trained on silently."""
+    def interrupt(step, entry, metrics):
+        if step == 20:
+            raise KeyboardInterrupt
+        return "", ""
+
+    with pytest.raises(KeyboardInterrupt):
+        loop(Args(out=str(tmp_path)), tmp_path, report=interrupt)
+    out, saved = run.open_run(Args(out=str(tmp_path), resume=True), "unused")
+    with pytest.raises(SystemExit) as error:
+        loop(Args(out=str(tmp_path), resume=True, increment=2.0), out, saved)
+    text = str(error.value)
+    assert text.startswith("--resume needs the data the interrupted run trained on, but its inputs here (datasets, "
+                           "target subsamples, frozen stages) have fingerprint ")
+    assert f"in {tmp_path / 'checkpoint.msgpack'}: a dataset changed since the run started" in text
+    assert "\n" not in text and text.endswith("in another --out.")
+    assert loop(Args(out=str(tmp_path), resume=True), out, saved)["finished"]  # the same data resumes
+
+
+def test_a_run_with_a_non_finite_evaluation_is_not_finished(tmp_path, capsys):
+    """A NaN score (here of run 1 at step 20) is written as null, the run trains to the end and is saved, but it
+    never says finished: it ends with one sentence, and --resume of it says the same again."""
+    def evaluate(runner, step, metrics):
+        scores = [1.0, float("nan") if step == 20 else 2.0]
+        return {"step": step, "returns": [10.0, 20.0], "scores": scores, "losses": run.losses_entry(metrics)}
+
+    with pytest.raises(SystemExit) as error:
+        loop(Args(out=str(tmp_path)), tmp_path, evaluate=evaluate)
+    assert str(error.value) == (
+        f"FAKE trained all 30 steps, but the score of run 1 at step 20 is not finite (a NaN or infinite return, or a "
+        f"score of equal or missing reference returns), so results.json in {tmp_path} says it did not finish; check "
+        f"the datasets and the reference returns, then run it again in another --out.")
+    assert "note: the score of run 1 at step 20 is not finite; the run goes on" in capsys.readouterr().out
+
+    def strict(constant):
+        raise ValueError(f"not strict JSON: {constant}")
+
+    written = json.loads((tmp_path / "results.json").read_text(), parse_constant=strict)
+    assert written["finished"] is False and written["step"] == 30 and written["final"] is None
+    assert written["evaluations"][1]["scores"] == [1.0, None] and written["failed"] == str(error.value)
+    out, saved = run.open_run(Args(out=str(tmp_path), resume=True), "unused")
+    with pytest.raises(SystemExit, match="^FAKE trained all 30 steps, but the score of run 1 at step 20"):
+        loop(Args(out=str(tmp_path), resume=True), out, saved, evaluate=evaluate)
+    assert json.loads((tmp_path / "results.json").read_text())["finished"] is False
+
+
+def test_resume_of_a_finished_run_rewrites_a_truncated_results_file(tmp_path):
+    results = loop(Args(out=str(tmp_path)), tmp_path)
+    (tmp_path / "results.json").write_text(json.dumps(results)[:100])
+    out, saved = run.open_run(Args(out=str(tmp_path), resume=True), "unused")
+    again = loop(Args(out=str(tmp_path), resume=True), out, saved)
+    assert again["finished"] and again["evaluations"] == results["evaluations"] and again["timing"] is None
+    assert json.loads((tmp_path / "results.json").read_text()) == again
 
 
 def test_a_diverging_loop_stops_with_one_sentence_and_keeps_the_last_sound_checkpoint(tmp_path):
