@@ -97,7 +97,12 @@ def collect(folder: Path, empty_ok: bool = False) -> tuple[list[dict], list[dict
     paths = sorted(folder.rglob("results.json"), key=lambda p: (order.get(p.parent.resolve(), len(order)), str(p)))
     series, sweeps, notes = [], [], []
     for path in paths:
-        results = json.loads(path.read_text())
+        try:
+            results = json.loads(path.read_text())
+        except (OSError, ValueError) as error:  # truncated by a crash: its run is unfinished (the sweep resumes it)
+            notes.append(f"{path} cannot be read ({type(error).__name__}): it is truncated or corrupt and is left out "
+                         f"(rerunning its sweep, or its command with --resume, writes it again).")
+            continue
         if not results.get("evaluations") or "scores" not in results["evaluations"][0]:
             notes.append(f"{path.parent} has no evaluations with normalised scores (yet) and is left out.")
             continue

@@ -22,10 +22,16 @@ A configuration (variant x pair x quality x grid point) is one process,
     python algos/<script>.py --source S --target T --quality Q --num-seeds N --seed s <flags>
         --out <out>/<variant>/<S>_to_<T>-<Q>[-<grid key><value>...]
 (a variant's flags override [flags], grid values override both) run from the repository root, its output in
-log.txt of that folder. Rerunning the sweep skips finished runs (results.json says "finished": true) and continues
-interrupted ones (a checkpoint) with --resume; if a finished run was made with other flags than the spec's now,
-the sweep stops before running anything (move the run away or choose another --out). A failed run is reported
-and the others go on; the summary names each failed run's log, and the exit status is 1 if any failed.
+log.txt of that folder. The spec is checked when it loads: every flag must be one its script's Args takes (read
+from the script's source), with a value among its choices, and the qualities, num_seeds >= 1 and seed >= 0 valid;
+anything else ends with one sentence naming the key. Rerunning the sweep skips finished runs (results.json says
+"finished": true, which a run with a non-finite evaluation never does) and continues interrupted ones (a checkpoint;
+also one whose results.json cannot be read) with --resume; if a finished run was made with other flags than the
+spec's now, the sweep stops before running anything (move the run away or choose another --out). A failed run is
+reported and the others go on; the summary names each failed run's log and its last line (of a bad flag, the one
+naming it), and the exit status is 1 if any failed. A run whose folder another process holds (its .lock) is
+reported as failed without starting. SIGTERM or SIGINT to the sweep stops its running run too, then the sweep,
+with one sentence; the same command continues it.
 After each run it prints how many are left and how long they will take at the pace so far.
 --only GLOB picks configurations by name (<variant>/<folder>), --dry-run shows what each would do.
 <out>/sweep.json records the spec, the command of the whole sweep (without --only) and every configuration's folder
@@ -35,12 +41,15 @@ says how much of the sweep has finished.
 from __future__ import annotations
 
 import argparse
+import ast
+import difflib
 import fcntl
 import fnmatch
 import itertools
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -48,11 +57,68 @@ import tomllib
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: envs/, benchmarks/
-from envs.run import write_atomic  # noqa: E402
+from envs.catalog import QUALITIES  # noqa: E402
+from envs.run import non_finite_evaluation, write_atomic  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC_KEYS = {"out", "num_seeds", "seed", "pairs", "qualities", "flags", "grid", "algos"}
 SET_BY_SWEEP = {"source", "target", "quality", "num_seeds", "seed", "out", "resume"}
+STOP_SECONDS = 30  # a run the sweep stops (SIGTERM or SIGINT to the sweep) has this long to end before SIGKILL
+
+
+def literal_choices(annotation, literals: dict):
+    """The values of a Literal[...] annotation (or of a module-level name bound to one), else None."""
+    if isinstance(annotation, ast.Name):
+        return literals.get(annotation.id)
+    if isinstance(annotation, ast.Subscript) and getattr(annotation.value, "id", None) == "Literal":
+        elements = annotation.slice.elts if isinstance(annotation.slice, ast.Tuple) else [annotation.slice]
+        if all(isinstance(element, ast.Constant) for element in elements):
+            return tuple(element.value for element in elements)
+    return None
+
+
+def script_flags(script: str) -> dict | None:
+    """{flag: its choices (a Literal's values) or None} of the Args dataclass of algos/<script>.py, read from its
+    source (nothing is imported); None for a script without one."""
+    tree = ast.parse((ROOT / "algos" / f"{script}.py").read_text())
+    literals = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            if (choices := literal_choices(node.value, {})) is not None:
+                literals[node.targets[0].id] = choices
+        if isinstance(node, ast.ClassDef) and node.name == "Args":
+            return {item.target.id: literal_choices(item.annotation, literals) for item in node.body
+                    if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name)}
+    return None
+
+
+def check_flags(path: Path, spec: dict) -> None:
+    """Every flag of [flags], a variant's flags and [grid] is one its script takes, with a value among its choices;
+    the scripts take the flags the sweep gives every run."""
+    for name, variant in spec["algos"].items():
+        script = variant["script"]
+        known = script_flags(script)
+        if known is None:
+            continue
+        if missing := sorted(SET_BY_SWEEP - set(known)):
+            raise SystemExit(f"{path}: algos.{name} runs algos/{script}.py, which has no "
+                             f"--{missing[0].replace('_', '-')} that the sweep gives every run.")
+        for where, flags in [("flags", spec.get("flags", {})), (f"algos.{name}.flags", variant.get("flags", {})),
+                             ("grid", spec.get("grid", {}))]:
+            for key, value in flags.items():
+                flag = key.replace("-", "_")
+                if flag not in known:
+                    close = difflib.get_close_matches(flag, known, n=1)
+                    hint = (f"the closest flag is {close[0]}." if close
+                            else f"`python algos/{script}.py --help` lists them.")
+                    raise SystemExit(f"{path}: {where}.{key} is not a flag of algos/{script}.py (variant {name}); "
+                                     f"{hint}")
+                choices = known[flag]
+                for one in (value if where == "grid" else [value]) if choices is not None else []:
+                    if one not in choices:
+                        raise SystemExit(f"{path}: {where}.{key} = {one!r} is not one of "
+                                         f"{', '.join(map(repr, choices))} (--{flag.replace('_', '-')} of "
+                                         f"algos/{script}.py).")
 
 
 def load_spec(path: Path) -> dict:
@@ -70,9 +136,13 @@ def load_spec(path: Path) -> dict:
             raise SystemExit(f"{path} needs {key!r} (see benchmarks/specs/dvdf_default.toml).")
     if not isinstance(spec["algos"], dict) or not all(isinstance(v, dict) for v in spec["algos"].values()):
         raise SystemExit(f"{path}: algos must be tables [algos.<name>] with script = \"...\" and flags = {{...}}.")
-    for key in ("num_seeds", "seed"):
-        if not isinstance(spec.get(key, 1), int) or spec.get(key, 1) < 0:
-            raise SystemExit(f"{path}: {key} must be a whole number, got {spec[key]!r}.")
+    for key, least in (("num_seeds", 1), ("seed", 0)):
+        value = spec.get(key, least)
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise SystemExit(f"{path}: {key} must be a whole number of at least {least}, got {value!r}.")
+    if not isinstance(spec["qualities"], list) or (bad := [q for q in spec["qualities"] if q not in QUALITIES]):
+        raise SystemExit(f"{path}: qualities holds {(bad or [spec['qualities']])[0]!r}; each quality is one of "
+                         f"{', '.join(QUALITIES)}.")
     if not all(isinstance(pair, list) and len(pair) in (2, 3) and all(isinstance(x, str) for x in pair)
                for pair in spec["pairs"]):
         raise SystemExit(f"{path}: every entry of 'pairs' must be [source, target] or [source, target, source "
@@ -99,6 +169,7 @@ def load_spec(path: Path) -> dict:
                              "qualities, num_seeds, seed, out; --resume is automatic).")
         if tables := [key for key, value in flags.items() if isinstance(value, dict)]:
             raise SystemExit(f"{path}: {where}.{tables[0]} must be a number, string, boolean or list, not a table.")
+    check_flags(path, spec)
     return spec
 
 
@@ -155,11 +226,27 @@ def same(recorded, wanted) -> bool:
     return recorded == wanted
 
 
+def read_results(path: Path) -> dict | None:
+    """A run's results.json, or None when it is missing or cannot be read (truncated: the run counts as unfinished,
+    and --resume writes it again)."""
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return results if isinstance(results, dict) else None
+
+
 def status(folder: Path, flags: dict) -> tuple[str, str]:
-    """What to do with a configuration: ("skip" | "resume" | "run" | "conflict", why)."""
+    """What to do with a configuration: ("skip" | "resume" | "run" | "conflict", why). A run is finished when its
+    results.json says so and every evaluation's returns and scores are finite (the harness never says finished
+    otherwise; an older run that did is resumed, and so reported as failed)."""
     results_path = folder / "results.json"
-    if results_path.exists():
-        results = json.loads(results_path.read_text())
+    results = read_results(results_path)
+    if results is None and results_path.exists() and (folder / "checkpoint.msgpack").exists():
+        return "resume", f"{shown(results_path)} cannot be read, continuing with --resume"
+    if results is not None:
+        if results.get("finished") and non_finite_evaluation(results.get("evaluations") or []) is not None:
+            return "resume", "finished with a non-finite evaluation, checked again with --resume"
         if results.get("finished"):
             changed = [key for key, value in flags.items() if not same(results["args"].get(key), value)]
             if not changed:
@@ -180,10 +267,68 @@ def duration(seconds: float) -> str:
 
 
 def last_line(log: Path) -> str:
-    """The last line of a log that says something (not a progress bar redraw or a box border)."""
+    """The last line of a log that says something (not a progress bar redraw or a box border); of a log that ends in
+    a box (tyro's error for a bad flag), the box's first line, which names the flag."""
     text = log.read_text(errors="replace").replace("\r", "\n")
-    lines = [line.strip(" │╭╮╰╯─") for line in text.splitlines()]
+    raw = [line.strip() for line in text.splitlines()]
+    lines = [line.strip(" │╭╮╰╯─") for line in raw]
+    last = next((i for i in reversed(range(len(raw))) if raw[i]), None)
+    if last is not None and raw[last].startswith("╰"):  # a box ends the log: its first line after the title
+        top = next((i for i in reversed(range(last)) if raw[i].startswith("╭")), None)
+        inside = [line for line in lines[top + 1:last] if line] if top is not None else []
+        if inside:
+            return inside[0]
     return next((line for line in reversed(lines) if line), "(empty log)")
+
+
+def busy(folder: Path) -> str | None:
+    """Why a configuration's folder cannot be run now (another process, such as the run of a sweep that was killed
+    with SIGKILL, holds its lock), or None."""
+    if not (folder / ".lock").exists():
+        return None
+    descriptor = os.open(folder / ".lock", os.O_RDWR)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return (f"another process is writing the run in {shown(folder)} (its .lock is held): wait for it to finish or "
+                f"stop it, then run the sweep again")
+    finally:
+        os.close(descriptor)  # releases the lock when it was taken
+    return None
+
+
+class Stopped(Exception):
+    """SIGTERM or SIGINT reached the sweep while a run was going."""
+
+
+def run_logged(command: list[str], log, name: str) -> int:
+    """Run one configuration's process with its output in `log`; its exit status. SIGTERM or SIGINT to the sweep
+    stops the process too (SIGTERM, SIGKILL after STOP_SECONDS), so none is left running beside a rerun, and ends
+    the sweep with one sentence."""
+    def stop(signum, frame):
+        raise Stopped(signal.Signals(signum).name)
+
+    handlers = {number: signal.signal(number, stop) for number in (signal.SIGTERM, signal.SIGINT)}
+    child = None
+    try:
+        child = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        return child.wait()
+    except (Stopped, KeyboardInterrupt) as stopped:
+        for number in handlers:  # a second signal while the run stops changes nothing
+            signal.signal(number, signal.SIG_IGN)
+        if child is not None and child.poll() is None:
+            child.terminate()
+            try:
+                child.wait(timeout=STOP_SECONDS)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+        why = str(stopped) if isinstance(stopped, Stopped) else "SIGINT"
+        raise SystemExit(f"Stopped by {why} during {name}, whose run was stopped too (its last checkpoint is kept); "
+                         f"the same command continues the sweep.") from None
+    finally:
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -223,7 +368,11 @@ def main(argv: list[str] | None = None) -> None:
     lock = os.open(out, os.O_RDONLY)  # a lock on the folder: sweeps of one spec started at once (--only) keep
     try:                              # every entry of the manifest
         fcntl.flock(lock, fcntl.LOCK_EX)
-        previous = json.loads(manifest_path.read_text())["configurations"] if manifest_path.exists() else []
+        try:
+            previous = json.loads(manifest_path.read_text())["configurations"] if manifest_path.exists() else []
+        except (ValueError, KeyError, TypeError) as error:
+            raise SystemExit(f"{manifest_path} cannot be read ({type(error).__name__}): it is truncated or corrupt; "
+                             f"move it aside and run the sweep again (it is written anew).") from None
         write_atomic(manifest_path, json.dumps({
             "spec_file": shown(args.spec.resolve()), "spec": spec,
             "command": shlex.join(whole),
@@ -243,15 +392,16 @@ def main(argv: list[str] | None = None) -> None:
             continue
         command = [sys.executable, *shlex.split(c["command"])[1:]] + (["--resume"] if action == "resume" else [])
         print(f"[{index}/{len(configs)}] {c['name']} ({why}) ...", flush=True)
+        if held := busy(folder):
+            print(f"    FAILED ({held})", flush=True)
+            failed.append((c, held))
+            continue
         folder.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
         with open(folder / "log.txt", "a") as log:
             log.write(f"$ {shlex.join(command)}\n")
             log.flush()
-            try:
-                code = subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
-            except KeyboardInterrupt:
-                raise SystemExit(f"\nInterrupted during {c['name']}; the same command continues the sweep.")
+            code = run_logged(command, log, c["name"])
         seconds = time.perf_counter() - start
         spent.append(seconds)
         left = sum(action != "skip" for action, _ in statuses[index:])

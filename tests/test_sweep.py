@@ -278,6 +278,17 @@ def test_report_by_hand_settings_and_unfinished_runs(tmp_path):
      "must be [source, target] or [source, target, source dataset]"),
     ("pairs = [['a', 'b', 'x/m-v0']]\nqualities = ['medium']\n[algos.x]\nscript = 'iql'\n"
      "flags = { source_dataset = 'y' }\n", "algos.x.flags sets source_dataset, which the pairs set"),
+    # flags are checked against the script's own when the spec loads, not when its run fails
+    ("pairs = [['a', 'b']]\nqualities = ['medium']\n[flags]\neval_evry = 5\n[algos.x]\nscript = 'iql'\n",
+     "flags.eval_evry is not a flag of algos/iql.py (variant x); the closest flag is eval_every."),
+    ("pairs = [['a', 'b']]\nqualities = ['medium']\n[algos.x]\nscript = 'dvdf'\nflags = { lamda = 0.5 }\n",
+     "algos.x.flags.lamda is not a flag of algos/dvdf.py (variant x); the closest flag is lam."),
+    ("pairs = [['a', 'b']]\nqualities = ['medium']\n[grid]\ndata = ['target', 'targett']\n[algos.x]\n"
+     "script = 'iql'\n", "grid.data = 'targett' is not one of 'merged', 'target', 'source' (--data of algos/iql.py)"),
+    ("num_seeds = 0\npairs = [['a', 'b']]\nqualities = ['medium']\n[algos.x]\nscript = 'iql'\n",
+     "num_seeds must be a whole number of at least 1, got 0"),
+    ("pairs = [['a', 'b']]\nqualities = ['medium', 'mediun']\n[algos.x]\nscript = 'iql'\n",
+     "qualities holds 'mediun'; each quality is one of random, medium, medium-replay, expert, medium-expert"),
 ])
 def test_bad_spec_ends_with_one_sentence(spec, message, tmp_path):
     path = tmp_path / "spec.toml"
@@ -329,11 +340,111 @@ def test_sweeps_started_at_once_keep_every_manifest_entry(tmp_path):
     """Eight --only parts of one spec writing sweep.json at the same moment: none loses another's entries."""
     spec = tmp_path / "spec.toml"
     spec.write_text("pairs = [['halfcheetah-kinematic', 'halfcheetah']]\nqualities = ['medium']\n"
-                    "[grid]\nseed_offset = [0, 1, 2, 3, 4, 5, 6, 7]\n[algos.iql]\nscript = 'iql'\n")
+                    "[grid]\neval_episodes = [1, 2, 3, 4, 5, 6, 7, 8]\n[algos.iql]\nscript = 'iql'\n")
     out = tmp_path / "out"
     processes = [subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "sweep.py"), str(spec), "--out", str(out),
-                                   "--print-commands", "--only", f"*seed_offset{k}"], stdout=subprocess.DEVNULL)
-                 for k in range(8)]
+                                   "--print-commands", "--only", f"*eval_episodes{k}"], stdout=subprocess.DEVNULL)
+                 for k in range(1, 9)]
     assert [process.wait() for process in processes] == [0] * 8
     manifest = json.loads((out / "sweep.json").read_text())
-    assert sorted(c["grid"]["seed_offset"] for c in manifest["configurations"]) == list(range(8))
+    assert sorted(c["grid"]["eval_episodes"] for c in manifest["configurations"]) == list(range(1, 9))
+
+
+TYRO_BOX = """$ python algos/iql.py --eval-evry 3
+\u256d\u2500 Unrecognized options \u2500\u2500\u2500\u2500\u2500\u256e
+\u2502 Unrecognized options: --eval-evry, 3    \u2502
+\u2502 \u2500\u2500\u2500\u2500\u2500\u2500\u2500\u2500\u2500\u2500 \u2502
+\u2502 Perhaps you meant:                      \u2502
+\u2502     --eval-every INT                    \u2502
+\u2502 For full helptext, run algos/iql.py --help \u2502
+\u2570\u2500\u2500\u2500\u2500\u2500\u2500\u2500\u2500\u2500\u2500\u256f
+"""
+
+
+def test_the_failure_summary_names_a_bad_flag(tmp_path):
+    """A flag the spec cannot check (a value of the wrong type) fails in the script: tyro's box names it on its
+    first line, and that line, not the box's last, is what the summary shows."""
+    log = tmp_path / "log.txt"
+    log.write_text(TYRO_BOX)
+    assert sweep.last_line(log) == "Unrecognized options: --eval-evry, 3"
+    log.write_text("step 40: score 1.0\nFAKE diverged in the 0-10 chunk; nothing was saved.\n")
+    assert sweep.last_line(log) == "FAKE diverged in the 0-10 chunk; nothing was saved."
+
+
+def test_an_unreadable_or_non_finite_results_file_is_not_finished(tmp_path):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    finished = {"finished": True, "args": {"steps": 10}, "evaluations": [{"step": 10, "scores": [1.0, 2.0]}]}
+    (folder / "results.json").write_text(json.dumps(finished)[:30])  # truncated, and no checkpoint: run it anew
+    assert sweep.status(folder, {"steps": 10}) == ("run", "new")
+    (folder / "checkpoint.msgpack").write_bytes(b"x")
+    action, why = sweep.status(folder, {"steps": 10})
+    assert action == "resume" and why.endswith("results.json cannot be read, continuing with --resume")
+    (folder / "results.json").write_text(json.dumps(finished))
+    assert sweep.status(folder, {"steps": 10}) == ("skip", "finished")
+    finished["evaluations"][0]["scores"] = [1.0, None]  # a NaN score, as strict JSON writes it
+    (folder / "results.json").write_text(json.dumps(finished))
+    assert sweep.status(folder, {"steps": 10}) == ("resume", "finished with a non-finite evaluation, checked again "
+                                                             "with --resume")
+
+
+def test_report_names_an_unreadable_results_file(swept, tmp_path):
+    copy = tmp_path / "runs"
+    shutil.copytree(swept[0], copy)
+    broken = copy / "iql-merged" / TASK / "results.json"
+    broken.write_text(broken.read_text()[:200])
+    report.main([str(copy), "--out", str(tmp_path / "report")])
+    markdown = (tmp_path / "report.md").read_text()
+    assert f"{broken} cannot be read (JSONDecodeError): it is truncated or corrupt and is left out" in markdown
+    assert "iql-target" in markdown
+
+
+def test_a_run_whose_folder_another_process_holds_is_not_started(setup, tmp_path, capsys):
+    """A run left going by a sweep killed with SIGKILL holds its folder's lock: a rerun reports that in one sentence
+    and starts nothing beside it."""
+    import fcntl
+    out = tmp_path / "out"
+    folder = out / "iql-target" / TASK
+    folder.mkdir(parents=True)
+    descriptor = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(descriptor, fcntl.LOCK_EX)
+    try:
+        with pytest.raises(SystemExit) as error:
+            sweep.main([str(setup["folder"] / "spec.toml"), "--out", str(out), "--only", "iql-target/*"])
+    finally:
+        os.close(descriptor)
+    assert error.value.code == 1 and not (folder / "log.txt").exists()
+    held = (f"another process is writing the run in {folder} (its .lock is held): wait for it to finish or stop it, "
+            f"then run the sweep again")
+    assert f"    FAILED ({held})" in capsys.readouterr().out
+
+
+def test_a_sweep_stopped_by_sigterm_stops_its_run_too(setup, tmp_path):
+    import signal
+    import time
+    spec = tmp_path / "long.toml"
+    spec.write_text(SPEC.format(**setup["datasets"]).replace("steps = 240", "steps = 10000000") + VARIANTS)
+    process = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "sweep.py"), str(spec), "--out",
+                                str(tmp_path / "out")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=setup["env"])
+
+    def run_child():  # the sweep's run (not a helper process that an import starts and ends)
+        for pid in Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split():
+            try:
+                if b"algos/iql.py" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    return int(pid)
+            except FileNotFoundError:
+                pass
+        return None
+
+    deadline = time.time() + 120
+    while (child := run_child()) is None and time.time() < deadline:
+        time.sleep(0.1)
+    assert child is not None
+    time.sleep(1.0)  # the run is under way (loading JAX)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 1
+    assert stderr == (f"Stopped by SIGTERM during iql-target/{TASK}, whose run was stopped too (its last checkpoint "
+                      f"is kept); the same command continues the sweep.\n")
+    assert not Path(f"/proc/{child}").exists()  # ended and reaped: nothing left running beside a rerun
