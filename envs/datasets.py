@@ -204,9 +204,10 @@ def _load_generated(domain: str, quality: str, physics: str) -> Dataset:
     if generator is not None:  # makes it when missing, or again when the policy zoo changed
         generator.ensure_dataset(domain, quality, physics)
     if not _minari_exists(dataset_id):
+        made = {"domain": domain, "quality": quality, "physics": physics}
         _fail(f"The generated dataset {dataset_id} is not in the local Minari store "
-              f"({_minari_path(dataset_id)}); make it with the dataset generator (envs/generate.py, "
-              f"ensure_dataset({domain!r}, {quality!r}, {physics!r})) or pass a Minari id or HDF5 path instead.")
+              f"({_minari_path(dataset_id)}); make it with `{_generate_command(dataset_id, made)}` or name a "
+              f"Minari id or HDF5 path instead (--source-dataset / --target-dataset).")
     return _load_minari(dataset_id, download=False)
 
 
@@ -225,15 +226,14 @@ def _load_minari(dataset_id: str, *, download: bool) -> Dataset:
                   f"with `minari list remote` and the network connection.")
     try:
         minari_dataset = minari.load_dataset(dataset_id)
-    except Exception as error:
-        _fail(f"Could not read Minari dataset {dataset_id} at {_minari_path(dataset_id)} "
-              f"({type(error).__name__}: {error}).")
+    except Exception as error:  # a truncated or edited metadata.json
+        _unreadable(dataset_id, "metadata.json", error, {})
     metadata = minari_dataset.storage.metadata
 
     fields = {key: [] for key in ("observations", "actions", "rewards", "next_observations", "terminals",
                                   "timeouts", "episode_ids")}
     info_metadata = []
-    for episode_index, episode in enumerate(minari_dataset.iterate_episodes()):
+    for episode_index, episode in enumerate(_episodes(minari_dataset, dataset_id, metadata)):
         if not isinstance(episode.observations, np.ndarray) or not isinstance(episode.actions, np.ndarray):
             _fail(f"Minari dataset {dataset_id} has structured (dict/tuple) observations or actions; only flat "
                   f"Box spaces are supported.")
@@ -262,6 +262,58 @@ def _load_minari(dataset_id: str, *, download: bool) -> Dataset:
         {key: np.concatenate(values) for key, values in fields.items()},
         ref_min_score=metadata.get("ref_min_score"), ref_max_score=metadata.get("ref_max_score"),
         episode_metadata=episode_metadata, name=dataset_id, physics=physics)
+
+
+def _generate_command(dataset_id: str, metadata: dict) -> str | None:
+    """The envs.generate command that makes this project's generated dataset `dataset_id` (its domain, quality,
+    physics, seed and size from `metadata`), None for a dataset the generator did not make."""
+    physics = metadata.get("physics", "papers")
+    generated = metadata.get("seed") is not None  # the generator records the seed of what it made
+    tail = (f" --physics {physics}" if physics != "papers" else "") + (" --force" if generated else "")
+    if "mixture" in metadata:
+        return f"python -m envs.generate --mixture {dataset_id.rsplit('/', 1)[-1][:-3]}{tail}"
+    if "domain" not in metadata or "quality" not in metadata:
+        return None
+    command = f"python -m envs.generate --domain {metadata['domain']} --quality {metadata['quality']}"
+    if metadata.get("seed"):
+        command += f" --seed {metadata['seed']}"
+    if generated and metadata.get("total_steps"):
+        command += f" --size {metadata['total_steps']}"
+    if dataset_id != generated_dataset_id(metadata["domain"], metadata["quality"], physics):
+        command += f" --id {dataset_id}"
+    return command + tail
+
+
+def _episodes(minari_dataset, dataset_id: str, metadata: dict):
+    """The dataset's episodes one by one, or one sentence when its main_data.hdf5 cannot be read (h5py's OSError,
+    or a KeyError, of a truncated or overwritten file)."""
+    iterator = iter(minari_dataset.iterate_episodes())
+    while True:
+        try:
+            episode = next(iterator)
+        except StopIteration:
+            return
+        except Exception as error:
+            _unreadable(dataset_id, "main_data.hdf5", error, metadata)
+        yield episode
+
+
+def _unreadable(dataset_id: str, file: str, error: Exception, metadata: dict):
+    """One sentence for a Minari dataset whose `file` cannot be read: which file, and how to make it again. Without
+    readable metadata the store no longer lists the dataset, so its folder must go before it is made again."""
+    folder = _minari_path(dataset_id)
+    parts = dataset_id.split("/")
+    if not metadata and len(parts) == 3 and parts[2].endswith("-v0") and parts[2][:-3] in QUALITIES:
+        physics = next((p for p in ("papers", "v5") if generated_namespace(p) == parts[0]), None)
+        if physics is not None:  # a generated id names its domain, quality and physics
+            metadata = {"domain": parts[1], "quality": parts[2][:-3], "physics": physics}
+    command = _generate_command(dataset_id, metadata)
+    make = (f"make it again with `{command}`" if command
+            else f"fetch it again with `minari download --force {dataset_id}`")
+    again = (f"delete its folder {folder}, then {make}" if file == "metadata.json"
+             else f"{make} (or delete its folder {folder})")
+    _fail(f"{os.path.join(folder, 'data', file)} cannot be read ({type(error).__name__}): the Minari dataset "
+          f"{dataset_id} is truncated or corrupt; {again}.")
 
 
 def _metadata_from_infos(infos) -> dict:

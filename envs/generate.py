@@ -256,6 +256,22 @@ def zoo_fingerprint(pieces, references: tuple[float, float], physics: str = DEFA
     return digest.hexdigest()[:16]
 
 
+def check_dataset_id(dataset_id: str) -> None:
+    """One sentence unless `dataset_id` is an id Minari can store: (namespace/)name-v<version>, the namespace of
+    letters, digits, - and _ (and / between its parts)."""
+    from minari.dataset.minari_dataset import parse_dataset_id
+    from minari.namespace import NAMESPACE_REGEX
+
+    try:
+        namespace = parse_dataset_id(dataset_id)[0]
+        valid = namespace is None or NAMESPACE_REGEX.fullmatch(namespace) is not None
+    except ValueError:
+        valid = False
+    if not valid:
+        raise SystemExit(f"--id {dataset_id!r} is not a Minari dataset id: give (namespace/)name-v<version> of "
+                         f"letters, digits, - and _, such as crossdomain/hopper/medium-mine-v0.")
+
+
 def generate(domain: str, quality: str, size: int | None = None, seed: int = 0, dataset_id: str | None = None,
              force: bool = False, physics: str = DEFAULT_PHYSICS):
     """Make the dataset and store it in the local Minari store; returns the Minari dataset."""
@@ -268,6 +284,7 @@ def generate(domain: str, quality: str, size: int | None = None, seed: int = 0, 
     if size < 1:
         raise SystemExit(f"--size must be a positive number of transitions, got {size}.")
     dataset_id = dataset_id or generated_dataset_id(domain, quality, physics)
+    check_dataset_id(dataset_id)  # before any rollout, not when the finished episodes are stored
     pieces = [(domain, *piece) for piece in plan(domain, quality, size)]
     description = (f"{quality} data of domain {domain} (envs.make_env('{domain}', '{physics}'); the stored env spec "
                    f"is the unshifted v5 task), {physics} physics, seed {seed}; infos hold qpos/qvel for "

@@ -158,10 +158,14 @@ def test_generated_dataset_by_domain_and_quality(store, monkeypatch):
 
 def test_missing_datasets_end_in_one_sentence(store, monkeypatch):
     monkeypatch.setattr(datasets, "_find_generator", lambda: None)
-    with pytest.raises(SystemExit, match=r"crossdomain/hopper/expert-v0 is not in the local Minari store.*envs/generate"):
+    with pytest.raises(SystemExit, match=r"crossdomain/hopper/expert-v0 is not in the local Minari store.*; make it "
+                                         r"with `python -m envs.generate --domain hopper --quality expert` or name a "
+                                         r"Minari id or HDF5 path instead \(--source-dataset / --target-dataset\)\.$"):
         load_dataset(domain="hopper", quality="expert")
-    with pytest.raises(SystemExit, match=r"mujoco/hopper/medium-v0 is not in the local store .*download=True"):
+    with pytest.raises(SystemExit, match=r"mujoco/hopper/medium-v0 is not in the local store .*download=True") as error:
         load_dataset("mujoco/hopper/medium-v0")
+    # what it suggests exists: minari's own command (no script has a --download flag)
+    assert "`minari download mujoco/hopper/medium-v0`" in str(error.value) and "--download" not in str(error.value)
     with pytest.raises(SystemExit, match=r"nowhere\.hdf5 does not exist"):
         load_dataset(str(store / "nowhere.hdf5"))
     with pytest.raises(SystemExit, match="Unknown dataset quality 'meduim'"):
@@ -278,3 +282,14 @@ def test_non_finite_values_are_refused_with_one_sentence(tmp_path, field):
         load_dataset(str(path))
     assert str(stop.value) == (f"Dataset {path}: {field} holds NaN or infinite values in 2 of 50 rows (the first at "
                                f"row 3); fix or drop those transitions before training on it.")
+
+
+def test_non_finite_values_in_a_minari_dataset_are_refused_with_one_sentence(store):
+    episodes = make_episodes()
+    episodes[1]["rewards"][2] = float("nan")
+    write_minari("t/nan/medium-v0", episodes)
+    with pytest.raises(SystemExit) as stop:
+        load_dataset("t/nan/medium-v0")
+    assert str(stop.value) == (f"Dataset t/nan/medium-v0: rewards holds NaN or infinite values in 1 of {N} rows (the "
+                               f"first at row {TERMINATED_LENGTH + 2}); fix or drop those transitions before training "
+                               f"on it.")

@@ -1,11 +1,13 @@
 """The generator: deterministic for a seed, right size, metadata and references, and transitions that the
 domain's physics reproduces from the stored MuJoCo state."""
 import json
+import shutil
 
 import minari
 import numpy as np
 import pytest
 
+import envs.datasets as datasets_module
 import envs.generate as generate
 from envs import QUALITIES, domain_info, load_dataset, make_env
 
@@ -236,3 +238,49 @@ def test_a_dataset_a_user_made_is_never_deleted(zoo, monkeypatch):
     assert minari.load_dataset(dataset_id).total_steps == 500  # still whole
     generate.main(["--domain", "hopper-kinematic", "--quality", "medium", "--size", "600", "--force"])
     assert minari.load_dataset(dataset_id).total_steps == 600
+
+
+def test_a_bad_id_is_refused_before_any_rollout(zoo, monkeypatch):
+    def rollout(*args, **kwargs):
+        raise AssertionError("rolled out before the id was checked")
+
+    monkeypatch.setattr(generate, "rollout", rollout)
+    with pytest.raises(SystemExit) as error:
+        generate.main(["--domain", "hopper-kinematic", "--quality", "medium", "--size", "100", "--id", "bad id"])
+    assert str(error.value) == ("--id 'bad id' is not a Minari dataset id: give (namespace/)name-v<version> of "
+                                "letters, digits, - and _, such as crossdomain/hopper/medium-mine-v0.")
+
+
+def test_a_truncated_store_file_ends_in_one_sentence_that_remakes_it(zoo):
+    """A truncated main_data.hdf5 names the file and the command that makes the dataset again (here one a user made:
+    its seed, size and id), and that command does; a truncated metadata.json says to delete the folder first."""
+    dataset_id = "mine/hopper-kinematic/medium-v0"
+    generate.main(["--domain", "hopper-kinematic", "--quality", "medium", "--size", "300", "--seed", "3",
+                   "--id", dataset_id])
+    folder = datasets_module._minari_path(dataset_id)
+    main_data = f"{folder}/data/main_data.hdf5"
+    whole = open(main_data, "rb").read()
+    open(main_data, "wb").write(whole[:len(whole) // 2])
+    with pytest.raises(SystemExit) as error:
+        load_dataset(dataset_id, domain="hopper-kinematic")
+    command = (f"python -m envs.generate --domain hopper-kinematic --quality medium --seed 3 --size 300 --id "
+               f"{dataset_id} --force")
+    assert str(error.value) == (f"{main_data} cannot be read (OSError): the Minari dataset {dataset_id} is truncated "
+                                f"or corrupt; make it again with `{command}` (or delete its folder {folder}).")
+    generate.main(command.split()[3:])
+    assert load_dataset(dataset_id, domain="hopper-kinematic").size == 300
+
+    metadata = f"{folder}/data/metadata.json"
+    open(metadata, "w").write(open(metadata).read()[:50])
+    with pytest.raises(SystemExit) as error:
+        load_dataset(dataset_id)
+    assert str(error.value) == (f"{metadata} cannot be read (JSONDecodeError): the Minari dataset {dataset_id} is "
+                                f"truncated or corrupt; delete its folder {folder}, then fetch it again with "
+                                f"`minari download --force {dataset_id}`.")
+    shutil.rmtree(folder)  # a generated id says how to make it: its domain, quality and physics are in the id
+    generate.main(["--domain", "hopper-kinematic", "--quality", "medium", "--size", "300"])
+    metadata = f"{datasets_module._minari_path('crossdomain/hopper-kinematic/medium-v0')}/data/metadata.json"
+    open(metadata, "w").write("{")
+    with pytest.raises(SystemExit, match=r"then make it again with `python -m envs.generate --domain hopper-kinematic "
+                                         r"--quality medium`\.$"):
+        load_dataset("crossdomain/hopper-kinematic/medium-v0")
