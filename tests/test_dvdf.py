@@ -376,6 +376,33 @@ def test_resume_uses_the_cached_stages_and_ends_bit_for_bit(datasets, finished_r
     assert resumed["evaluations"][-1]["filter"] == finished_run[1]["evaluations"][-1]["filter"]
 
 
+@pytest.mark.parametrize("stage", ["sql", "scorer"])
+def test_resume_continues_a_run_cut_off_in_a_pre_training_stage(stage, datasets, tmp_path, monkeypatch, capsys):
+    """Issue 23 case 6: a run killed in its SQL or scorer stage (before any checkpoint) is continued by --resume,
+    as the README tells job-array users: the stage resumes from its partial file, and the run finishes."""
+    out, flags = tmp_path / "run", _flags(datasets, tmp_path / "run")
+    flags[flags.index("--cache-dir") + 1] = str(tmp_path / "cache")  # stages not cached yet
+    monkeypatch.setattr(run, "STAGE_CHUNKS", (25,))  # SQL runs 4 chunks, the scorer 2
+    real_write = run.write_atomic
+
+    def killed_after_the_stages_first_chunk(path, content):
+        real_write(path, content)
+        if path.name.startswith(f"{stage}-") and path.name.endswith(".partial.msgpack"):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(run, "write_atomic", killed_after_the_stages_first_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        dvdf.main(flags)
+    assert not (out / "checkpoint.msgpack").exists()
+    monkeypatch.setattr(run, "write_atomic", real_write)
+    capsys.readouterr()
+    resumed = dvdf.main([*flags, "--resume"])
+    printed = capsys.readouterr().out
+    assert "--resume found no checkpoint" in printed and "resuming from step 25" in printed
+    assert resumed["finished"] and resumed["stages"][stage]["origin"] == "trained"
+    assert resumed["stages"]["sql"]["step"] == 100 and resumed["stages"]["scorer"]["step"] == 50
+
+
 def test_stages_equal_the_standalone_scripts_whose_artifacts_are_accepted(datasets, finished_run, tmp_path):
     sql.main(["--source-dataset", datasets["source"], "--out", str(tmp_path / "sql"), "--steps", "100",
               "--eval-every", "100", "--no-policy", "--seed", "3", "--hidden", "16", "16"])
