@@ -255,8 +255,8 @@ def ot_deviation(source_u, target_u, epsilon: Optional[float], threshold: float,
     return -(plan * costs.Cosine().all_pairs(source_u, target_u)).sum(1)
 
 
-def ot_stage(args: Args, source, target, obs_dim: int, act_dim: int) -> tuple[dict, dict]:
-    """Stage 1: every source transition's deviation against the first seed's target subsample, from the cache or
+def ot_stage(args: Args, source, target, obs_dim: int, act_dim: int, stage: str = "1/3") -> tuple[dict, dict]:
+    """Stage `stage`: every source transition's deviation against the first seed's target subsample, from the cache or
     computed now chunk by chunk (saved about every minute, so an interrupted stage resumes) and cached."""
     target_u = transition_vectors(target)
     if args.ot_target_size is not None and args.ot_target_size < len(target_u):
@@ -277,14 +277,14 @@ def ot_stage(args: Args, source, target, obs_dim: int, act_dim: int) -> tuple[di
         try:
             saved = serialization.msgpack_restore(partial_path.read_bytes())
             deviation, done = np.array(saved["deviation"], np.float32), int(saved["step"])
-            print(f"stage 1/3: ot: resuming at transition {done} ({partial_path})")
+            print(f"stage {stage}: ot: resuming at transition {done} ({partial_path})")
         except Exception:  # a truncated or overwritten partial file: the stage starts again
             set_aside(partial_path)
     solve = jax.jit(partial(ot_deviation, epsilon=args.ot_epsilon, threshold=args.ot_threshold,
                             iterations=args.ot_iterations))
     target_u, start, last_save = jax.device_put(target_u), time.perf_counter(), time.perf_counter()
     pbar = tqdm(total=len(source_u), initial=done, unit="transition", dynamic_ncols=True,
-                desc=f"stage 1/3: ot {len(source_u)} source x {target_u.shape[0]} target")
+                desc=f"stage {stage}: ot {len(source_u)} source x {target_u.shape[0]} target")
     while done < len(source_u):
         chunk = source_u[done:done + args.ot_chunk]
         deviation[done:done + len(chunk)] = np.asarray(solve(chunk, target_u))
@@ -295,7 +295,7 @@ def ot_stage(args: Args, source, target, obs_dim: int, act_dim: int) -> tuple[di
             last_save = time.perf_counter()
     pbar.close()
     if not np.isfinite(deviation).all():
-        raise SystemExit(f"stage 1/3: the OT deviation of {int((~np.isfinite(deviation)).sum())} source transitions "
+        raise SystemExit(f"stage {stage}: the OT deviation of {int((~np.isfinite(deviation)).sum())} source transitions "
                          f"is not finite; nothing is cached: try a larger --ot-epsilon.")
     info |= {"step": len(source_u), "steps": len(source_u), "finished": True, "source": args.source,
              "target": args.target, "source_dataset": source.name, "source_size": source.size,
@@ -350,8 +350,8 @@ def make_cvae_train(act_dim: int, latent_dim: int, hidden, lr: float, batch_size
     return init, train
 
 
-def cvae_stage(args: Args, target, obs_dim: int, act_dim: int) -> tuple[dict, dict]:
-    """Stage 2: the CVAE of the first seed's target subsample, from the cache or trained now and cached."""
+def cvae_stage(args: Args, target, obs_dim: int, act_dim: int, stage: str = "2/3") -> tuple[dict, dict]:
+    """Stage `stage`: the CVAE of the first seed's target subsample, from the cache or trained now and cached."""
     info = {"kind": "cvae", "version": CACHE_VERSION, "target_fingerprints": [fingerprint(dataset_arrays(target))],
             "obs_dim": obs_dim, "act_dim": act_dim, "latent_dim": 2 * act_dim, "steps": args.cvae_steps,
             "batch_size": args.cvae_batch_size, "lr": args.cvae_lr, "hidden": list(args.cvae_hidden),
@@ -365,7 +365,7 @@ def cvae_stage(args: Args, target, obs_dim: int, act_dim: int) -> tuple[dict, di
     runner = jax.jit(jax.vmap(init))(jax.random.PRNGKey(args.seed)[None])
     start = time.perf_counter()
     runner, metrics, partial_path = run_stage(
-        f"stage 2/3: cvae {args.target}", path, runner, train, (0, 0),
+        f"stage {stage}: cvae {args.target}", path, runner, train, (0, 0),
         (jax.device_put(CVAEData(target.observations[None], target.actions[None])),), args.cvae_steps)
     info |= {"step": args.cvae_steps, "finished": True, "target": args.target, "target_size": target.size,
              "final_losses": metrics, "train_seconds": time.perf_counter() - start}

@@ -31,7 +31,7 @@ def _load(name):
     return module
 
 
-otdf, dvdf, iql = _load("otdf"), _load("dvdf"), _load("iql")
+otdf, dvdf, v2a, iql = _load("otdf"), _load("dvdf"), _load("v2a"), _load("iql")
 
 OBS_DIM, ACT_DIM = 17, 6  # HalfCheetah
 REF_MIN, REF_MAX = -300.0, 3000.0
@@ -195,6 +195,11 @@ def test_shared_helpers_are_identical_copies():
         for name in names:
             sources = {inspect.getsource(getattr(module, name)) for module in modules}
             assert len(sources) == 1, f"{name} differs between {[m.__name__ for m in modules]}"
+    stages = ["transition_vectors", "ot_deviation", "ot_stage", "CVAE", "CVAERunner", "CVAEData", "cvae_loss",
+              "make_cvae_train", "cvae_stage", "normalise_deviation", "log_beta", "default_reg_weight"]
+    for name in stages:  # DVDF-OTDF and V2A-OTDF run otdf.py's stages and constraint
+        sources = {inspect.getsource(getattr(module, name)) for module in (otdf, dvdf, v2a)}
+        assert len(sources) == 1, f"{name} differs between otdf.py, dvdf.py and v2a.py"
     for name in ("write_atomic", "open_run", "run_stage", "cached_stage", "save_stage", "train_loop", "fingerprint"):
         assert getattr(otdf, name, getattr(run, name)) is getattr(run, name), f"otdf.py copies {name}"
     assert otdf.filter_sums is envs.diagnostics.filter_sums
@@ -303,6 +308,46 @@ def test_an_interrupted_ot_stage_resumes_where_it_stopped(datasets, tmp_path, mo
 
 def results_said_resume(capsys) -> bool:
     return "stage 1/3: ot: resuming at transition 1400" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- DVDF-OTDF and V2A-OTDF
+def _variant_flags(datasets, out, *extra):
+    """The end-to-end run's data, stage and IQL flags, less otdf.py's own."""
+    flags = _flags(datasets, out, "--dynamics-score", "ot", *extra)
+    return [f for f in flags if f != "--proportion"]
+
+
+def test_dvdf_otdf_end_to_end_shares_otdfs_stages(finished_run, datasets, tmp_path):
+    results = dvdf.main(_variant_flags(datasets, tmp_path / "dvdf-otdf", "--sql-steps", "50", "--lam", "0.5", "1",
+                                       "--num-seeds", "1"))
+    assert results["algo"] == "dvdf-otdf" and results["finished"] and results["reg_weight"] == 0.1
+    assert list(results["stages"]) == ["sql", "ot", "cvae"]
+    assert results["stages"]["ot"]["origin"] == results["stages"]["cvae"]["origin"] == "cache"  # otdf.py's
+    for evaluation in results["evaluations"]:
+        assert all(map(math.isfinite, evaluation["scores"])) and "log_beta" in evaluation["losses"]
+        diagnostics = evaluation["filter"]
+        assert diagnostics["kept_fraction"] == [0.5, 0.5]
+        assert all(0 < w <= 1 for w in diagnostics["q_weight_kept"])  # exp(c), c in [-1, 0]
+        assert all(-1 <= h <= 0 for h in diagnostics["dynamics_score_kept"])
+        # lam = 1 (the second run) ranks by c alone: the episodes of the target's dynamics, half of each batch,
+        # make most of the kept half
+        assert diagnostics["batch_share"]["domain"]["halfcheetah"][1] == pytest.approx(0.5, abs=0.05)
+        assert diagnostics["kept_share"]["domain"]["halfcheetah"][1] > 0.75
+    without = dvdf.main(_variant_flags(datasets, tmp_path / "dvdf-otdf-nc", "--sql-steps", "50", "--num-seeds", "1",
+                                       "--steps", "100", "--no-dataset-constraint"))
+    assert list(without["stages"]) == ["sql", "ot"] and "log_beta" not in without["evaluations"][0]["losses"]
+
+
+def test_v2a_otdf_end_to_end(finished_run, datasets, tmp_path):
+    results = v2a.main(_variant_flags(datasets, tmp_path / "v2a-otdf", "--num-seeds", "1", "--steps", "100",
+                                      "--encoder-steps", "10", "--sqlz-steps", "20", "--gru-hidden", "8", "--z-dim",
+                                      "4", "--window", "20", "--encoder-batch-size", "4", "--sqlz-batch-size", "32"))
+    assert results["algo"] == "v2a-otdf" and results["finished"]
+    assert list(results["stages"]) == ["encoder", "sqlz", "ot", "cvae"]
+    assert results["stages"]["ot"]["origin"] == "cache"
+    evaluation = results["evaluations"][-1]
+    assert all(map(math.isfinite, evaluation["scores"])) and "log_beta" in evaluation["losses"]
+    assert evaluation["filter"]["kept_fraction"] == [0.5]
 
 
 @pytest.mark.parametrize("flag, value, message", [("--proportion", "0", "--proportion must be in (0, 1]"),
