@@ -23,5 +23,5 @@ for domain in "$@"; do
   resume=""; [ -f "$out/checkpoint.npz" ] && resume="--resume"
   XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1" \
     taskset -c "$core" "$python" "$repo/algos/sac.py" --env "$domain" --seed 0 --out "$out" $resume \
-    >> "$root/$domain.log" 2>&1
+    >> "$root/$domain.log" 2>&1 || echo "sac.py $domain stopped (exit status $?); on to the next domain"
 done
