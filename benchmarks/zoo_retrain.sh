@@ -10,7 +10,9 @@
 # skipped. Harvest a domain whose expert passes its bar with
 #   python benchmarks/policy_zoo.py --runs <root> --domains <domain> && touch <root>/<domain>/HARVESTED
 # and stop its sac.py process: the worker moves on to its next domain.
-# Logs: <root>/<domain>.log.
+# Logs: <root>/<domain>.log. Before a session ends, `python benchmarks/zoo_carry.py --runs <root>` keeps the networks of
+# the unfinished runs in the repository (benchmarks/zoo_carry/, commit it); on a machine without <root>, a domain
+# carried there continues from them (sac.py --init-from).
 set -euo pipefail
 root=$1; core=$2; shift 2
 repo="$(cd "$(dirname "$0")/.." && pwd)"
@@ -21,6 +23,8 @@ for domain in "$@"; do
   # done: trained to 1M steps, or harvested into envs/policies/ (touch <root>/<domain>/HARVESTED)
   if [ -f "$out/snapshots/actor_1000000.npz" ] || [ -f "$root/$domain/HARVESTED" ]; then continue; fi
   resume=""; [ -f "$out/checkpoint.npz" ] && resume="--resume"
+  # a run carried from an earlier machine (benchmarks/zoo_carry.py): continue from its networks
+  [ -z "$resume" ] && [ -f "$repo/benchmarks/zoo_carry/$domain.npz" ] && resume="--init-from $repo/benchmarks/zoo_carry/$domain.npz"
   XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1" \
     taskset -c "$core" "$python" "$repo/algos/sac.py" --env "$domain" --seed 0 --out "$out" $resume \
     >> "$root/$domain.log" 2>&1 || echo "sac.py $domain stopped (exit status $?); on to the next domain"

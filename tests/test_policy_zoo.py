@@ -135,3 +135,40 @@ def test_progress_table_of_the_runs(zoo, tmp_path):
     out = tmp_path / "progress.md"
     policy_zoo.main(["--runs", str(zoo / "runs"), "--progress", str(out)])
     assert "| hopper-morph | papers | 150,000 | 2900 | 3100 (125k) | 3100 (125k) | 2680 |" in out.read_text()
+
+
+def test_zoo_carry_keeps_the_networks_of_unfinished_runs_only(tmp_path):
+    """benchmarks/zoo_carry.py: an unfinished run's networks without its replay buffer; a harvested domain's file
+    goes; a run from scratch does not replace a longer carried one, a run fine-tuned from it does."""
+    spec_carry = importlib.util.spec_from_file_location("zoo_carry", ROOT / "benchmarks" / "zoo_carry.py")
+    zoo_carry = importlib.util.module_from_spec(spec_carry)
+    spec_carry.loader.exec_module(zoo_carry)
+    runs, out = tmp_path / "runs", tmp_path / "carry"
+
+    def checkpoint(domain, step, init_from=None):
+        folder = runs / domain / "seed0"
+        folder.mkdir(parents=True, exist_ok=True)
+        np.savez(folder / "checkpoint.npz", **{"state.actor.params['w']": np.full((2, 2), step, np.float32),
+                                               "buffer/observations": np.zeros((1000, 3), np.float32),
+                                               "args": json.dumps({"env": domain, "init_from": init_from}),
+                                               "step": np.array(step), "history": "[]"})
+
+    checkpoint("hopper", 400_000)
+    checkpoint("ant", 300_000)
+    (out / "x").parent.mkdir(parents=True)
+    np.savez(out / "walker2d.npz", step=np.array(1))  # carried earlier, harvested since
+    (runs / "walker2d").mkdir()
+    (runs / "walker2d" / "HARVESTED").touch()
+    written = zoo_carry.carry(runs, out)
+    assert [w.split()[0] for w in written] == ["ant", "hopper"] and not (out / "walker2d.npz").exists()
+    with np.load(out / "hopper.npz") as kept:
+        assert sorted(kept.files) == ["args", "history", "state.actor.params['w']", "step"]
+        assert int(kept["step"]) == 400_000 and kept["state.actor.params['w']"][0, 0] == 400_000
+    checkpoint("hopper", 20_000)  # a fresh run from scratch on another machine: the longer carry stays
+    zoo_carry.carry(runs, out)
+    with np.load(out / "hopper.npz") as kept:
+        assert int(kept["step"]) == 400_000
+    checkpoint("hopper", 20_000, init_from=str(out / "hopper.npz"))  # continued from the carry: replaces it
+    zoo_carry.carry(runs, out)
+    with np.load(out / "hopper.npz") as kept:
+        assert int(kept["step"]) == 20_000
