@@ -65,6 +65,14 @@ def test_two_devices_shard_the_runs_and_train_the_same_networks(script, datasets
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
+def test_the_tests_run_on_the_cpu_unless_told_otherwise():
+    """tests/conftest.py makes the CPU the default platform, also where a GPU is visible: a GPU's TF32 matmuls differ
+    from the CPU runs compared here by more than rtol 1e-4. JAX_PLATFORMS set before pytest starts chooses another."""
+    assert os.environ["JAX_PLATFORMS"]
+    if os.environ["JAX_PLATFORMS"] == "cpu":
+        assert jax.default_backend() == "cpu" and {d.platform for d in jax.devices()} == {"cpu"}
+
+
 def test_no_script_has_its_own_sharding_helper():
     """Sharding lives once, in envs/run.py: no algos/ file defines its own run_shardings (train_loop shards)."""
     for path in sorted((ROOT / "algos").glob("*.py")):
