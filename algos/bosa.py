@@ -44,7 +44,7 @@ The VAEs are trained once with --seed on the source data and the first seed's ta
 --cache-dir (keyed by the datasets' fingerprints and the stage's flags, envs/run.py). Seed k of an N-seed run draws
 its own target subsample with seed --seed + k and equals the 1-seed run with --seed <seed + k> given the same stage.
 
-Outputs in --out (default runs/bosa/<source>_to_<target>-<quality>/seed<seed>), as envs/run.py describes;
+Outputs in --out (default runs/bosa/<source>_to_<target>-<quality>/seed<seed>[-<hash>]), as envs/run.py describes;
 results.json adds "stages" ({"vae": where it came from, its final losses}) and "support" (the share of source and
 target transitions the dynamics ensemble supports at --epsilon-dyna, and the mean log-densities of both models).
 """
@@ -75,11 +75,12 @@ from envs.run import (
     evaluation_entry,
     fingerprint,
     need,
+    default_out,
     open_run,
-    physics_tag,
     run_stage,
     save_stage,
     stage_path,
+    start_block,
     train_loop,
     value_bound_of,
 )
@@ -95,7 +96,7 @@ class Args:
     num_seeds: int = 1
     """seeds trained at once, vmapped in one jitted program"""
     out: str | None = None
-    """output folder; default runs/bosa/<source>_to_<target>-<quality>/seed<seed>"""
+    """output folder; default runs/bosa/<source>_to_<target>-<quality>/seed<seed>[-<hash>]"""
     resume: bool = False
     """continue the interrupted run in --out from its last checkpoint (same flags)"""
     cache_dir: str = "runs/cache"
@@ -643,8 +644,8 @@ def load_data(args: Args, seeds: list[int]):
 def main(argv: list[str] | None = None) -> dict:
     args = tyro.cli(Args, args=argv)
     check_args(args)
-    out, saved = open_run(args, f"runs/bosa/{args.source}_to_{args.target}-{args.quality}{physics_tag(args)}/"
-                                f"seed{args.seed}")
+    out, saved = open_run(args, default_out(args, "bosa"))
+    start_block(args, argv, out, [("bosa_vae", args.vae_steps), ("bosa", args.steps, args.num_seeds)], saved)
     seeds = [args.seed + k for k in range(args.num_seeds)]
     source, target_full, targets = load_data(args, seeds)
     references = reference_info(args.target, target_full, args.physics, args.references)  # exits when unknown

@@ -37,7 +37,7 @@ Seed k of an N-seed run draws its own target subsample with seed --seed + k and 
 <seed + k> given the same classifier stage. Evaluation: --eval-episodes episodes of tanh(mu(s)) per seed in the
 target domain, normalised with its reference returns.
 
-Outputs in --out (default runs/dara/<source>_to_<target>-<quality>/seed<seed>), as envs/run.py describes;
+Outputs in --out (default runs/dara/<source>_to_<target>-<quality>/seed<seed>[-<hash>]), as envs/run.py describes;
 results.json adds "stages" ({"classifier": where it came from, its final losses}) and "reward_correction" (delta_r
 over the source dataset and over the first seed's target subsample: mean, std, min, max, and the share at the clip).
 """
@@ -68,11 +68,12 @@ from envs.run import (
     evaluation_entry,
     fingerprint,
     need,
+    default_out,
     open_run,
-    physics_tag,
     run_stage,
     save_stage,
     stage_path,
+    start_block,
     train_loop,
 )
 
@@ -87,7 +88,7 @@ class Args:
     num_seeds: int = 1
     """seeds trained at once, vmapped in one jitted program"""
     out: str | None = None
-    """output folder; default runs/dara/<source>_to_<target>-<quality>/seed<seed>"""
+    """output folder; default runs/dara/<source>_to_<target>-<quality>/seed<seed>[-<hash>]"""
     resume: bool = False
     """continue the interrupted run in --out from its last checkpoint (same flags)"""
     cache_dir: str = "runs/cache"
@@ -559,8 +560,9 @@ def load_data(args: Args, seeds: list[int]):
 def main(argv: list[str] | None = None) -> dict:
     args = tyro.cli(Args, args=argv)
     check_args(args)
-    out, saved = open_run(args, f"runs/dara/{args.source}_to_{args.target}-{args.quality}{physics_tag(args)}/"
-                                f"seed{args.seed}")
+    out, saved = open_run(args, default_out(args, "dara"))
+    start_block(args, argv, out, [("dara_classifier", args.classifier_steps), ("dara", args.steps, args.num_seeds)],
+                saved)
     seeds = [args.seed + k for k in range(args.num_seeds)]
     source, target_full, targets = load_data(args, seeds)
     references = reference_info(args.target, target_full, args.physics, args.references)  # exits when unknown

@@ -36,9 +36,10 @@ does here (a variant of OTDF whose filter adds the value term): the actor loss s
 | s) of the target-behaviour CVAE (stage 3/4, cached) at the deterministic action pi(s) = tanh(mu(s)) (dvdf.py's
 actor has no state-dependent std to sample from); --no-dataset-constraint drops it. lam and xi keep their defaults.
 
-Outputs in --out (default runs/<dvdf|igdf|dvdf-otdf>/<source>_to_<target>-<quality>/lam<lams>_xi<xis>/seed<seed>), as
-envs/run.py describes; results.json adds the grid, its settings, the stages (where each came from, the scorer's
-held-out separation) and per evaluation each setting's mean and std over seeds and the filter's diagnostics
+Outputs in --out (default runs/<dvdf|igdf|dvdf-otdf>/<source>_to_<target>-<quality>/lam<lams>_xi<xis>/seed<seed>,
+envs.run.default_out: a dataset flag's name in place of its domain, -<hash> when other flags are off their
+defaults), as envs/run.py describes; results.json adds the grid, its settings, the stages (where each came from, the
+scorer's held-out separation) and per evaluation each setting's mean and std over seeds and the filter's diagnostics
 (envs/diagnostics.py: h, A and g of kept and dropped source samples, and each episode-metadata group's share).
 """
 import sys
@@ -62,14 +63,13 @@ from flax import serialization
 from flax.training.train_state import TrainState
 from ott.geometry import costs, pointcloud
 from ott.solvers import linear
-from tqdm import tqdm
 
 from envs import domain_info, evaluate, load_dataset, reference_info, subsample
 from envs.diagnostics import (SOURCE_HOLDOUT_SEED, episode_groups, filter_diagnostics, filter_sums, held_out,
                               held_out_separation, holdout_split)
-from envs.run import (STAGE_SAVE_SECONDS, cached_stage, check_common_flags, dataset_arrays, fingerprint,
-                      grid_evaluation_entry, need, open_run, physics_tag, read_artifact, run_stage, save_stage,
-                      set_aside, stage_path, train_loop, value_bound_of, write_atomic)
+from envs.run import (STAGE_SAVE_SECONDS, Progress, cached_stage, check_common_flags, dataset_arrays, default_out,
+                      fingerprint, grid_evaluation_entry, need, open_run, read_artifact, run_stage, save_stage,
+                      set_aside, stage_path, start_block, stopped, train_loop, value_bound_of, write_atomic)
 
 Quality = Literal["random", "medium", "medium-replay", "medium-expert", "expert"]
 
@@ -82,7 +82,7 @@ class Args:
     num_seeds: int = 1
     """seeds per (lam, xi) setting, all vmapped in one jitted program"""
     out: Optional[str] = None
-    """output folder; default runs/<dvdf|igdf>/<source>_to_<target>-<quality>/lam<lams>_xi<xis>/seed<seed>"""
+    """output folder; default runs/<dvdf|igdf>/<source>_to_<target>-<quality>/lam<lams>_xi<xis>/seed<seed>[-<hash>]"""
     resume: bool = False
     """continue the interrupted run in --out from its last checkpoint (same flags)"""
     cache_dir: str = "runs/cache"
@@ -883,18 +883,30 @@ def ot_stage(args: Args, source, target, obs_dim: int, act_dim: int, stage: str 
             set_aside(partial_path)
     solve = jax.jit(partial(ot_deviation, epsilon=args.ot_epsilon, threshold=args.ot_threshold,
                             iterations=args.ot_iterations))
-    target_u, start, last_save = jax.device_put(target_u), time.perf_counter(), time.perf_counter()
-    pbar = tqdm(total=len(source_u), initial=done, unit="transition", dynamic_ncols=True,
-                desc=f"stage {stage}: ot {len(source_u)} source x {target_u.shape[0]} target")
-    while done < len(source_u):
-        chunk = source_u[done:done + args.ot_chunk]
-        deviation[done:done + len(chunk)] = np.asarray(solve(chunk, target_u))
-        done += len(chunk)
-        pbar.update(len(chunk))
-        if time.perf_counter() - last_save > STAGE_SAVE_SECONDS and done < len(source_u):
+    target_u, start, last_save, compiled = jax.device_put(target_u), time.perf_counter(), time.perf_counter(), {}
+    progress = Progress(f"stage {stage}: ot {len(source_u)} source x {target_u.shape[0]} target", len(source_u),
+                        done, unit="transition", name="ot")
+    try:
+        while done < len(source_u):
+            chunk = source_u[done:done + args.ot_chunk]
+            if len(chunk) not in compiled:  # compiled apart, so that the rate and ETA count the solves alone
+                compiled[len(chunk)] = solve.lower(chunk, target_u).compile()
+            chunk_start = time.perf_counter()
+            deviation[done:done + len(chunk)] = np.asarray(progress.wait(compiled[len(chunk)](chunk, target_u),
+                                                                         len(chunk)))
+            done += len(chunk)
+            progress.advance(len(chunk), time.perf_counter() - chunk_start)
+            if time.perf_counter() - last_save > STAGE_SAVE_SECONDS and done < len(source_u):
+                write_atomic(partial_path, serialization.msgpack_serialize({"deviation": deviation, "step": done}))
+                last_save = time.perf_counter()
+        progress.close()
+    except KeyboardInterrupt:  # what was solved is saved, and the stage resumes there
+        progress.close()
+        if done:
             write_atomic(partial_path, serialization.msgpack_serialize({"deviation": deviation, "step": done}))
-            last_save = time.perf_counter()
-    pbar.close()
+        raise stopped(f"in stage {stage} (ot) at transition {done:,} of {len(source_u):,}",
+                      f"the deviations solved so far are saved in {partial_path}" if done else
+                      "no chunk was solved yet") from None
     if not np.isfinite(deviation).all():
         raise SystemExit(f"stage {stage}: the OT deviation of {int((~np.isfinite(deviation)).sum())} source transitions "
                          f"is not finite; nothing is cached: try a larger --ot-epsilon.")
@@ -1127,13 +1139,23 @@ def algo_name(args: Args) -> str:
     return "igdf" if set(args.lam) == {1.0} else "dvdf"
 
 
+def stages_of(args: Args) -> list:
+    """The stages main() runs, as the start block lists them: (name, steps[, runs])."""
+    stages = [] if args.sql_artifact else [("sql", args.sql_steps)]
+    if args.dynamics_score == "ot":
+        stages += [("ot", None)] + ([("cvae", args.cvae_steps)] if args.dataset_constraint else [])
+    elif not args.scorer_artifact:
+        stages.append(("scorer", args.scorer_steps))
+    return stages + [(algo_name(args), args.steps, len(args.lam) * len(args.xi) * args.num_seeds)]
+
+
 def main(argv: Optional[list[str]] = None) -> dict:
     args = tyro.cli(Args, args=argv)
     check_args(args)
     algo = algo_name(args)
     grid_name = f"lam{'-'.join(f'{v:g}' for v in args.lam)}_xi{'-'.join(f'{v:g}' for v in args.xi)}"
-    out, saved = open_run(args, f"runs/{algo}/{args.source}_to_{args.target}-{args.quality}{physics_tag(args)}/"
-                                f"{grid_name}/seed{args.seed}")
+    out, saved = open_run(args, default_out(args, algo, grid_name, shown=("lam", "xi")))
+    start_block(args, argv, out, stages_of(args), saved)
     seeds = [args.seed + k for k in range(args.num_seeds)]
     source, target_full, targets = load_data(args, seeds)
     references = reference_info(args.target, target_full, args.physics, args.references)  # exits when unknown

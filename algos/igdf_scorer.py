@@ -20,7 +20,7 @@ above a source one; 0.5 is no separation) and the mean h of each, printed and sa
 program (`jax.jit(jax.vmap(train))`, sharded across accelerators when there are several); seed k of an N-seed run is
 the 1-seed run with --seed <seed + k>.
 
-Outputs in --out (default runs/igdf_scorer/<source>_to_<target>-<quality>/seed<seed>), laid out as envs/run.py
+Outputs in --out (default runs/igdf_scorer/<source>_to_<target>-<quality>/seed<seed>[-<hash>]), laid out as envs/run.py
 describes: results.json (flags, seeds, every evaluation: losses and held-out separation per seed; the final
 separation with its mean and std over seeds) and checkpoint.msgpack (a resumed run ends bit for bit where an
 uninterrupted one would, on CPU); and, written before each checkpoint, the artefact: scorer.msgpack ({"scorer":
@@ -47,8 +47,8 @@ from flax.training.train_state import TrainState
 
 from envs import load_dataset, subsample
 from envs.diagnostics import SOURCE_HOLDOUT_SEED, held_out, held_out_separation, holdout_split
-from envs.run import (check_common_flags, dataset_arrays, fingerprint, json_bytes, losses_entry, need, open_run,
-                      physics_tag, train_loop, write_atomic)
+from envs.run import (check_common_flags, dataset_arrays, default_out, fingerprint, json_bytes, losses_entry, need,
+                      open_run, start_block, train_loop, write_atomic)
 
 Quality = Literal["random", "medium", "medium-replay", "medium-expert", "expert"]
 
@@ -61,7 +61,7 @@ class Args:
     num_seeds: int = 1
     """seeds trained at once, vmapped in one jitted program"""
     out: Optional[str] = None
-    """output folder; default runs/igdf_scorer/<source>_to_<target>-<quality>/seed<seed>"""
+    """output folder; default runs/igdf_scorer/<source>_to_<target>-<quality>/seed<seed>[-<hash>]"""
     resume: bool = False
     """continue the interrupted run in --out from its last checkpoint (same flags)"""
     # --- data ---
@@ -266,8 +266,8 @@ def separation_summary(entry: dict) -> dict:
 def main(argv: Optional[list[str]] = None) -> dict:
     args = tyro.cli(Args, args=argv)
     check_args(args)
-    out, saved = open_run(args, f"runs/igdf_scorer/{args.source}_to_{args.target}-{args.quality}{physics_tag(args)}/"
-                                f"seed{args.seed}")
+    out, saved = open_run(args, default_out(args, "igdf_scorer"))
+    start_block(args, argv, out, [("igdf_scorer", args.steps, args.num_seeds)], saved, episodes=0)
     seeds = [args.seed + k for k in range(args.num_seeds)]
     data, (target_held, source_held), data_info = load_data(args, seeds)
     init, train = make_scorer_train(args.hidden, args.repr_dim, args.lr, args.batch_size, data_info["obs_dim"],

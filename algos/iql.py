@@ -31,7 +31,7 @@ divide evenly among them). Evaluation: --eval-episodes episodes per seed of the 
 the target domain; the normalised score is 100 (J - J_random) / (J_expert - J_random) with the target domain's
 reference returns (envs.reference_info; --references). Flags out of range end with one sentence naming the flag.
 
-Outputs in --out (default runs/iql/<data>/<source>_to_<target>-<quality>/seed<seed>), laid out as envs/run.py
+Outputs in --out (default runs/iql/<data>/<source>_to_<target>-<quality>/seed<seed>[-<hash>]), laid out as envs/run.py
 describes: results.json (flags, seeds, every evaluation with per-seed returns and scores, the final scores with mean
 and std over seeds, timing, package versions; strict JSON, rewritten whole after every evaluation) and
 checkpoint.msgpack (everything --resume needs; a resumed run ends bit for bit where an uninterrupted one would, on
@@ -55,7 +55,7 @@ import tyro
 from flax.training.train_state import TrainState
 
 from envs import evaluate, load_dataset, reference_info, subsample
-from envs.run import check_common_flags, evaluation_entry, need, open_run, physics_tag, train_loop
+from envs.run import check_common_flags, default_out, evaluation_entry, need, open_run, start_block, train_loop
 
 Quality = Literal["random", "medium", "medium-replay", "medium-expert", "expert"]
 
@@ -68,7 +68,7 @@ class Args:
     num_seeds: int = 1
     """seeds trained at once, vmapped in one jitted program"""
     out: Optional[str] = None
-    """output folder; default runs/iql/<data>/<source>_to_<target>-<quality>/seed<seed>"""
+    """output folder; default runs/iql/<data>/<source>_to_<target>-<quality>/seed<seed>[-<hash>]"""
     resume: bool = False
     """continue the interrupted run in --out from its last checkpoint (same flags)"""
     # --- data ---
@@ -449,8 +449,9 @@ def standardised(policy, state_mean, state_std):
 def main(argv: Optional[list[str]] = None) -> dict:
     args = tyro.cli(Args, args=argv)
     check_args(args)
-    out, saved = open_run(args, f"runs/iql/{args.data}/{args.source}_to_{args.target}-{args.quality}"
-                                f"{physics_tag(args)}/seed{args.seed}")
+    out, saved = open_run(args, default_out(args, f"iql/{args.data}", shown=("data",)))
+    start_block(args, argv, out, [("iql", args.steps, args.num_seeds)], saved,
+                datasets=("target",) if args.data == "target" else None)
     seeds = [args.seed + k for k in range(args.num_seeds)]
     data, target_full, data_info = load_data(args, seeds)
     references = reference_info(args.target, target_full, args.physics, args.references)  # exits when unknown

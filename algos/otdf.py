@@ -29,7 +29,7 @@ Evaluation: --eval-episodes episodes per seed of the deterministic action tanh(m
 with its reference returns. Seed k of an N-seed run is the 1-seed run with --seed <seed + k> given the same stages
 (up to float rounding of the batched matmuls).
 
-Outputs in --out (default runs/otdf/<source>_to_<target>-<quality>/seed<seed>), as envs/run.py describes;
+Outputs in --out (default runs/otdf/<source>_to_<target>-<quality>/seed<seed>[-<hash>]), as envs/run.py describes;
 results.json adds the stages (where each came from; the deviation's statistics) and per evaluation the filter's
 diagnostics (envs/diagnostics.py: c of kept and dropped source samples, each episode-metadata group's share).
 """
@@ -54,13 +54,12 @@ from flax import serialization
 from flax.training.train_state import TrainState
 from ott.geometry import costs, pointcloud
 from ott.solvers import linear
-from tqdm import tqdm
 
 from envs import domain_info, evaluate, load_dataset, reference_info, subsample
 from envs.diagnostics import episode_groups, filter_diagnostics, filter_sums
-from envs.run import (STAGE_SAVE_SECONDS, cached_stage, check_common_flags, dataset_arrays, evaluation_entry,
-                      fingerprint, need, open_run, physics_tag, run_stage, save_stage, set_aside, stage_path,
-                      train_loop, write_atomic)
+from envs.run import (STAGE_SAVE_SECONDS, Progress, cached_stage, check_common_flags, dataset_arrays, default_out,
+                      evaluation_entry, fingerprint, need, open_run, run_stage, save_stage, set_aside, stage_path,
+                      start_block, stopped, train_loop, write_atomic)
 
 Quality = Literal["random", "medium", "medium-replay", "medium-expert", "expert"]
 
@@ -73,7 +72,7 @@ class Args:
     num_seeds: int = 1
     """seeds trained at once, vmapped in one jitted program"""
     out: Optional[str] = None
-    """output folder; default runs/otdf/<source>_to_<target>-<quality>/seed<seed>"""
+    """output folder; default runs/otdf/<source>_to_<target>-<quality>/seed<seed>[-<hash>]"""
     resume: bool = False
     """continue the interrupted run in --out from its last checkpoint (same flags)"""
     cache_dir: str = "runs/cache"
@@ -282,18 +281,30 @@ def ot_stage(args: Args, source, target, obs_dim: int, act_dim: int, stage: str 
             set_aside(partial_path)
     solve = jax.jit(partial(ot_deviation, epsilon=args.ot_epsilon, threshold=args.ot_threshold,
                             iterations=args.ot_iterations))
-    target_u, start, last_save = jax.device_put(target_u), time.perf_counter(), time.perf_counter()
-    pbar = tqdm(total=len(source_u), initial=done, unit="transition", dynamic_ncols=True,
-                desc=f"stage {stage}: ot {len(source_u)} source x {target_u.shape[0]} target")
-    while done < len(source_u):
-        chunk = source_u[done:done + args.ot_chunk]
-        deviation[done:done + len(chunk)] = np.asarray(solve(chunk, target_u))
-        done += len(chunk)
-        pbar.update(len(chunk))
-        if time.perf_counter() - last_save > STAGE_SAVE_SECONDS and done < len(source_u):
+    target_u, start, last_save, compiled = jax.device_put(target_u), time.perf_counter(), time.perf_counter(), {}
+    progress = Progress(f"stage {stage}: ot {len(source_u)} source x {target_u.shape[0]} target", len(source_u),
+                        done, unit="transition", name="ot")
+    try:
+        while done < len(source_u):
+            chunk = source_u[done:done + args.ot_chunk]
+            if len(chunk) not in compiled:  # compiled apart, so that the rate and ETA count the solves alone
+                compiled[len(chunk)] = solve.lower(chunk, target_u).compile()
+            chunk_start = time.perf_counter()
+            deviation[done:done + len(chunk)] = np.asarray(progress.wait(compiled[len(chunk)](chunk, target_u),
+                                                                         len(chunk)))
+            done += len(chunk)
+            progress.advance(len(chunk), time.perf_counter() - chunk_start)
+            if time.perf_counter() - last_save > STAGE_SAVE_SECONDS and done < len(source_u):
+                write_atomic(partial_path, serialization.msgpack_serialize({"deviation": deviation, "step": done}))
+                last_save = time.perf_counter()
+        progress.close()
+    except KeyboardInterrupt:  # what was solved is saved, and the stage resumes there
+        progress.close()
+        if done:
             write_atomic(partial_path, serialization.msgpack_serialize({"deviation": deviation, "step": done}))
-            last_save = time.perf_counter()
-    pbar.close()
+        raise stopped(f"in stage {stage} (ot) at transition {done:,} of {len(source_u):,}",
+                      f"the deviations solved so far are saved in {partial_path}" if done else
+                      "no chunk was solved yet") from None
     if not np.isfinite(deviation).all():
         raise SystemExit(f"stage {stage}: the OT deviation of {int((~np.isfinite(deviation)).sum())} source transitions "
                          f"is not finite; nothing is cached: try a larger --ot-epsilon.")
@@ -677,8 +688,8 @@ def report(step: int, entry: dict, metrics) -> tuple[str, str]:
 def main(argv: Optional[list[str]] = None) -> dict:
     args = tyro.cli(Args, args=argv)
     check_args(args)
-    out, saved = open_run(args, f"runs/otdf/{args.source}_to_{args.target}-{args.quality}{physics_tag(args)}/"
-                                f"seed{args.seed}")
+    out, saved = open_run(args, default_out(args, "otdf"))
+    start_block(args, argv, out, [("ot", None), ("cvae", args.cvae_steps), ("otdf", args.steps, args.num_seeds)], saved)
     seeds = [args.seed + k for k in range(args.num_seeds)]
     source, target_full, targets = load_data(args, seeds)
     references = reference_info(args.target, target_full, args.physics, args.references)  # exits when unknown

@@ -22,12 +22,12 @@ the data comes from) for --eval-episodes episodes every --eval-every steps. Seed
 all seeds run in one jitted program (`jax.jit(jax.vmap(train))`, sharded across accelerators when there are
 several), and seed k of an N-seed run is the 1-seed run with --seed <seed + k>.
 
-Outputs in --out (default runs/sql/<source>-<quality>/seed<seed>), laid out as envs/run.py describes: results.json
-(flags, alpha, seeds, every evaluation: losses, and returns and scores with --policy; the final scores, none with
---no-policy) and checkpoint.msgpack (a resumed run ends bit for bit where an uninterrupted one would, on CPU); and,
-written before each checkpoint, the artefact: sql.msgpack ({"critic": twin-critic params, "value": value params},
-stacked over the seeds; dvdf.py uses the first seed's) and sql.json (what it was trained on: datasets, their
-fingerprints, flags, step, seeds).
+Outputs in --out (default runs/sql/<source>-<quality>/seed<seed>[-<hash>], envs.run.default_out), laid out as
+envs/run.py describes: results.json (flags, alpha, seeds, every evaluation: losses, and returns and scores with
+--policy; the final scores, none with --no-policy) and checkpoint.msgpack (a resumed run ends bit for bit where an
+uninterrupted one would, on CPU); and, written before each checkpoint, the artefact: sql.msgpack ({"critic":
+twin-critic params, "value": value params}, stacked over the seeds; dvdf.py uses the first seed's) and sql.json
+(what it was trained on: datasets, their fingerprints, flags, step, seeds).
 """
 import sys
 from dataclasses import dataclass
@@ -48,8 +48,9 @@ from flax import serialization
 from flax.training.train_state import TrainState
 
 from envs import check_domain, domain_info, evaluate, load_dataset, reference_info
-from envs.run import (check_common_flags, dataset_arrays, evaluation_entry, fingerprint, json_bytes, losses_entry,
-                      need, open_run, physics_tag, train_loop, value_bound_of, without_losses, write_atomic)
+from envs.run import (check_common_flags, dataset_arrays, default_out, evaluation_entry, fingerprint, json_bytes,
+                      losses_entry, need, open_run, start_block, train_loop, value_bound_of, without_losses,
+                      write_atomic)
 
 Quality = Literal["random", "medium", "medium-replay", "medium-expert", "expert"]
 
@@ -62,7 +63,7 @@ class Args:
     num_seeds: int = 1
     """seeds trained at once, vmapped in one jitted program"""
     out: Optional[str] = None
-    """output folder; default runs/sql/<source>-<quality>/seed<seed>"""
+    """output folder; default runs/sql/<source>-<quality>/seed<seed>[-<hash>]"""
     resume: bool = False
     """continue the interrupted run in --out from its last checkpoint (same flags)"""
     # --- data ---
@@ -389,7 +390,9 @@ def load_data(args: Args, eval_domain: str):
 def main(argv: Optional[list[str]] = None) -> dict:
     args = tyro.cli(Args, args=argv)
     check_args(args)
-    out, saved = open_run(args, f"runs/sql/{args.source}-{args.quality}{physics_tag(args)}/seed{args.seed}")
+    out, saved = open_run(args, default_out(args, "sql"))
+    start_block(args, argv, out, [("sql_pretrain" if args.policy else "sql", args.steps, args.num_seeds)], saved,
+                episodes=args.eval_episodes if args.policy else 0)
     alpha = args.alpha if args.alpha is not None else default_alpha(args.source)
     eval_domain, seeds = args.eval_domain or args.source, [args.seed + k for k in range(args.num_seeds)]
     source_dataset, data_info = load_data(args, eval_domain)

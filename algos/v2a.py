@@ -39,12 +39,14 @@ c in [-1, 0] (stage 3/5, algos/otdf.py's, cached) instead of the scorer's, the k
 the actor subtracts reg_weight * log beta(pi(s) | s) of OTDF's target-behaviour CVAE (stage 4/5) at tanh(mu(s));
 --no-dataset-constraint drops it (neither paper says whether V2A-OTDF keeps it). lam and xi keep their defaults.
 
-Outputs in --out (default runs/<v2a|v2a-otdf>/<source>_to_<target>-<quality>/lam<lams>_xi<xis>/seed<seed>), as envs/run.py
-describes, and z_projection.png (a PCA of the trajectories' z, coloured by domain); results.json adds the grid, the
-settings, the stages, "representation" (envs/diagnostics.py: a linear and a nearest-centroid probe on z, fitted on
-all but --probe-fraction of each domain's and quality's trajectories, against the chance level) and per evaluation
-each setting's mean and std over seeds and the filter's diagnostics (dvdf.py's, with each domain's and quality's
-share of the kept samples). `--representation-only` stops after the encoder and its diagnostics.
+Outputs in --out (default runs/<v2a|v2a-otdf>/<source>_to_<target>-<quality>/lam<lams>_xi<xis>/seed<seed>,
+envs.run.default_out: a dataset flag's name in place of its domain, -<hash> when other flags are off their
+defaults), as envs/run.py describes, and z_projection.png (a PCA of the trajectories' z, coloured by domain);
+results.json adds the grid, the settings, the stages, "representation" (envs/diagnostics.py: a linear and a
+nearest-centroid probe on z, fitted on all but --probe-fraction of each domain's and quality's trajectories, against
+the chance level) and per evaluation each setting's mean and std over seeds and the filter's diagnostics (dvdf.py's,
+with each domain's and quality's share of the kept samples). `--representation-only` stops after the encoder and its
+diagnostics.
 """
 import sys
 import time
@@ -73,9 +75,10 @@ from envs import evaluate, load_dataset, reference_info, subsample
 from envs.diagnostics import (SOURCE_HOLDOUT_SEED, episode_groups, filter_diagnostics, filter_sums, held_out,
                               held_out_separation, holdout_split, plot_projection, representation_diagnostics,
                               trajectory_groups)
-from envs.run import (STAGE_SAVE_SECONDS, cached_stage, check_common_flags, dataset_arrays, fingerprint, finite_json,
-                      grid_evaluation_entry, json_bytes, need, open_run, package_versions, physics_tag, read_artifact,
-                      run_stage, save_stage, set_aside, stage_path, train_loop, value_bound_of, write_atomic)
+from envs.run import (STAGE_SAVE_SECONDS, Progress, cached_stage, check_common_flags, dataset_arrays, default_out,
+                      fingerprint, finite_json, grid_evaluation_entry, json_bytes, need, open_run, package_versions,
+                      read_artifact, run_stage, save_stage, set_aside, stage_path, start_block, stopped, train_loop,
+                      value_bound_of, write_atomic)
 
 Quality = Literal["random", "medium", "medium-replay", "medium-expert", "expert"]
 
@@ -88,7 +91,7 @@ class Args:
     num_seeds: int = 1
     """seeds per (lam, xi) setting, all vmapped in one jitted program"""
     out: Optional[str] = None
-    """output folder; default runs/v2a/<source>_to_<target>-<quality>/lam<lams>_xi<xis>/seed<seed>"""
+    """output folder; default runs/v2a/<source>_to_<target>-<quality>/lam<lams>_xi<xis>/seed<seed>[-<hash>]"""
     resume: bool = False
     """continue the interrupted run in --out from its last checkpoint (same flags)"""
     cache_dir: str = "runs/cache"
@@ -1227,18 +1230,30 @@ def ot_stage(args: Args, source, target, obs_dim: int, act_dim: int, stage: str 
             set_aside(partial_path)
     solve = jax.jit(partial(ot_deviation, epsilon=args.ot_epsilon, threshold=args.ot_threshold,
                             iterations=args.ot_iterations))
-    target_u, start, last_save = jax.device_put(target_u), time.perf_counter(), time.perf_counter()
-    pbar = tqdm(total=len(source_u), initial=done, unit="transition", dynamic_ncols=True,
-                desc=f"stage {stage}: ot {len(source_u)} source x {target_u.shape[0]} target")
-    while done < len(source_u):
-        chunk = source_u[done:done + args.ot_chunk]
-        deviation[done:done + len(chunk)] = np.asarray(solve(chunk, target_u))
-        done += len(chunk)
-        pbar.update(len(chunk))
-        if time.perf_counter() - last_save > STAGE_SAVE_SECONDS and done < len(source_u):
+    target_u, start, last_save, compiled = jax.device_put(target_u), time.perf_counter(), time.perf_counter(), {}
+    progress = Progress(f"stage {stage}: ot {len(source_u)} source x {target_u.shape[0]} target", len(source_u),
+                        done, unit="transition", name="ot")
+    try:
+        while done < len(source_u):
+            chunk = source_u[done:done + args.ot_chunk]
+            if len(chunk) not in compiled:  # compiled apart, so that the rate and ETA count the solves alone
+                compiled[len(chunk)] = solve.lower(chunk, target_u).compile()
+            chunk_start = time.perf_counter()
+            deviation[done:done + len(chunk)] = np.asarray(progress.wait(compiled[len(chunk)](chunk, target_u),
+                                                                         len(chunk)))
+            done += len(chunk)
+            progress.advance(len(chunk), time.perf_counter() - chunk_start)
+            if time.perf_counter() - last_save > STAGE_SAVE_SECONDS and done < len(source_u):
+                write_atomic(partial_path, serialization.msgpack_serialize({"deviation": deviation, "step": done}))
+                last_save = time.perf_counter()
+        progress.close()
+    except KeyboardInterrupt:  # what was solved is saved, and the stage resumes there
+        progress.close()
+        if done:
             write_atomic(partial_path, serialization.msgpack_serialize({"deviation": deviation, "step": done}))
-            last_save = time.perf_counter()
-    pbar.close()
+        raise stopped(f"in stage {stage} (ot) at transition {done:,} of {len(source_u):,}",
+                      f"the deviations solved so far are saved in {partial_path}" if done else
+                      "no chunk was solved yet") from None
     if not np.isfinite(deviation).all():
         raise SystemExit(f"stage {stage}: the OT deviation of {int((~np.isfinite(deviation)).sum())} source transitions "
                          f"is not finite; nothing is cached: try a larger --ot-epsilon.")
@@ -1490,13 +1505,27 @@ def write_representation_only(args: Args, out: Path, source, trajectory_z, encod
     return finite_json(results)
 
 
+def stages_of(args: Args, algo: str) -> list:
+    """The stages main() runs, as the start block lists them: (name, steps[, runs])."""
+    stages = [("encoder", args.encoder_steps)]
+    if args.representation_only:
+        return stages
+    stages.append(("sqlz", args.sqlz_steps))
+    if args.dynamics_score == "ot":
+        stages += [("ot", None)] + ([("cvae", args.cvae_steps)] if args.dataset_constraint else [])
+    else:
+        stages.append(("scorer", args.scorer_steps))
+    return stages + [(algo, args.steps, len(args.lam) * len(args.xi) * args.num_seeds)]
+
+
 def main(argv: Optional[list[str]] = None) -> dict:
     args = tyro.cli(Args, args=argv)
     check_args(args)
     grid_name = f"lam{'-'.join(f'{v:g}' for v in args.lam)}_xi{'-'.join(f'{v:g}' for v in args.xi)}"
     algo = "v2a-otdf" if args.dynamics_score == "ot" else "v2a"
-    out, saved = open_run(args, f"runs/{algo}/{args.source}_to_{args.target}-{args.quality}{physics_tag(args)}/"
-                                f"{grid_name}/seed{args.seed}")
+    out, saved = open_run(args, default_out(args, algo, grid_name, shown=("lam", "xi")))
+    start_block(args, argv, out, stages_of(args, algo), saved,
+                datasets=("source",) if args.representation_only else None)
     wall_start, seeds = time.perf_counter(), [args.seed + k for k in range(args.num_seeds)]
     if args.representation_only:  # the source alone: no target data, no references
         source = load_dataset(args.source_dataset, domain=args.source, physics=args.physics,

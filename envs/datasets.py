@@ -162,6 +162,30 @@ def load_dataset(name: str | None = None, *, domain: str | None = None, quality:
     return dataset
 
 
+def dataset_state(name: str | None = None, *, domain: str | None = None, quality: str | None = None,
+                  physics: str = "papers") -> tuple[str, bool, int | None]:
+    """Without loading anything: (the dataset load_dataset(name, domain=, quality=, physics=) reads, whether it is
+    there now, the transitions the generator makes first when it is a missing generated dataset or named mixture,
+    else None). A run's start block says from it what the run will read and what it will make."""
+    if name is None:
+        dataset_id = generated_dataset_id(domain, quality, physics)
+        if _minari_exists(dataset_id):
+            return dataset_id, True, None
+        try:
+            return dataset_id, False, _find_generator().default_size(domain, quality)
+        except SystemExit:  # no policy of this domain in the zoo: load_dataset says so
+            return dataset_id, False, None
+    if _looks_like_file(name):
+        return name, os.path.isfile(name), None
+    if _minari_exists(name):
+        return name, True, None
+    generator = _find_generator()
+    mixture = generator.parse_mixture_id(name)
+    if mixture is not None and mixture[0] in generator.MIXTURES:
+        return name, False, sum(size for _, _, size in generator.MIXTURES[mixture[0]])
+    return name, False, None
+
+
 def _looks_like_file(name: str) -> bool:
     # Minari ids are (namespace/)(env/)name-vN; anything that exists on disk or has an HDF5 suffix is a file.
     return os.path.isfile(name) or name.endswith((".hdf5", ".h5", ".hdf"))

@@ -3,13 +3,19 @@ chunked and checkpointed training loop, cached pre-training stages, atomic stric
 
 An algos/ file holds its algorithm (networks, losses, the jitted `train`) and hands that to this module:
 
-    out, saved = open_run(args, default_out)                  # the folder; the checkpoint to continue with --resume
+    out, saved = open_run(args, default_out(args, "iql"))     # the folder; the checkpoint to continue with --resume
+    start_block(args, argv, out, [("iql", args.steps, args.num_seeds)], saved)  # what runs, where, how long
     results = train_loop(args, out, saved, algo=..., init=init, train=train, keys=keys, inputs=(data, hparams),
                          in_axes=(0, 0), evaluate=..., report=...)
 
 train(runner, *inputs, num_steps) -> (runner, metrics) trains one run for num_steps steps (a `jax.lax.scan`);
 train_loop vmaps it over the leading run axis (seeds, or a grid of settings x seeds), compiles one program per
 chunk length ahead of time, and after every --eval-every steps evaluates, checkpoints and rewrites results.json.
+default_out differs for any two runs whose flags differ (datasets included). start_block prints the stages and
+their budgets, the datasets (and which will be generated), the folder and the estimated time (the rates recorded in
+benchmarks/results/speed.json for this device, else CPU_RATES); every loop's progress bar (Progress) counts timed
+work only, shows the whole job's ETA and moves every few seconds while a chunk runs. Ctrl-C in train_loop,
+run_stage or the OT stage ends in one sentence (`stopped`): what is saved, and the command line plus --resume.
 
 Files of a run, in its folder (--out), each written to a temporary file beside it and renamed, so there whole or not
 at all:
@@ -34,6 +40,7 @@ Pre-training stages (run_stage, used by dvdf.py and v2a.py) cache what they trai
 """
 from __future__ import annotations
 
+import atexit
 import errno
 import fcntl
 import hashlib
@@ -41,9 +48,11 @@ import json
 import math
 import os
 import platform
+import shlex
+import sys
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import MISSING, asdict, fields
 from functools import partial
 from importlib import metadata
 from pathlib import Path
@@ -162,12 +171,55 @@ def check_common_flags(args) -> None:
 
 def run_flags(args) -> dict:
     """The flags that define a run (all but --resume and --out), as JSON values."""
-    return json.loads(json.dumps({k: v for k, v in asdict(args).items() if k not in ("resume", "out")}))
+    return run_flags_value({k: v for k, v in asdict(args).items() if k not in ("resume", "out")})
 
 
-def physics_tag(args) -> str:
-    """The default folders' suffix: the papers' physics names no folder, the v5 physics adds -v5physics."""
-    return "-v5physics" if getattr(args, "physics", None) == "v5" else ""
+NOT_RUN_FLAGS = ("out", "resume", "cache_dir")  # where a run's files go, never what it computes
+
+
+def dataset_tag(name: str) -> str:
+    """A short readable folder name for a dataset flag: a file's stem, or a Minari id without its first namespace
+    ("crossdomain/mix/halfcheetah-kinematic-random-expert-v0" -> "mix.halfcheetah-kinematic-random-expert-v0")."""
+    path = Path(name)
+    if name.endswith((".hdf5", ".h5", ".hdf")) or path.is_file():
+        tag = path.stem
+    else:
+        parts = name.strip("/").split("/")
+        tag = ".".join(parts[1:] if len(parts) > 1 else parts)
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in tag)[:60] or "dataset"
+
+
+def default_out(args, algo: str, *levels: str, shown: tuple = ()) -> str:
+    """The default --out: runs/<algo>/<data>/<levels>/seed<seed>[-<hash>], which differs for any two runs whose
+    flags differ in anything but --out, --resume and --cache-dir. <data> is <source>_to_<target>-<quality>, where
+    --source-dataset / --target-dataset put their dataset_tag in place of the domain (the quality only stays while
+    a generated dataset is read) and the v5 physics adds -v5physics; `levels` are a script's own folders, naming
+    the flags in `shown`. <hash> is 8 hex digits of every other flag that is not at its default (the datasets'
+    full names included, as their tags shorten them); results.json lists them all under "args"."""
+    source = getattr(args, "source_dataset", None)
+    target = getattr(args, "target_dataset", None)
+    in_path = {"seed", "physics", *shown, *NOT_RUN_FLAGS}  # the flags the path shows in full
+    data = dataset_tag(source) if source else args.source
+    in_path |= set() if source else {"source"}
+    if hasattr(args, "target"):
+        data += f"_to_{dataset_tag(target) if target else args.target}"
+        in_path |= set() if target else {"target"}
+    if not source or (hasattr(args, "target") and not target):
+        data += f"-{args.quality}"
+        in_path.add("quality")
+    data += "-v5physics" if getattr(args, "physics", None) == "v5" else ""
+    defaults = {f.name: f.default if f.default is not MISSING else f.default_factory() for f in fields(args)
+                if f.default is not MISSING or f.default_factory is not MISSING}
+    flags = run_flags(args)
+    changed = {name: value for name, value in flags.items()
+               if name not in in_path and name in defaults and value != run_flags_value(defaults[name])}
+    seed = f"seed{args.seed}" + (f"-{cache_key(changed)[:8]}" if changed else "")
+    return str(Path("runs", algo, data, *levels, seed))
+
+
+def run_flags_value(value):
+    """A flag's value as run_flags writes it (JSON: tuples become lists)."""
+    return json.loads(json.dumps(value))
 
 
 _LOCKS: dict = {}  # path -> file descriptor of each lock this process holds
@@ -333,6 +385,290 @@ def without_losses(entry: dict) -> dict:
     return {key: value for key, value in entry.items() if key not in ("losses", "filter")}
 
 
+# ---------------------------------------------------------------- the job: start block, progress bars, Ctrl-C
+RECORDED_RATES = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "speed.json"
+CPU_RATES = {  # gradient steps/s of one run on a 2-core CPU, where RECORDED_RATES has no row of this device
+    "iql": 208, "sql_pretrain": 387, "igdf_scorer": 442, "dvdf": 163, "v2a": 198,  # benchmarks/results/speed.md
+    "sql": 493, "scorer": 449,  # as dvdf.py and v2a.py train them (speed.md's pipeline: SQL without a policy)
+    # issue 29: timed like speed.py (one jitted chunk, compile apart) on the same 2-core CPU while other jobs ran
+    # on it, times 1.6, the ratio of iql's rate above to iql's timed there in the same session
+    "otdf": 20, "dara": 170, "bosa": 24, "encoder": 7, "sqlz": 98, "cvae": 124, "dara_classifier": 455, "bosa_vae": 8,
+}
+RATE_OF = {"igdf": "dvdf", "dvdf-otdf": "otdf", "v2a-otdf": "otdf"}  # runs at the rate of the same program
+OT_PAIRS_PER_SECOND = {5_000: 2.9e6, 20_000: 1.2e6}  # target size -> source x target pairs the OT stage solves
+# per second on that CPU (chunks of 10,000 source transitions, 100 Sinkhorn iterations; measured as CPU_RATES' last)
+EVAL_EPISODE_SECONDS = 0.08  # one evaluation episode of one run (speed.md: 10 episodes x 5 seeds in 3.8 s)
+DATASET_MB_PER_MILLION = 360  # the Minari store's size of 1M generated HalfCheetah transitions (their states too)
+_JOB: dict = {}  # the running script's plan: set by start_block, read by the progress bars and Ctrl-C
+
+
+def duration(seconds: Optional[float]) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "?"
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _recorded_rates(device: str) -> dict:
+    """name -> [(runs, steps/s)] recorded for this device kind: RECORDED_RATES (benchmarks/speed.py's rows where the
+    repository holds them), else CPU_RATES on a CPU."""
+    rates: dict = {}
+    try:
+        recorded = json.loads(RECORDED_RATES.read_text())
+        for row in recorded.get("rows", []):
+            if row.get("device") == device and row.get("steps_per_second"):
+                runs = row.get("runs", row.get("seeds", 1))
+                rates.setdefault(row["algo"], []).append((runs, float(row["steps_per_second"])))
+        for pipeline in recorded.get("pipelines", []):
+            if pipeline.get("device") == device:
+                for name in ("sql", "scorer"):
+                    if pipeline.get("rates", {}).get(name):
+                        rates.setdefault(name, []).append((1, float(pipeline["rates"][name])))
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):  # no benchmarks/ beside envs/, or unreadable
+        pass
+    if device == "cpu":
+        for name, rate in CPU_RATES.items():
+            if rate and name not in rates:
+                rates[name] = [(1, float(rate))]
+    return rates
+
+
+def stage_rate(name: str, runs: int, rates: dict) -> Optional[float]:
+    """The expected steps/s of a stage of `runs` vmapped runs: the recorded row of the nearest run count, at its
+    seed-updates/s (steps/s x runs); None where nothing is recorded."""
+    rows = rates.get(RATE_OF.get(name, name))
+    if not rows:
+        return None
+    row_runs, rate = min(rows, key=lambda row: abs(math.log(row[0] / runs)))
+    return rate * row_runs / runs
+
+
+def continue_command() -> str:
+    """The command that continues this run: the same command line with --resume."""
+    if not _JOB.get("script"):
+        return "the same command with --resume"
+    argv = list(_JOB["argv"])
+    return shlex.join(["python", _JOB["script"], *argv, *([] if "--resume" in argv else ["--resume"])])
+
+
+def stopped(where: str, saved: str) -> SystemExit:
+    """The one sentence Ctrl-C ends a script with: where it stopped, what is saved, the command that continues. In
+    the script's own process it then exits at once, instead of waiting for the computation XLA is running."""
+    if _JOB.get("own_process"):
+        atexit.register(_exit_now)
+    return SystemExit(f"Stopped by Ctrl-C {where}: {saved}. Continue with: {continue_command()}")
+
+
+def _exit_now():
+    sys.stdout.flush(), sys.stderr.flush()
+    os._exit(130)
+
+
+def _interrupt_hook(kind, value, traceback):
+    """Ctrl-C outside a stage's loop (loading or generating data, between stages): one sentence, no traceback."""
+    if not issubclass(kind, KeyboardInterrupt):
+        return sys.__excepthook__(kind, value, traceback)
+    cache = f", the stages finished so far in {_JOB['cache_dir']}" if _JOB.get("cache_dir") else ""
+    print(f"\nStopped by Ctrl-C before a stage's training loop: the datasets made so far stay in the Minari store"
+          f"{cache} and any checkpoint in {_JOB.get('out')}. Continue with: {continue_command()}", file=sys.stderr)
+    _exit_now()
+
+
+def start_block(args, argv: Optional[list], out: Path, stages: list, saved: Optional[dict] = None,
+                datasets: Optional[tuple] = None, episodes: Optional[int] = None) -> None:
+    """Print what the script will do before it does any of it, and keep the plan for the progress bars (the whole
+    job's ETA) and for Ctrl-C (the command that continues). `stages` lists (name, steps[, runs]) in order, the
+    last trained by train_loop (`saved`: its checkpoint); a name is the stage's cache kind (run_stage's <kind>)
+    or the script's, and "ot" counts source transitions (None: all of them) against the OT target set. `datasets`
+    names the sides ("source", "target") whose dataset flags it reads (default: both where the flags exist);
+    `episodes` per evaluation of the last stage (default --eval-episodes)."""
+    from envs.datasets import dataset_state
+    script = sys._getframe(1).f_globals.get("__file__")  # the calling algos/ file
+    own = script is not None and Path(sys.argv[0]).resolve() == Path(script).resolve()
+    if script is not None:
+        path = Path(script).resolve()
+        script = str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    device = jax.devices()[0].device_kind
+    rates = _recorded_rates(device)
+    lines = [shlex.join(["python", script or "<script>", *argv])]
+    generate_seconds, source_size = 0.0, None
+    from envs.generate import GENERATION_RATE
+    for side in datasets or tuple(side for side in ("source", "target") if hasattr(args, f"{side}_dataset")):
+        given = getattr(args, f"{side}_dataset")
+        name, present, size = dataset_state(given, domain=getattr(args, side), quality=None if given else args.quality,
+                                            physics=getattr(args, "physics", "papers"))
+        if side == "source":
+            source_size = size
+        if present:
+            state = "in the Minari store" if not _looks_like_path(name) else "a file"
+        elif size:
+            generate_seconds += size / GENERATION_RATE
+            state = (f"not in the store yet, so generated first from the policy zoo ({size:,} transitions, ~"
+                     f"{duration(size / GENERATION_RATE)}, ~{size / 1e6 * DATASET_MB_PER_MILLION:.0f} MB)")
+        else:
+            state = "not found (the run stops with what to do)"
+        share = ""
+        if side == "target" and hasattr(args, "target_fraction"):
+            share = (f", {args.target_size:,} transitions of it" if getattr(args, "target_size", None)
+                     else f", {args.target_fraction:.0%} of it")
+        lines.append(f"  {side:9} {name}: {state}{share}")
+    plan, total = [], generate_seconds
+    episodes = getattr(args, "eval_episodes", 0) if episodes is None else episodes
+    for index, stage in enumerate(stages):
+        name, steps, runs = (*stage, 1)[:3]
+        done = int(saved["step"]) if saved is not None and index == len(stages) - 1 else 0
+        if name == "ot":
+            targets = getattr(args, "ot_target_size", None) or getattr(args, "target_size", None) or \
+                int(getattr(args, "target_fraction", 0.1) * 1e6)
+            steps = steps or source_size or 1_000_000
+            measured = min(OT_PAIRS_PER_SECOND, key=lambda size: abs(math.log(size / targets)))
+            rate = OT_PAIRS_PER_SECOND[measured] / targets if device == "cpu" else None
+            budget = f"{steps:,} source x about {targets:,} target transitions"
+        else:
+            rate = stage_rate(name, runs, rates)
+            budget = f"{steps:,} steps x {runs} run{'s' * (runs > 1)}"
+        seconds = (steps - done) / rate if rate else None
+        evaluation = ""
+        if index == len(stages) - 1 and episodes and hasattr(args, "eval_every"):
+            count = math.ceil((steps - done) / args.eval_every)
+            eval_seconds = count * episodes * runs * EVAL_EPISODE_SECONDS
+            seconds = None if seconds is None else seconds + eval_seconds
+            evaluation = f" + {count} evaluation{'s' * (count > 1)} of {episodes} episode{'s' * (episodes > 1)}"
+        resumed = f", resumed at step {done:,}" if done else ""
+        lines.append(f"  stage {index + 1}/{len(stages)} {name}: {budget}{evaluation}{resumed}, ~{duration(seconds)}"
+                     + ("" if rate else " (no recorded rate on this device)"))
+        plan.append({"name": name, "steps": steps, "rate": rate, "seconds": seconds,
+                     "per_eval": episodes * runs * EVAL_EPISODE_SECONDS if evaluation else 0.0})
+        total = None if total is None or seconds is None else total + seconds
+    cache_dir = getattr(args, "cache_dir", None)
+    lines.append(f"  output    {out}" + (f" (stages cached in {cache_dir}, skipped when there)" if cache_dir else ""))
+    origin = "benchmarks/results/speed.md" if RECORDED_RATES.exists() else "envs/run.py's CPU_RATES"
+    known = sum(entry["seconds"] or 0.0 for entry in plan) + generate_seconds
+    if total is not None:
+        estimate = f"~{duration(total)} on this {device} at the rates recorded in {origin}"
+    else:
+        estimate = (f"{'more than ' + duration(known) if known else 'unknown'}: no rate recorded for every stage on "
+                    f"this {device} ({origin})")
+    lines.append(f"  estimate  {estimate}; the progress bars refresh it as they measure")
+    print("\n".join(lines), flush=True)
+    _JOB.clear()
+    _JOB.update(script=script, argv=argv, own_process=own, out=out, cache_dir=cache_dir, plan=plan, factor=1.0)
+    if own:
+        sys.excepthook = _interrupt_hook
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.endswith((".hdf5", ".h5", ".hdf")) or os.path.isfile(name)
+
+
+def _plan_entry(name: Optional[str]) -> Optional[dict]:
+    """The plan's entry of a stage: the first unfinished one of this name (None: the last, train_loop's)."""
+    plan = _JOB.get("plan") or []
+    if name is None:
+        return plan[-1] if plan else None
+    return next((entry for entry in plan if entry["name"] == name and not entry.get("finished")), None)
+
+
+def stage_finished(name: str) -> None:
+    """A stage the cache (or an artefact) provides: the job's ETA no longer counts it."""
+    entry = _plan_entry(name)
+    if entry is not None:
+        entry["finished"] = True
+
+
+class Progress:
+    """A stage's progress bar. Its rate and ETAs count timed work only (compilation never); "job" adds the stages
+    after this one at their recorded rates, scaled by how this machine's measured rates compare with them. While a
+    chunk runs, the bar says for how long it has been running, every few seconds."""
+
+    def __init__(self, title: str, total: int, initial: int = 0, unit: str = "step", name: Optional[str] = None):
+        self.entry = _plan_entry(name)
+        self.total, self.unit, self.step, self.timed, self.seconds, self.note = total, unit, initial, 0, 0.0, ""
+        self.eval_seconds, self.evals, self.evals_left = 0.0, 0, 0
+        self.bar = tqdm(total=total, initial=initial, unit=unit, dynamic_ncols=True, desc=title,
+                        bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
+
+    def rate(self) -> Optional[float]:
+        if self.timed and self.seconds > 0:
+            return self.timed / self.seconds
+        if self.entry is not None and self.entry["rate"]:
+            return self.entry["rate"] * _JOB.get("factor", 1.0)
+        return None
+
+    def seconds_left(self) -> Optional[float]:
+        """This stage's steps left at its rate, plus its evaluations left (train_loop sets evals_left) at their
+        measured time (their estimate before the first)."""
+        rate = self.rate()
+        if rate is None:
+            return None
+        per_eval = self.eval_seconds / self.evals if self.evals else (self.entry or {}).get("per_eval", 0.0)
+        return (self.total - self.step) / rate + self.evals_left * per_eval
+
+    def job_left(self) -> Optional[float]:
+        """This stage's time left plus that of every later stage of the plan that is not cached."""
+        left = self.seconds_left()
+        plan = _JOB.get("plan") or []
+        if self.entry is None or left is None:
+            return None
+        for entry in plan[plan.index(self.entry) + 1:]:
+            if not entry.get("finished"):
+                if entry["seconds"] is None:
+                    return None
+                left += entry["seconds"] / _JOB.get("factor", 1.0)
+        return left
+
+    def _refresh(self, running: str = "") -> None:
+        rate, plan = self.rate(), _JOB.get("plan") or [None]
+        parts = [f"{rate:.3g} {self.unit}/s" if self.timed and rate else ""]
+        if self.entry is None or self.entry is not plan[-1]:
+            parts.append(f"ETA {duration(self.seconds_left())}")
+        if self.entry is not None:  # the last stage's ETA is the job's
+            parts.append(f"job ETA {duration(self.job_left())}")
+        self.bar.set_postfix_str(", ".join(part for part in (*parts, running, self.note) if part), refresh=True)
+
+    def wait(self, tree, steps: int):
+        """`tree` once XLA has computed it; meanwhile the bar shows for how long this chunk of `steps` has run,
+        and Ctrl-C is heard at once (a blocking wait would hear it only when the chunk ends)."""
+        leaves = [leaf for leaf in jax.tree.leaves(tree) if hasattr(leaf, "is_ready")]
+        start = last = time.perf_counter()
+        pause = 1e-3
+        rate = self.rate()
+        while not all(leaf.is_ready() for leaf in leaves):
+            time.sleep(pause)
+            pause = min(2 * pause, 0.2)
+            if time.perf_counter() - last > 2.0:
+                last = time.perf_counter()
+                expected = f" of ~{duration(steps / rate)}" if rate else ""
+                self._refresh(f"chunk of {steps:,} running {duration(last - start)}{expected}")
+        return jax.block_until_ready(tree)
+
+    def advance(self, steps: int, seconds: float, note: Optional[str] = None) -> None:
+        """`steps` more done in `seconds` of timed work (no compilation in it)."""
+        self.step += steps
+        self.timed += steps
+        self.seconds += seconds
+        if note is not None:
+            self.note = note
+        if self.entry is not None and self.entry["rate"] and self.timed >= min(self.total, 100):
+            _JOB["factor"] = (self.timed / self.seconds) / self.entry["rate"]  # later estimates follow this machine
+        self.bar.update(steps)
+        self._refresh()
+
+    def evaluated(self, seconds: float, evals_left: int) -> None:
+        self.eval_seconds += seconds
+        self.evals += 1
+        self.evals_left = evals_left
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.entry is not None:
+            self.entry["finished"] = self.step >= self.total
+
+
 # ---------------------------------------------------------------- the training loop
 def train_loop(args, out: Path, saved: Optional[dict], *, algo: str, title: str, init, keys, train, inputs: tuple,
                in_axes: tuple, evaluate: Callable, report: Callable, header: Optional[dict] = None,
@@ -365,8 +701,8 @@ def train_loop(args, out: Path, saved: Optional[dict], *, algo: str, title: str,
     inputs_fingerprint = fingerprint(np.asarray(leaf) for leaf in jax.tree.leaves(jax.device_get(inputs)))
     if saved is not None:
         if saved.get("inputs", inputs_fingerprint) != inputs_fingerprint:  # checkpoints before this check lack it
-            raise SystemExit(f"--resume needs the data the interrupted run trained on, but its inputs here (datasets, "
-                             f"target subsamples, frozen stages) have fingerprint {inputs_fingerprint} and "
+            raise SystemExit(f"--resume needs the data the interrupted run trained on, but its inputs here "
+                             f"(datasets, target subsamples, frozen stages) have fingerprint {inputs_fingerprint} and "
                              f"{saved['inputs']} in {out / 'checkpoint.msgpack'}: a dataset changed since the run "
                              f"started; put that data back, or start the run again in another --out.")
         runner = serialization.from_state_dict(runner, saved["runner"])
@@ -417,45 +753,55 @@ def train_loop(args, out: Path, saved: Optional[dict], *, algo: str, title: str,
         except (OSError, ValueError):  # missing, or truncated by a crash of another writer: timing is lost, no more
             previous = {}
         results = write_results(step, previous.get("timing") if isinstance(previous, dict) else None)
-    pbar = tqdm(total=args.steps, initial=start_step, unit="step", dynamic_ncols=True, desc=title)
-    for num_steps in chunks:
-        start = time.perf_counter()
-        runner, metrics = jax.block_until_ready(compiled[num_steps](runner, *inputs))
-        train_seconds += time.perf_counter() - start
-        diverged = divergence(jax.device_get(losses_of(metrics)), value_bound)
-        if diverged:  # nothing of this chunk is saved: the last checkpoint and results stay the sound ones
-            kept = f"the checkpoint in {out} stays at step {step}" if step > 0 else "nothing was saved"
-            raise SystemExit(f"{name or algo.upper()} diverged in the {step}-{step + num_steps} chunk ({diverged}); "
-                             f"{kept}. {advice[0].upper() + advice[1:]}.")
-        step += num_steps
+    progress = Progress(title, args.steps, start_step)
+    checkpoint_step = start_step
+    try:
+        for index, num_steps in enumerate(chunks):
+            start = time.perf_counter()
+            runner, metrics = progress.wait(compiled[num_steps](runner, *inputs), num_steps)
+            chunk_seconds = time.perf_counter() - start
+            train_seconds += chunk_seconds
+            diverged = divergence(jax.device_get(losses_of(metrics)), value_bound)
+            if diverged:  # nothing of this chunk is saved: the last checkpoint and results stay the sound ones
+                kept = f"the checkpoint in {out} stays at step {step}" if step > 0 else "nothing was saved"
+                raise SystemExit(f"{name or algo.upper()} diverged in the {step}-{step + num_steps} chunk "
+                                 f"({diverged}); {kept}. {advice[0].upper() + advice[1:]}.")
+            step += num_steps
 
-        start = time.perf_counter()
-        evaluations.append(evaluate(runner, step, metrics))
-        eval_seconds += time.perf_counter() - start
-        if (where := non_finite_evaluation(evaluations[-1:])) and not non_finite_evaluation(evaluations[:-1]):
-            tqdm.write(f"note: {where}; the run goes on, but it will not count as finished.")
-        if before_checkpoint is not None:
-            before_checkpoint(runner, step)
-        # checkpoint first: if killed before results.json is rewritten, --resume rewrites it
-        checkpoint = {"runner": serialization.to_state_dict(jax.device_get(runner)), "step": step,
-                      "evaluations": json.dumps(finite_json(evaluations)), "flags": json.dumps(run_flags(args)),
-                      "inputs": inputs_fingerprint}
-        write_atomic(out / "checkpoint.msgpack", serialization.msgpack_serialize(checkpoint))
-        timed_steps = step - start_step
-        results = write_results(step, {
-            "steps_per_second": timed_steps / train_seconds,  # gradient steps, every run at once
-            "updates_per_second": timed_steps * num_runs / train_seconds,
-            "compile_seconds": compile_seconds, "train_seconds": train_seconds, "eval_seconds": eval_seconds,
-            **(timing or {}), "wall_seconds": time.perf_counter() - wall_start, "timed_steps": timed_steps,
-            "resumed_from_step": start_step, "device_kind": jax.devices()[0].device_kind,
-            "platform": jax.default_backend(), "devices": jax.device_count() if shardings else 1})
+            start = time.perf_counter()
+            evaluations.append(evaluate(runner, step, metrics))
+            eval_seconds += time.perf_counter() - start
+            progress.evaluated(time.perf_counter() - start, evals_left=len(chunks) - index - 1)
+            if (where := non_finite_evaluation(evaluations[-1:])) and not non_finite_evaluation(evaluations[:-1]):
+                tqdm.write(f"note: {where}; the run goes on, but it will not count as finished.")
+            if before_checkpoint is not None:
+                before_checkpoint(runner, step)
+            # checkpoint first: if killed before results.json is rewritten, --resume rewrites it
+            checkpoint = {"runner": serialization.to_state_dict(jax.device_get(runner)), "step": step,
+                          "evaluations": json.dumps(finite_json(evaluations)), "flags": json.dumps(run_flags(args)),
+                          "inputs": inputs_fingerprint}
+            write_atomic(out / "checkpoint.msgpack", serialization.msgpack_serialize(checkpoint))
+            checkpoint_step = step
+            timed_steps = step - start_step
+            results = write_results(step, {
+                "steps_per_second": timed_steps / train_seconds,  # gradient steps, every run at once
+                "updates_per_second": timed_steps * num_runs / train_seconds,
+                "compile_seconds": compile_seconds, "train_seconds": train_seconds, "eval_seconds": eval_seconds,
+                **(timing or {}), "wall_seconds": time.perf_counter() - wall_start, "timed_steps": timed_steps,
+                "resumed_from_step": start_step, "device_kind": jax.devices()[0].device_kind,
+                "platform": jax.default_backend(), "devices": jax.device_count() if shardings else 1})
 
-        postfix, line = report(step, evaluations[-1], metrics)
-        pbar.update(num_steps)
-        if postfix:
-            pbar.set_postfix_str(postfix)
-        tqdm.write(line)
-    pbar.close()
+            postfix, line = report(step, evaluations[-1], metrics)
+            progress.advance(num_steps, chunk_seconds, postfix)
+            tqdm.write(line)
+        progress.close()
+    except KeyboardInterrupt:
+        progress.close()
+        kept = (f"the checkpoint of step {checkpoint_step:,} is in {out}" if checkpoint_step else
+                f"no checkpoint yet (the first comes at step {min(args.eval_every, args.steps):,})")
+        if _JOB.get("cache_dir"):
+            kept += f", the finished stages are cached in {_JOB['cache_dir']}"
+        raise stopped(f"in {title} at step {step:,} of {args.steps:,}", kept) from None
     unlock(out / ".lock")  # the run is done: another process may --resume it (a finished run rewrites results)
     if results.get("failed"):
         raise SystemExit(results["failed"])
@@ -520,6 +866,7 @@ def cached_stage(cache_dir: str, kind: str, info: dict, obs_dim: int, act_dim: i
         try:
             params, saved = read_artifact(str(path), kind, f"the cached {kind} stage", obs_dim, act_dim)
             unlock(path.with_suffix(".lock"))
+            stage_finished(kind)
             return params, saved | {"origin": "cache"}
         except CorruptArtifact:
             set_aside(path), set_aside(path.with_suffix(".json"))
@@ -569,24 +916,29 @@ def run_stage(title: str, path: Path, runner, train, in_axes: tuple, inputs: tup
         except Exception:  # a truncated or overwritten partial file: the stage starts again
             set_aside(partial_path)
     compiled, metrics, seconds_per_step = {}, {}, None
-    pbar = tqdm(total=steps, initial=step, unit="step", dynamic_ncols=True, desc=title)
-    while step < steps:
-        num_steps = stage_chunk(steps - step, seconds_per_step)
-        if num_steps not in compiled:
-            chunk = jax.jit(jax.vmap(partial(train, num_steps=num_steps), in_axes=in_axes))
-            compiled[num_steps] = chunk.lower(runner, *inputs).compile()
-        start = time.perf_counter()
-        runner, metrics = compiled[num_steps](runner, *inputs)
-        runner = jax.block_until_ready(runner)
-        seconds_per_step = (time.perf_counter() - start) / num_steps
-        diverged = divergence(jax.device_get(metrics), value_bound)
-        if diverged:  # the partial file keeps the last sound chunk; nothing is cached
-            raise SystemExit(f"{title} diverged in steps {step}-{step + num_steps} ({diverged}); nothing of it is "
-                             f"cached: {advice}.")
-        step += num_steps
-        write_atomic(partial_path, serialization.msgpack_serialize(
-            {"runner": serialization.to_state_dict(jax.device_get(runner)), "step": step}))
-        pbar.update(num_steps)
-        pbar.set_postfix({name: f"{float(np.mean(value)):.3g}" for name, value in metrics.items()})
-    pbar.close()
+    progress = Progress(title, steps, step, name=path.name.rsplit("-", 1)[0])
+    try:
+        while step < steps:
+            num_steps = stage_chunk(steps - step, seconds_per_step)
+            if num_steps not in compiled:
+                chunk = jax.jit(jax.vmap(partial(train, num_steps=num_steps), in_axes=in_axes))
+                compiled[num_steps] = chunk.lower(runner, *inputs).compile()
+            start = time.perf_counter()
+            runner, metrics = progress.wait(compiled[num_steps](runner, *inputs), num_steps)
+            seconds_per_step = (time.perf_counter() - start) / num_steps
+            diverged = divergence(jax.device_get(metrics), value_bound)
+            if diverged:  # the partial file keeps the last sound chunk; nothing is cached
+                raise SystemExit(f"{title} diverged in steps {step}-{step + num_steps} ({diverged}); nothing of it is "
+                                 f"cached: {advice}.")
+            step += num_steps
+            write_atomic(partial_path, serialization.msgpack_serialize(
+                {"runner": serialization.to_state_dict(jax.device_get(runner)), "step": step}))
+            progress.advance(num_steps, seconds_per_step * num_steps,
+                             ", ".join(f"{name}={float(np.mean(value)):.3g}" for name, value in metrics.items()))
+        progress.close()
+    except KeyboardInterrupt:
+        progress.close()
+        kept = f"its step {step:,} is saved in {partial_path}" if step else "no step of it was saved yet"
+        raise stopped(f"in {title} at step {step:,} of {steps:,}",
+                      f"{kept} (the finished stages are cached in {path.parent})") from None
     return runner, {name: float(np.mean(value)) for name, value in metrics.items()}, partial_path

@@ -297,7 +297,7 @@ def test_resume_after_kill_gives_the_same_final_parameters(datasets, finished_ru
         return real_evaluate(*args, **kwargs)
 
     monkeypatch.setattr(bosa, "evaluate", killed_during_second_evaluation)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit, match="^Stopped by Ctrl-C"):
         bosa.main(_flags(datasets, out))
     monkeypatch.setattr(bosa, "evaluate", real_evaluate)
     assert _runner_leaves(out)[0] == 100

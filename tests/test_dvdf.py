@@ -355,7 +355,7 @@ def test_resume_uses_the_cached_stages_and_ends_bit_for_bit(datasets, finished_r
         return real_evaluate(*args, **kwargs)
 
     monkeypatch.setattr(dvdf, "evaluate", killed_during_second_evaluation)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit, match="^Stopped by Ctrl-C"):
         dvdf.main(_flags(datasets, out))
     interrupted = json.loads((out / "results.json").read_text())
     assert interrupted["step"] == 100 and not interrupted["finished"]
@@ -391,7 +391,7 @@ def test_resume_continues_a_run_cut_off_in_a_pre_training_stage(stage, datasets,
             raise KeyboardInterrupt
 
     monkeypatch.setattr(run, "write_atomic", killed_after_the_stages_first_chunk)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit, match="^Stopped by Ctrl-C"):
         dvdf.main(flags)
     assert not (out / "checkpoint.msgpack").exists()
     monkeypatch.setattr(run, "write_atomic", real_write)
@@ -504,7 +504,7 @@ def test_an_interrupted_stage_resumes_where_it_stopped(tmp_path, monkeypatch):
             raise KeyboardInterrupt
 
     monkeypatch.setattr(run, "write_atomic", killed_after_second_chunk)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit, match="^Stopped by Ctrl-C"):
         run.run_stage("toy", tmp_path / "toy.msgpack", start, _toy_train, (0, 0), (scale,), 100)
     assert [path.name for path in writes] == ["toy.partial.msgpack"] * 2
     monkeypatch.setattr(run, "write_atomic", real_write)

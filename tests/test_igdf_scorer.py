@@ -162,7 +162,7 @@ def test_resume_gives_the_same_encoders(datasets, finished_run, tmp_path, monkey
         return real(*args, **kwargs)
 
     monkeypatch.setattr(scorer, "held_out_separation", killed_at_second_evaluation)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit, match="^Stopped by Ctrl-C"):
         scorer.main(_flags(datasets, out))
     monkeypatch.setattr(scorer, "held_out_separation", real)
     resumed = scorer.main(_flags(datasets, out, "--resume"))

@@ -266,7 +266,7 @@ def test_resume_after_kill_gives_the_same_final_parameters(datasets, finished_ru
 
     real_evaluate = iql.evaluate
     monkeypatch.setattr(iql, "evaluate", killed_during_second_evaluation)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit, match="^Stopped by Ctrl-C"):
         iql.main(_flags(datasets, out))
     monkeypatch.setattr(iql, "evaluate", real_evaluate)
     assert _runner_leaves(out)[0] == 100

@@ -1,11 +1,17 @@
 """The run harness of envs/run.py: atomic strict-JSON files, the flag checks every script shares, open_run and
 --resume, the chunked training loop (checkpoint, results, resume, divergence guard), on a tiny hand-checkable train
-function; the cached-stage helpers are exercised through dvdf.py and v2a.py in their own tests."""
+function; the cached-stage helpers are exercised through dvdf.py and v2a.py in their own tests; the start block,
+Ctrl-C and the default --out, on the scripts themselves."""
 import dataclasses
 import errno
+import importlib.util
 import json
+import shlex
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -13,9 +19,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tyro
 from flax import serialization
 
 from envs import run
+from synthetic import write_d4rl
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -202,7 +210,7 @@ def test_an_interrupted_loop_resumes_from_its_checkpoint(tmp_path):
             raise KeyboardInterrupt
         return "", ""
 
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit, match="^Stopped by Ctrl-C in fake at step 20 of 30: the checkpoint of step 20 is"):
         loop(Args(out=str(tmp_path)), tmp_path, report=interrupt)
     assert json.loads((tmp_path / "results.json").read_text())["finished"] is False
     out, saved = run.open_run(Args(out=str(tmp_path), resume=True), "unused")
@@ -219,7 +227,7 @@ def test_resume_on_other_data_stops_with_one_sentence(tmp_path):
             raise KeyboardInterrupt
         return "", ""
 
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit, match="^Stopped by Ctrl-C"):
         loop(Args(out=str(tmp_path)), tmp_path, report=interrupt)
     out, saved = run.open_run(Args(out=str(tmp_path), resume=True), "unused")
     with pytest.raises(SystemExit) as error:
@@ -287,3 +295,117 @@ def test_divergence_names_what_left_its_bounds():
     assert run.divergence({"q_mean": np.array([10.0, -2100.0]), "value_loss": np.array([1.0])}, bound).startswith(
         "|mean Q| reached 2.1e+03, beyond 2e+03")
     assert run.divergence({"critic_loss": np.array([np.nan])}, None) == "critic_loss is not finite"
+
+
+# ---------------------------------------------------------------- the start block, Ctrl-C and the default --out
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(f"run_test_{name}", ROOT / "algos" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # tyro reads the flags' docstrings through it
+    spec.loader.exec_module(module)
+    return module
+
+
+def _hopper_data(folder: Path, *names: str) -> list[str]:
+    """Tiny Hopper-shaped D4RL files: Hopper's random-policy evaluation episodes end within tens of steps."""
+    rng = np.random.default_rng(0)
+    return [write_d4rl(folder / f"{name}.hdf5", rng, 1000, 100, obs_dim=11, act_dim=3) for name in names]
+
+
+def _printed_script() -> str:
+    """This file as the start block names it: relative to the working directory where it is under it."""
+    path = Path(__file__).resolve()
+    return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
+
+
+def test_start_block_and_ctrl_c_in_the_loop_name_the_checkpoint_and_the_command_that_continues(tmp_path, capsys):
+    """The block says what runs, where, and how long (a stage with no recorded rate says so); Ctrl-C after the
+    step-20 checkpoint ends in one sentence naming it and the same command line plus --resume, which continues."""
+    argv = ["--steps", "30", "--out", str(tmp_path)]
+    run.start_block(Args(out=str(tmp_path)), argv, tmp_path, [("fake", 30, 2)])
+    block = capsys.readouterr().out.splitlines()
+    assert block[0] == f"python {_printed_script()} --steps 30 --out {tmp_path}"
+    assert block[1] == "  stage 1/1 fake: 30 steps x 2 runs, ~? (no recorded rate on this device)"
+    assert block[2] == f"  output    {tmp_path}" and block[3].startswith("  estimate  unknown: no rate recorded")
+
+    def interrupt(step, entry, metrics):
+        if step == 20:
+            raise KeyboardInterrupt
+        return "", ""
+
+    with pytest.raises(SystemExit) as error:
+        loop(Args(out=str(tmp_path)), tmp_path, report=interrupt)
+    assert str(error.value) == (f"Stopped by Ctrl-C in fake at step 20 of 30: the checkpoint of step 20 is in "
+                                f"{tmp_path}. Continue with: python {_printed_script()} --steps 30 --out {tmp_path} "
+                                f"--resume")
+    out, saved = run.open_run(Args(out=str(tmp_path), resume=True), "unused")
+    assert loop(Args(out=str(tmp_path), resume=True), out, saved)["finished"]
+    run._JOB.clear()
+
+
+def test_ctrl_c_ends_a_script_within_seconds_in_one_line_while_xla_runs_a_chunk(tmp_path):
+    """A real Ctrl-C (SIGINT) while XLA runs a chunk that would take minutes: the script ends within seconds, prints
+    no traceback, and its last line says what is saved and gives the exact command that continues (its --resume
+    continuing from a checkpoint is the in-process test above)."""
+    source, target = _hopper_data(tmp_path, "source", "target")
+    out = tmp_path / "run"
+    argv = ["--source", "hopper-kinematic", "--target", "hopper", "--source-dataset", source, "--target-dataset",
+            target, "--steps", "100000000", "--eval-every", "50000000", "--hidden", "8", "8", "--batch-size", "16",
+            "--out", str(out)]
+    child = subprocess.Popen([sys.executable, "algos/iql.py", *argv], cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    stderr = []
+    reader = threading.Thread(target=lambda: stderr.extend(iter(lambda: child.stderr.read(1), "")), daemon=True)
+    reader.start()
+    deadline = time.time() + 300
+    while "iql merged hopper x1:" not in "".join(stderr):  # the bar: the first chunk is running
+        assert child.poll() is None and time.time() < deadline, "".join(stderr)
+        time.sleep(0.05)
+    time.sleep(1.0)
+    child.send_signal(signal.SIGINT)
+    sent = time.time()
+    child.wait(timeout=120)
+    reader.join(timeout=10)
+    text = "".join(stderr)
+    assert time.time() - sent < 10 and child.returncode == 130
+    assert "Traceback" not in text and "KeyboardInterrupt" not in text
+    last = text.strip().splitlines()[-1]
+    assert last.startswith("Stopped by Ctrl-C in iql merged hopper x1 at step 0 of 100,000,000: no checkpoint yet "
+                           "(the first comes at step 50,000,000). Continue with: python algos/iql.py ")
+    assert shlex.split(last.split("Continue with: ")[1]) == ["python", "algos/iql.py", *argv, "--resume"]
+
+
+def test_the_default_out_names_the_datasets_and_hashes_the_other_flags():
+    dvdf = _script("dvdf")
+
+    def folder(*flags):
+        return run.default_out(tyro.cli(dvdf.Args, args=list(flags)), "dvdf", "grid", shown=("lam", "xi"))
+
+    assert folder() == "runs/dvdf/halfcheetah-kinematic_to_halfcheetah-medium/grid/seed0"  # the papers' defaults
+    assert folder("--cache-dir", "elsewhere", "--resume") == folder()  # where the files go changes no result
+    v5 = "runs/dvdf/halfcheetah-kinematic_to_halfcheetah-medium-v5physics/grid/seed2"
+    assert folder("--seed", "2", "--physics", "v5") == v5
+    mixture = folder("--source-dataset", "crossdomain/mix/halfcheetah-kinematic-random-expert-v0")
+    assert mixture.startswith("runs/dvdf/mix.halfcheetah-kinematic-random-expert-v0_to_halfcheetah-medium/grid/seed0-")
+    files = folder("--source-dataset", "/data/a/medium.hdf5", "--target-dataset", "/data/hc.hdf5")
+    assert files.startswith("runs/dvdf/medium_to_hc/grid/seed0-")  # no quality: no generated dataset is read
+    assert files != folder("--source-dataset", "/data/b/medium.hdf5", "--target-dataset", "/data/hc.hdf5")
+    steps = folder("--steps", "30000")
+    assert len(steps.rsplit("-", 1)[1]) == 8 and steps != folder("--steps", "30001")
+    assert folder("--steps", "30000", "--sql-steps", "30000") not in (steps, folder())
+
+
+def test_two_runs_differing_only_in_the_source_dataset_get_their_own_default_folders(tmp_path, monkeypatch):
+    iql = _script("iql")
+    monkeypatch.chdir(tmp_path)
+    source_a, source_b, target = _hopper_data(tmp_path, "source_a", "source_b", "target")
+    flags = ["--source", "hopper-kinematic", "--target", "hopper", "--target-dataset", target, "--steps", "20",
+             "--eval-every", "20", "--eval-episodes", "1", "--hidden", "8", "8", "--batch-size", "16"]
+    for source in (source_a, source_b):
+        assert iql.main(["--source-dataset", source, *flags])["finished"]  # the second does not stop on the first
+    folders = sorted(str(path.relative_to(tmp_path)) for path in tmp_path.glob("runs/iql/merged/*/seed0-*"))
+    assert [folder.split("/seed0-")[0] for folder in folders] == ["runs/iql/merged/source_a_to_target",
+                                                                  "runs/iql/merged/source_b_to_target"]
+    with pytest.raises(SystemExit, match="already holds a run; pass --resume"):  # the same flags: the same folder
+        iql.main(["--source-dataset", source_a, *flags])
+    run._JOB.clear()

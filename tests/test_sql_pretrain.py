@@ -155,7 +155,7 @@ def test_resume_after_kill_gives_the_same_final_parameters(source_file, finished
         return real_evaluate(*args, **kwargs)
 
     monkeypatch.setattr(sql, "evaluate", killed_during_second_evaluation)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit, match="^Stopped by Ctrl-C"):
         sql.main(_flags(source_file, out))
     monkeypatch.setattr(sql, "evaluate", real_evaluate)
     with pytest.raises(SystemExit, match="--resume"):
