@@ -3,7 +3,8 @@
 A domain is a Gymnasium v5 task plus a list of edits of its MuJoCo model, applied with `mujoco.MjSpec` to the
 XML file that Gymnasium ships (no XML is copied from elsewhere). Every edit is recorded as a `Change`
 (element, attribute, original value, shifted value) so that `python -m envs show <name>` and the tests can see
-exactly what a shift changes. The numbers are those of ../shared/spec/shifts.md.
+exactly what a shift changes. The numbers are the papers' own: family 1 the one-level shifts of the VGDF, IGDF,
+OTDF, DVDF and V2A papers' shifted models, family 2 ODRL's levels (both written out in this file, below).
 
 Names:
     <task>                                   the original v5 task (halfcheetah, hopper, walker2d, ant)
