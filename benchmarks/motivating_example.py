@@ -127,10 +127,10 @@ def render(rows: dict, results: dict, command: str, timing: Optional[dict]) -> s
                      f"{fmt(per_seed['expert_share_batch'])} | {fmt(per_seed['keep_rate_expert'])} | "
                      f"{fmt(per_seed['keep_rate_random'])} | {fmt(per_seed['dynamics_score_kept'], False)} | "
                      f"{fmt(per_seed['advantage_kept'], False)} |")
-    lines += ["", "Per seed, expert share among kept samples:", "", "| setting | " + " | ".join(
-        f"seed {seed}" for seed in sorted({s for r in rows.values() for s in r["seeds"]})) + " |"]
     all_seeds = sorted({s for r in rows.values() for s in r["seeds"]})
-    lines.append("|---|" + "---|" * len(all_seeds))
+    lines += ["", "Per seed, expert share among kept samples:", "",
+              "| setting | " + " | ".join(f"seed {seed}" for seed in all_seeds) + " |",
+              "|---|" + "---|" * len(all_seeds)]
     for name, per_seed in rows.items():
         share = dict(zip(per_seed["seeds"], per_seed["expert_share_kept"]))
         lines.append(f"| {name} | " + " | ".join(f"{100 * share[s]:.1f}%" if s in share else "" for s in all_seeds)
