@@ -320,20 +320,22 @@ def test_pairs_with_a_source_dataset_name_their_folders_after_it(tmp_path):
 @pytest.mark.parametrize("name", ["v2a_heterogeneous", "v2a_heterogeneous_100k", "v2a_heterogeneous_cpu"])
 def test_v2a_specs_run_the_six_heterogeneous_combinations_per_task(name, tmp_path):
     """The V2A comparison specs cover exactly the README's combinations: every task's three mixtures (not the
-    random probe one) x the target qualities, for six methods (with OTDF and V2A-OTDF) at one step budget."""
+    random probe one) x the target qualities, for eight methods (with DARA, BOSA, OTDF and V2A-OTDF) at one step
+    budget."""
     from envs.generate import HETEROGENEOUS_TARGET_QUALITIES, HETEROGENEOUS_TASKS, heterogeneous_mixtures, mixture_id
     configs = sweep.configurations(sweep.load_spec(ROOT / "benchmarks" / "specs" / f"{name}.toml"), tmp_path)
     wanted = {(f"{task}-kinematic", task, mixture_id(mixture), quality) for task in HETEROGENEOUS_TASKS
               for mixture in heterogeneous_mixtures(task) if not mixture.endswith("-random")
               for quality in HETEROGENEOUS_TARGET_QUALITIES}
     assert len(wanted) == 12
-    for variant in ("iql-merged", "igdf", "dvdf", "v2a", "otdf", "v2a-otdf"):
+    for variant in ("iql-merged", "dara", "bosa", "igdf", "dvdf", "v2a", "otdf", "v2a-otdf"):
         runs = [config for config in configs if config["variant"] == variant]
         assert {(c["source"], c["target"], c["flags"]["source_dataset"], c["quality"]) for c in runs} == wanted
         assert len(runs) == 12 and {c["flags"]["num_seeds"] for c in runs} == {3}
     assert len({config["flags"]["steps"] for config in configs}) == 1
     assert {(c["flags"].get("lam"), c["script"]) for c in configs} == {(None, "iql"), (1.0, "dvdf"), (0.7, "dvdf"),
-                                                                       (0.6, "v2a"), (None, "otdf")}
+                                                                       (0.6, "v2a"), (None, "otdf"),
+                                                                       (None, "dara"), (None, "bosa")}
     assert {c["flags"].get("dynamics_score") for c in configs if c["variant"] == "v2a-otdf"} == {"ot"}
 
 
