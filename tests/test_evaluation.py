@@ -1,6 +1,7 @@
 """Evaluation counts exactly N episodes per seed and never counts steps after an episode ended."""
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from envs import evaluate, make_env
 
@@ -45,3 +46,39 @@ def test_without_references_there_is_no_score():
     result = evaluate(linear_policy, {"w": w}, "halfcheetah-kinematic", num_episodes=1)
     assert result.normalized_score is None
     assert (result.episode_lengths == 1000).all()  # HalfCheetah never terminates: the time limit ends it
+
+
+def test_kept_copies_and_worker_processes_play_the_same_episodes():
+    """The copies are built once and kept (a second evaluation reuses them and does not depend on what they played
+    before), and splitting them over worker processes changes nothing, to the last bit."""
+    from envs import evaluation
+    rng = np.random.default_rng(1)
+    w = {"w": jnp.asarray(rng.normal(scale=2.0, size=(2, 11, 3)).astype(np.float32))}  # early ends, unequal lengths
+    first = evaluate(linear_policy, w, "hopper", num_episodes=3, seed=4, workers=0)
+    kept = evaluation._KEPT[("hopper", "papers", 6, 0)]
+    evaluate(linear_policy, {"w": w["w"][::-1]}, "hopper", num_episodes=3, seed=9, workers=0)  # other episodes
+    again = evaluate(linear_policy, w, "hopper", num_episodes=3, seed=4, workers=0)
+    assert evaluation._KEPT[("hopper", "papers", 6, 0)] is kept
+    split = evaluate(linear_policy, w, "hopper", num_episodes=3, seed=4, workers=2)  # blocks of 2, 2, 2
+    assert len(evaluation._KEPT[("hopper", "papers", 6, 2)].blocks) == 3
+    assert (first.episode_lengths < 1000).all() and len(np.unique(first.episode_lengths)) > 1
+    for result in (again, split):
+        np.testing.assert_array_equal(result.episode_returns, first.episode_returns)
+        np.testing.assert_array_equal(result.episode_lengths, first.episode_lengths)
+    evaluation.close_all()
+    assert not evaluation._KEPT
+
+
+def test_the_number_of_workers(monkeypatch):
+    from envs import evaluation
+    monkeypatch.delenv(evaluation.WORKERS_VARIABLE, raising=False)
+    monkeypatch.setattr(evaluation.os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert [evaluation.default_workers(n) for n in (10, 50, 1000)] == [0, 3, 15]  # one per 16 copies, cores - 1
+    monkeypatch.setattr(evaluation.os, "sched_getaffinity", lambda pid: {0, 1})
+    assert evaluation.default_workers(1000) == 0  # 2 cores: the training chunks use them
+    monkeypatch.setenv(evaluation.WORKERS_VARIABLE, "5")
+    assert evaluation.default_workers(10) == 5
+    monkeypatch.setenv(evaluation.WORKERS_VARIABLE, "many")
+    with pytest.raises(SystemExit, match=r"^\$CROSSDOMAIN_EVAL_WORKERS must be a whole number of worker processes "
+                                         r"\(0: none\), got 'many'\.$"):
+        evaluation.default_workers(10)
