@@ -73,6 +73,7 @@ MIXTURES: dict[str, list[tuple[str, str, int]]] = {  # name -> (domain, quality,
     # keeping, the random half is as dynamics-aligned but of little value
     "halfcheetah-kinematic-random-expert": [("halfcheetah-kinematic", "random", 500_000),
                                             ("halfcheetah-kinematic", "expert", 500_000)],
+    "hopper-kinematic-random-expert": [("hopper-kinematic", "random", 500_000), ("hopper-kinematic", "expert", 500_000)],
     **{name: components for task in HETEROGENEOUS_TASKS for name, components in heterogeneous_mixtures(task).items()},
 }
 

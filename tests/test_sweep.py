@@ -451,3 +451,26 @@ def test_a_sweep_stopped_by_sigterm_stops_its_run_too(setup, tmp_path):
     assert stderr == (f"Stopped by SIGTERM during iql-target/{TASK}, whose run was stopped too (its last checkpoint "
                       f"is kept); the same command continues the sweep.\n")
     assert not Path(f"/proc/{child}").exists()  # ended and reaped: nothing left running beside a rerun
+
+
+def test_the_claim_specs_and_the_kinematic_table_spec(tmp_path):
+    """Issue 30's CPU-budget claims (the motivating example for two tasks, the low-data setting for four tasks: six
+    configurations x IQL target, IQL merged and IGDF + DVDF in one program, 3 seeds, 100k steps) and DVDF's full
+    kinematic-shift table (4 tasks x 5 qualities x the same three processes, 5 seeds, 1M steps)."""
+    from envs.catalog import QUALITIES
+    load = lambda name: sweep.configurations(sweep.load_spec(ROOT / "benchmarks" / "specs" / f"{name}.toml"), tmp_path)  # noqa: E731
+    claims = load("dvdf_claims_motivating_cpu") + load("dvdf_claims_low_data_cpu")
+    assert len(claims) == 6 * 3
+    assert {c["flags"]["steps"] for c in claims} == {100_000} and {c["flags"]["num_seeds"] for c in claims} == {3}
+    grids = [c for c in claims if c["script"] == "dvdf"]
+    assert len(grids) == 6 and all(c["flags"]["lam"] == [1.0, 0.7] for c in grids)
+    assert "--lam 1.0 0.7 --xi 0.5" in grids[0]["command"]
+    assert {c["flags"].get("source_dataset") for c in claims} == {
+        None, "crossdomain/mix/halfcheetah-kinematic-random-expert-v0", "crossdomain/mix/hopper-kinematic-random-expert-v0"}
+    assert sum(c["flags"].get("target_size") == 5000 for c in claims) == 12
+    table = load("dvdf_kinematic_table")
+    assert len(table) == 4 * 5 * 3 and {c["flags"]["num_seeds"] for c in table} == {5}
+    assert {c["flags"]["steps"] for c in table} == {1_000_000} and {c["quality"] for c in table} == set(QUALITIES)
+    from envs.generate import MIXTURES
+    assert MIXTURES["hopper-kinematic-random-expert"] == [("hopper-kinematic", "random", 500_000),
+                                                          ("hopper-kinematic", "expert", 500_000)]
