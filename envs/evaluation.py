@@ -19,7 +19,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from envs.domains import DEFAULT_PHYSICS, domain_info, make_env
@@ -204,6 +203,8 @@ def evaluate(policy_fn: Callable, params, domain: str, *, num_episodes: int = 10
     evaluated on the same episodes as a 1-seed run with seed + k. Pass the same `policy_fn` object each call.
     `physics`: the simulator the domain runs in (envs.domains: papers, the default, or v5). `workers`: processes
     that step blocks of the copies beside this one (None: default_workers); the results do not depend on it.
+    The policy runs on the host CPU (its parameters copied there), so an evaluation can overlap the next training
+    chunk on an accelerator, and its returns are the same on a CPU and a GPU machine for the same parameters.
     """
     if num_episodes < 1:
         raise SystemExit(f"num_episodes must be at least 1, got {num_episodes}.")
@@ -212,12 +213,14 @@ def evaluate(policy_fn: Callable, params, domain: str, *, num_episodes: int = 10
     total = num_seeds * num_episodes
     copies = _copies(domain, physics, total, default_workers(total) if workers is None else workers)
     act = _batched(policy_fn)
+    cpu = jax.devices("cpu")[0]  # the policy runs beside the environments, never queued behind an accelerator's work
+    params = jax.device_put(params, cpu)
     observations = copies.reset([(seed + s) * 1000 + n for s in range(num_seeds) for n in range(num_episodes)])
     returns = np.zeros(total)
     lengths = np.zeros(total, dtype=np.int64)
     live = np.ones(total, dtype=bool)
     while live.any():
-        batch = jnp.asarray(observations.reshape(num_seeds, num_episodes, obs_dim), jnp.float32)
+        batch = jax.device_put(observations.reshape(num_seeds, num_episodes, obs_dim).astype(np.float32), cpu)
         actions = np.asarray(act(params, batch), dtype=np.float64).reshape(total, -1)
         actions = copies.low + (np.clip(actions, -1.0, 1.0) + 1.0) * 0.5 * (copies.high - copies.low)
         stepped, rewards, ended = copies.step(actions, live)
