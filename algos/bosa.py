@@ -67,13 +67,15 @@ import tyro
 from flax import serialization
 from flax.training.train_state import TrainState
 
-from envs import evaluate, load_dataset, reference_info, subsample
+from envs import evaluate, reference_info
 from envs.run import (
     cached_stage,
     check_common_flags,
     dataset_arrays,
+    datasets_line,
     evaluation_entry,
     fingerprint,
+    load_source_target,
     need,
     default_out,
     open_run,
@@ -603,14 +605,11 @@ def support_summary(args: Args, frozen: Frozen, vae_info: dict, source, target, 
 def check_args(args: Args) -> None:
     """Exit with one sentence naming the flag and its valid range."""
     check_common_flags(args)
-    need(0.0 < args.target_fraction <= 1.0, f"--target-fraction must be in (0, 1], got {args.target_fraction}.")
-    need(args.target_size is None or args.target_size >= 1,
-         f"--target-size must be a positive number of transitions, got {args.target_size}.")
     for flag in ("batch_size", "vae_batch_size"):
         need(getattr(args, flag) >= 2 and getattr(args, flag) % 2 == 0,
              f"--{flag.replace('_', '-')} must be even and at least 2 (half source, half target), got "
              f"{getattr(args, flag)}.")
-    for flag in ("vae_steps", "policy_freq", "num_samples", "ensemble_size"):
+    for flag in ("vae_steps", "policy_freq", "ensemble_size"):
         need(getattr(args, flag) >= 1, f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}.")
     need(len(args.vae_hidden) >= 1 and min(args.vae_hidden) >= 1,
          f"--vae-hidden must be one or more positive layer widths, got {args.vae_hidden}.")
@@ -625,21 +624,6 @@ def to_transitions(dataset) -> Transitions:
                        next_observations=dataset.next_observations, terminals=dataset.terminals)
 
 
-def load_data(args: Args, seeds: list[int]):
-    """The source dataset, the full target dataset and one target subsample per seed (host objects)."""
-    target_full = load_dataset(args.target_dataset, domain=args.target, physics=args.physics,
-                               quality=None if args.target_dataset else args.quality)
-    source = load_dataset(args.source_dataset, domain=args.source, physics=args.physics,
-                          quality=None if args.source_dataset else args.quality)
-    if (source.obs_dim, source.act_dim) != (target_full.obs_dim, target_full.act_dim):
-        raise SystemExit(f"The source dataset has observation/action sizes {source.obs_dim}/{source.act_dim} "
-                         f"but the target has {target_full.obs_dim}/{target_full.act_dim}; pick domains of "
-                         f"the same task.")
-    size = {"count": args.target_size} if args.target_size else {"fraction": args.target_fraction}
-    targets = [subsample(target_full, **size, seed=seed) for seed in seeds]
-    return source, target_full, targets
-
-
 # ---------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> dict:
     args = tyro.cli(Args, args=argv)
@@ -647,7 +631,7 @@ def main(argv: list[str] | None = None) -> dict:
     out, saved = open_run(args, default_out(args, "bosa"))
     start_block(args, argv, out, [("bosa_vae", args.vae_steps), ("bosa", args.steps, args.num_seeds)], saved)
     seeds = [args.seed + k for k in range(args.num_seeds)]
-    source, target_full, targets = load_data(args, seeds)
+    source, target_full, targets = load_source_target(args, seeds)
     references = reference_info(args.target, target_full, args.physics, args.references)  # exits when unknown
     obs_dim, act_dim = target_full.obs_dim, target_full.act_dim
 
@@ -690,9 +674,8 @@ def main(argv: list[str] | None = None) -> dict:
                          advice="try a smaller --lr or a larger --conservation",
                          header={"data": data_info, "stages": {"vae": vae_info}, "support": support})
     final = results["final"]
-    data = f"{args.source_dataset or args.source} -> {args.target_dataset or f'{args.target} ({args.quality})'}"
-    print(f"bosa {data}, seeds {seeds}: final score {final['score_mean']:.1f} +- {final['score_std']:.1f} after "
-          f"{results['step']} steps; results in {out}")
+    print(f"bosa {datasets_line(args)}, seeds {seeds}: final score {final['score_mean']:.1f} +- "
+          f"{final['score_std']:.1f} after {results['step']} steps; results in {out}")
     return results
 
 

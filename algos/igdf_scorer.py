@@ -45,10 +45,9 @@ import tyro
 from flax import serialization
 from flax.training.train_state import TrainState
 
-from envs import load_dataset, subsample
 from envs.diagnostics import SOURCE_HOLDOUT_SEED, held_out, held_out_separation, holdout_split
-from envs.run import (check_common_flags, dataset_arrays, default_out, fingerprint, json_bytes, losses_entry, need,
-                      open_run, start_block, train_loop, write_atomic)
+from envs.run import (check_common_flags, dataset_arrays, default_out, fingerprint, json_bytes, load_source_target,
+                      losses_entry, need, open_run, start_block, train_loop, write_atomic)
 
 Quality = Literal["random", "medium", "medium-replay", "medium-expert", "expert"]
 
@@ -217,27 +216,13 @@ def make_score_fn(hidden, repr_dim):
 def check_args(args: Args) -> None:
     """Exit with one sentence naming the flag and its valid range."""
     check_common_flags(args)
-    need(0.0 < args.target_fraction <= 1.0, f"--target-fraction must be in (0, 1], got {args.target_fraction}.")
-    need(args.target_size is None or args.target_size >= 1,
-         f"--target-size must be a positive number of transitions, got {args.target_size}.")
-    need(0.0 < args.holdout_fraction <= 0.5, f"--holdout-fraction must be in (0, 0.5], got {args.holdout_fraction}.")
-    need(args.repr_dim >= 1, f"--repr-dim must be at least 1, got {args.repr_dim}.")
     need(args.batch_size >= 2, f"--batch-size must be at least 2 (one positive and one negative per row), got "
                                f"{args.batch_size}.")
 
 
 def load_data(args: Args, seeds: list[int]):
     """Training data per seed (stacked), held-out sets, and a description of the data."""
-    target_full = load_dataset(args.target_dataset, domain=args.target, physics=args.physics,
-                               quality=None if args.target_dataset else args.quality)
-    source = load_dataset(args.source_dataset, domain=args.source, physics=args.physics,
-                          quality=None if args.source_dataset else args.quality)
-    if (source.obs_dim, source.act_dim) != (target_full.obs_dim, target_full.act_dim):
-        raise SystemExit(f"The source dataset has observation/action sizes {source.obs_dim}/{source.act_dim} "
-                         f"but the target has {target_full.obs_dim}/{target_full.act_dim}; pick domains of "
-                         f"the same task.")
-    size = {"count": args.target_size} if args.target_size else {"fraction": args.target_fraction}
-    targets = [subsample(target_full, **size, seed=seed) for seed in seeds]
+    source, target_full, targets = load_source_target(args, seeds)
     source_train, source_held = holdout_split(source.size, args.holdout_fraction, SOURCE_HOLDOUT_SEED)
     splits = [holdout_split(target.size, args.holdout_fraction, seed) for target, seed in zip(targets, seeds)]
     per_seed = [(t.observations[train], t.actions[train], t.next_observations[train])

@@ -54,8 +54,9 @@ import optax
 import tyro
 from flax.training.train_state import TrainState
 
-from envs import evaluate, load_dataset, reference_info, subsample
-from envs.run import check_common_flags, default_out, evaluation_entry, need, open_run, start_block, train_loop
+from envs import evaluate, reference_info
+from envs.run import (check_common_flags, datasets_line, default_out, evaluation_entry, load_source_target, need,
+                      open_run, start_block, train_loop)
 
 Quality = Literal["random", "medium", "medium-replay", "medium-expert", "expert"]
 
@@ -365,14 +366,8 @@ def make_policy(args: Args, act_dim: int):
 def check_args(args: Args) -> None:
     """Exit with one sentence naming the flag and its valid range."""
     check_common_flags(args)
-    need(0.0 < args.target_fraction <= 1.0, f"--target-fraction must be in (0, 1], got {args.target_fraction}.")
-    need(args.target_size is None or args.target_size >= 1,
-         f"--target-size must be a positive number of transitions, got {args.target_size}.")
     need(args.batch_size >= 2 and (args.data != "merged" or args.batch_size % 2 == 0),
          f"--batch-size must be at least 2, and even with --data merged, got {args.batch_size}.")
-    need(0.0 < args.expectile < 1.0, f"--expectile must be in (0, 1), got {args.expectile}.")
-    need(args.temperature >= 0, f"--temperature must be 0 or more, got {args.temperature}.")
-    need(args.max_weight > 0, f"--max-weight must be positive, got {args.max_weight}.")
 
 
 def episode_returns(dataset) -> np.ndarray:
@@ -389,21 +384,8 @@ def to_transitions(dataset, reward_scale: float, state_mean, state_std) -> Trans
 
 def load_data(args: Args, seeds: list[int]):
     """The source dataset, the full target dataset, and one target subsample per seed (as device arrays)."""
-    target_full = load_dataset(args.target_dataset, domain=args.target, physics=args.physics,
-                               quality=None if args.target_dataset else args.quality)
-    source = None
-    if args.data in ("merged", "source"):
-        source = load_dataset(args.source_dataset, domain=args.source, physics=args.physics,
-                              quality=None if args.source_dataset else args.quality)
-        if (source.obs_dim, source.act_dim) != (target_full.obs_dim, target_full.act_dim):
-            raise SystemExit(f"The source dataset has observation/action sizes {source.obs_dim}/{source.act_dim} "
-                             f"but the target has {target_full.obs_dim}/{target_full.act_dim}; pick domains of "
-                             f"the same task.")
-    if args.target_size is not None and args.target_size > target_full.size:
-        raise SystemExit(f"--target-size must be at most the target dataset's {target_full.size} transitions, got "
-                         f"{args.target_size}.")
-    size = {"count": args.target_size} if args.target_size else {"fraction": args.target_fraction}
-    targets = [subsample(target_full, **size, seed=seed) for seed in seeds] if args.data != "source" else []
+    source, target_full, targets = load_source_target(args, seeds if args.data != "source" else [],
+                                                      with_source=args.data in ("merged", "source"))
 
     # The original IQL's reward scale and CORL's state statistics, from the datasets trained on before subsampling
     # (a subsample's episodes are incomplete); one scale and one standardisation for both datasets keep them
@@ -480,8 +462,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
                          report=report, header={"data": data_info},
                          advice="try --reward-scaling, a smaller --lr or a smaller --temperature")
     final = results["final"]
-    data = f"{args.source_dataset or args.source} -> {args.target_dataset or f'{args.target} ({args.quality})'}"
-    print(f"iql --data {args.data} {data}, seeds {seeds}: final score "
+    print(f"iql --data {args.data} {datasets_line(args)}, seeds {seeds}: final score "
           f"{final['score_mean']:.1f} +- {final['score_std']:.1f} after {results['step']} steps; results in {out}")
     return results
 

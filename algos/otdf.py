@@ -55,11 +55,11 @@ from flax.training.train_state import TrainState
 from ott.geometry import costs, pointcloud
 from ott.solvers import linear
 
-from envs import domain_info, evaluate, load_dataset, reference_info, subsample
+from envs import domain_info, evaluate, reference_info
 from envs.diagnostics import episode_groups, filter_diagnostics, filter_sums
-from envs.run import (STAGE_SAVE_SECONDS, Progress, cached_stage, check_common_flags, dataset_arrays, default_out,
-                      evaluation_entry, fingerprint, need, open_run, run_stage, save_stage, set_aside, stage_path,
-                      start_block, stopped, train_loop, write_atomic)
+from envs.run import (STAGE_SAVE_SECONDS, Progress, cached_stage, check_common_flags, dataset_arrays, datasets_line,
+                      default_out, evaluation_entry, fingerprint, load_source_target, need, open_run, run_stage,
+                      save_stage, set_aside, stage_path, start_block, stopped, train_loop, write_atomic)
 
 Quality = Literal["random", "medium", "medium-replay", "medium-expert", "expert"]
 
@@ -631,24 +631,12 @@ def make_policy(args: Args, act_dim: int):
 def check_args(args: Args) -> None:
     """Exit with one sentence naming the flag and its valid range."""
     check_common_flags(args)
-    need(0.0 < args.target_fraction <= 1.0, f"--target-fraction must be in (0, 1], got {args.target_fraction}.")
-    need(args.target_size is None or args.target_size >= 1,
-         f"--target-size must be a positive number of transitions, got {args.target_size}.")
     need(args.batch_size >= 2 and args.batch_size % 2 == 0,
          f"--batch-size must be even and at least 2 (half source, half target), got {args.batch_size}.")
     need(0.0 < args.proportion <= 1.0 and keep_count(args.batch_size // 2, args.proportion) >= 1,
          f"--proportion must be in (0, 1] and keep at least one of {args.batch_size // 2} source samples, got "
          f"{args.proportion}.")
-    need(0.0 < args.expectile < 1.0, f"--expectile must be in (0, 1), got {args.expectile}.")
-    need(args.temperature >= 0, f"--temperature must be 0 or more, got {args.temperature}.")
-    need(args.max_weight > 0, f"--max-weight must be positive, got {args.max_weight}.")
-    need(args.reg_weight is None or args.reg_weight >= 0, f"--reg-weight must be 0 or more, got {args.reg_weight}.")
     need(args.beta > 0, f"--beta must be positive, got {args.beta}.")
-    for flag in ("num_samples", "ot_chunk", "ot_iterations", "cvae_steps", "cvae_batch_size"):
-        need(getattr(args, flag) >= 1, f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}.")
-    need(args.ot_target_size is None or args.ot_target_size >= 1,
-         f"--ot-target-size must be a positive number of transitions, got {args.ot_target_size}.")
-    need(args.ot_epsilon is None or args.ot_epsilon > 0, f"--ot-epsilon must be positive, got {args.ot_epsilon}.")
     need(args.ot_threshold > 0, f"--ot-threshold must be positive, got {args.ot_threshold}.")
     need(args.cvae_lr > 0 and args.cvae_kl_weight >= 0,
          f"--cvae-lr must be positive and --cvae-kl-weight 0 or more, got {args.cvae_lr} and {args.cvae_kl_weight}.")
@@ -657,23 +645,6 @@ def check_args(args: Args) -> None:
 def to_transitions(dataset) -> Transitions:
     return Transitions(observations=dataset.observations, actions=dataset.actions, rewards=dataset.rewards,
                        next_observations=dataset.next_observations, terminals=dataset.terminals)
-
-
-def load_data(args: Args, seeds: list[int]):
-    """The source dataset, the full target dataset and one target subsample per seed (host objects)."""
-    target_full = load_dataset(args.target_dataset, domain=args.target, physics=args.physics,
-                               quality=None if args.target_dataset else args.quality)
-    source = load_dataset(args.source_dataset, domain=args.source, physics=args.physics,
-                          quality=None if args.source_dataset else args.quality)
-    if (source.obs_dim, source.act_dim) != (target_full.obs_dim, target_full.act_dim):
-        raise SystemExit(f"The source dataset has observation/action sizes {source.obs_dim}/{source.act_dim} "
-                         f"but the target has {target_full.obs_dim}/{target_full.act_dim}; pick domains of "
-                         f"the same task.")
-    if args.target_size is not None and args.target_size > target_full.size:
-        raise SystemExit(f"--target-size must be at most the target dataset's {target_full.size} transitions, got "
-                         f"{args.target_size}.")
-    size = {"count": args.target_size} if args.target_size else {"fraction": args.target_fraction}
-    return source, target_full, [subsample(target_full, **size, seed=seed) for seed in seeds]
 
 
 def report(step: int, entry: dict, metrics) -> tuple[str, str]:
@@ -691,7 +662,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     out, saved = open_run(args, default_out(args, "otdf"))
     start_block(args, argv, out, [("ot", None), ("cvae", args.cvae_steps), ("otdf", args.steps, args.num_seeds)], saved)
     seeds = [args.seed + k for k in range(args.num_seeds)]
-    source, target_full, targets = load_data(args, seeds)
+    source, target_full, targets = load_source_target(args, seeds)
     references = reference_info(args.target, target_full, args.physics, args.references)  # exits when unknown
     obs_dim, act_dim = target_full.obs_dim, target_full.act_dim
     domain_info(args.target)  # exits with one sentence on an unknown domain before the stages run
@@ -736,8 +707,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
                                                                                       args.proportion),
                 "stages": {"ot": ot_info, "cvae": cvae_info}}, timing={"stage_seconds": stage_seconds})
     final = results["final"] or {}
-    data = f"{args.source_dataset or args.source} -> {args.target_dataset or f'{args.target} ({args.quality})'}"
-    print(f"otdf {data}, seeds {seeds}: final score {final.get('score_mean', float('nan')):.1f} +- "
+    print(f"otdf {datasets_line(args)}, seeds {seeds}: final score {final.get('score_mean', float('nan')):.1f} +- "
           f"{final.get('score_std', float('nan')):.1f} after {results['step']} steps; results in {out}")
     return results
 

@@ -346,8 +346,6 @@ def check_args(args: Args) -> None:
     if args.eval_domain is not None:
         check_domain(args.eval_domain, flag="--eval-domain")
     need(args.batch_size >= 1, f"--batch-size must be at least 1, got {args.batch_size}.")
-    need(args.alpha is None or args.alpha > 0, f"--alpha must be positive, got {args.alpha}.")
-    need(args.max_weight > 0, f"--max-weight must be positive, got {args.max_weight}.")
 
 
 def to_transitions(dataset, reward_scale: float = 1.0) -> Transitions:

@@ -71,14 +71,14 @@ from ott.geometry import costs, pointcloud
 from ott.solvers import linear
 from tqdm import tqdm
 
-from envs import evaluate, load_dataset, reference_info, subsample
+from envs import reference_info
 from envs.diagnostics import (SOURCE_HOLDOUT_SEED, episode_groups, filter_diagnostics, filter_sums, held_out,
                               held_out_separation, holdout_split, plot_projection, representation_diagnostics,
                               trajectory_groups)
-from envs.run import (STAGE_SAVE_SECONDS, Progress, cached_stage, check_common_flags, dataset_arrays, default_out,
-                      fingerprint, finite_json, grid_evaluation_entry, json_bytes, need, open_run, package_versions,
-                      read_artifact, run_stage, save_stage, set_aside, stage_path, start_block, stopped, train_loop,
-                      value_bound_of, write_atomic)
+from envs.run import (STAGE_SAVE_SECONDS, Progress, cached_stage, check_common_flags, dataset_arrays, datasets_line,
+                      default_out, fingerprint, finite_json, grid_level, json_bytes, load_source_target, need,
+                      open_run, package_versions, read_artifact, run_stage, save_stage, set_aside, settings_line,
+                      stage_path, start_block, stopped, train_grid, value_bound_of, write_atomic)
 
 Quality = Literal["random", "medium", "medium-replay", "medium-expert", "expert"]
 
@@ -1356,46 +1356,39 @@ def cvae_stage(args: Args, target, obs_dim: int, act_dim: int, stage: str = "2/3
                       info)
 
 
+def dynamics_stages(args: Args, source, target, obs_dim: int, act_dim: int, first: int, last: int) -> tuple:
+    """The frozen stages of the dynamics score, numbered from `first` of `last`: the contrastive scorer, or with
+    --dynamics-score ot otdf.py's OT deviation and (with --dataset-constraint) its target CVAE. Returns (their infos
+    by name, the scorer's params and info, the OT deviation, the CVAE's params), None for what is not trained."""
+    if args.dynamics_score != "ot":
+        scorer_params, scorer_info = scorer_stage(args, source, target, obs_dim, act_dim)
+        return {"scorer": scorer_info}, scorer_params["scorer"], scorer_info, None, None
+    ot_params, ot_info = ot_stage(args, source, target, obs_dim, act_dim, stage=f"{first}/{last}")
+    stages, cvae = {"ot": ot_info}, None
+    if args.dataset_constraint:
+        cvae_params, stages["cvae"] = cvae_stage(args, target, obs_dim, act_dim, stage=f"{first + 1}/{last}")
+        cvae = cvae_params["cvae"]
+    return stages, None, {"hidden": [], "repr_dim": 0}, np.asarray(ot_params["deviation"], np.float32), cvae
+
+
 # ---------------------------------------------------------------- data and the grid
 def check_args(args: Args) -> None:
     """Exit with one sentence naming the flag and its valid range."""
     check_common_flags(args)
-    need(0.0 < args.target_fraction <= 1.0, f"--target-fraction must be in (0, 1], got {args.target_fraction}.")
-    need(args.target_size is None or args.target_size >= 1,
-         f"--target-size must be a positive number of transitions, got {args.target_size}.")
     need(args.encoder_steps >= 0,
          f"--encoder-steps must be 0 (an untrained encoder) or more, got {args.encoder_steps}.")
     for flag in ("encoder_batch_size", "window", "gru_hidden", "z_dim", "ensemble_size", "sqlz_steps",
-                 "sqlz_batch_size", "sqlz_target_every", "scorer_steps", "repr_dim"):
+                 "sqlz_batch_size", "sqlz_target_every"):
         need(getattr(args, flag) >= 1, f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}.")
     need(args.relabel_window is None or args.relabel_window >= 1,
          f"--relabel-window must be at least 1 step, got {args.relabel_window}.")
     need(args.batch_size >= 2 and args.batch_size % 2 == 0,
          f"--batch-size must be even and at least 2 (half source, half target), got {args.batch_size}.")
-    need(args.scorer_batch_size >= 2, f"--scorer-batch-size must be at least 2 (one positive and one negative per "
-                                      f"row), got {args.scorer_batch_size}.")
-    need(0.0 < args.expectile < 1.0, f"--expectile must be in (0, 1), got {args.expectile}.")
-    need(args.temperature >= 0, f"--temperature must be 0 or more, got {args.temperature}.")
-    need(args.max_weight > 0, f"--max-weight must be positive, got {args.max_weight}.")
-    need(args.alpha > 0, f"--alpha must be positive, got {args.alpha}.")
     need(args.kl_weight >= 0, f"--kl-weight must be 0 or more, got {args.kl_weight}.")
     need(args.grad_clip > 0, f"--grad-clip must be positive, got {args.grad_clip}.")
-    need(0.0 < args.holdout_fraction <= 0.5, f"--holdout-fraction must be in (0, 0.5], got {args.holdout_fraction}.")
     need(0.0 < args.probe_fraction <= 0.5, f"--probe-fraction must be in (0, 0.5], got {args.probe_fraction}.")
-    need(len(args.lam) >= 1 and all(0.0 <= lam <= 1.0 for lam in args.lam),
-         f"--lam must be one or more values in [0, 1], got {list(args.lam)}.")
-    need(len(args.xi) >= 1 and all(0.0 < xi <= 1.0 for xi in args.xi),
-         f"--xi must be one or more values in (0, 1], got {list(args.xi)}.")
     need(min(keep_count(args.batch_size // 2, xi) for xi in args.xi) >= 1,
          f"--xi {min(args.xi)} keeps no source sample of {args.batch_size // 2}; raise --xi or --batch-size.")
-    need(len(set(args.lam)) == len(args.lam) and len(set(args.xi)) == len(args.xi),
-         f"--lam and --xi must not repeat a value, got {list(args.lam)} and {list(args.xi)}.")
-    for flag in ("num_samples", "ot_chunk", "ot_iterations", "cvae_steps", "cvae_batch_size"):
-        need(getattr(args, flag) >= 1, f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}.")
-    need(args.reg_weight is None or args.reg_weight >= 0, f"--reg-weight must be 0 or more, got {args.reg_weight}.")
-    need(args.ot_target_size is None or args.ot_target_size >= 1,
-         f"--ot-target-size must be a positive number of transitions, got {args.ot_target_size}.")
-    need(args.ot_epsilon is None or args.ot_epsilon > 0, f"--ot-epsilon must be positive, got {args.ot_epsilon}.")
     need(args.beta > 0 and args.ot_threshold > 0 and args.cvae_lr > 0,
          f"--beta, --ot-threshold and --cvae-lr must be positive, got {args.beta}, {args.ot_threshold} and "
          f"{args.cvae_lr}.")
@@ -1404,21 +1397,6 @@ def check_args(args: Args) -> None:
 def to_transitions(dataset) -> Transitions:
     return Transitions(observations=dataset.observations, actions=dataset.actions, rewards=dataset.rewards,
                        next_observations=dataset.next_observations, terminals=dataset.terminals)
-
-
-def load_data(args: Args, seeds: list[int]):
-    """The source dataset, the full target dataset and one target subsample per seed (host objects)."""
-    target_full = load_dataset(args.target_dataset, domain=args.target, physics=args.physics,
-                               quality=None if args.target_dataset else args.quality)
-    source = load_dataset(args.source_dataset, domain=args.source, physics=args.physics,
-                          quality=None if args.source_dataset else args.quality)
-    if (source.obs_dim, source.act_dim) != (target_full.obs_dim, target_full.act_dim):
-        raise SystemExit(f"The source dataset has observation/action sizes {source.obs_dim}/{source.act_dim} "
-                         f"but the target has {target_full.obs_dim}/{target_full.act_dim}; pick domains of "
-                         f"the same task.")
-    size = {"count": args.target_size} if args.target_size else {"fraction": args.target_fraction}
-    targets = [subsample(target_full, **size, seed=seed) for seed in seeds]
-    return source, target_full, targets
 
 
 def make_grid(args: Args, seeds: list[int]) -> tuple[list, list, Hyperparams]:
@@ -1434,34 +1412,6 @@ def make_grid(args: Args, seeds: list[int]) -> tuple[list, list, Hyperparams]:
                           keep_count=jnp.array([run["keep_count"] for run in grid], jnp.int32),
                           seed_index=jnp.array([seeds.index(run["seed"]) for run in grid], jnp.int32))
     return settings, grid, hparams
-
-
-def make_grid_evaluate(args: Args, policy, settings: list, seeds: list[int], ref_scores: tuple, group_names: dict):
-    """evaluate(runner, step, (losses, sums)) -> the evaluations row of results.json: one evaluation per (lam, xi)
-    setting, in which seed k plays the episodes of a 1-seed run with seed + k (the same in every setting), and the
-    filter's diagnostics of the chunk of steps since the last evaluation."""
-
-    def evaluate_grid(runner: Runner, step: int, metrics) -> dict:
-        losses, sums = metrics
-        returns, scores = [], []
-        for index in range(len(settings)):
-            actor_params = jax.tree.map(lambda x: x[index * len(seeds):(index + 1) * len(seeds)],
-                                        runner.state.actor.params)
-            result = evaluate(policy, actor_params, args.target, num_episodes=args.eval_episodes,
-                              seed=args.seed + step, ref_scores=ref_scores, physics=args.physics)
-            returns.append(result.mean_return)
-            scores.append(result.normalized_score)
-        chunk_steps = step - (step - 1) // args.eval_every * args.eval_every  # an evaluation ends every chunk
-        return grid_evaluation_entry(step, np.concatenate(returns), np.concatenate(scores), settings, losses,
-                                     filter_diagnostics(sums, group_names, chunk_steps, args.batch_size // 2))
-
-    return evaluate_grid
-
-
-def settings_line(entry: dict, label: str = "score") -> str:
-    """Each setting's mean score +- std over seeds in an evaluations row, for the log."""
-    return ", ".join(f"lam {setting['lam']:g} xi {setting['xi']:g} {label} {setting['score_mean']:.1f} +- "
-                     f"{setting['score_std']:.1f}" for setting in entry["by_setting"])
 
 
 def grid_data(source, source_trajectory, trajectory_z, groups: dict, target_full, targets: list,
@@ -1521,19 +1471,16 @@ def stages_of(args: Args, algo: str) -> list:
 def main(argv: Optional[list[str]] = None) -> dict:
     args = tyro.cli(Args, args=argv)
     check_args(args)
-    grid_name = f"lam{'-'.join(f'{v:g}' for v in args.lam)}_xi{'-'.join(f'{v:g}' for v in args.xi)}"
     algo = "v2a-otdf" if args.dynamics_score == "ot" else "v2a"
-    out, saved = open_run(args, default_out(args, algo, grid_name, shown=("lam", "xi")))
+    out, saved = open_run(args, default_out(args, algo, grid_level(args), shown=("lam", "xi")))
     start_block(args, argv, out, stages_of(args, algo), saved,
                 datasets=("source",) if args.representation_only else None)
     wall_start, seeds = time.perf_counter(), [args.seed + k for k in range(args.num_seeds)]
-    if args.representation_only:  # the source alone: no target data, no references
-        source = load_dataset(args.source_dataset, domain=args.source, physics=args.physics,
-                              quality=None if args.source_dataset else args.quality)
-    else:
-        source, target_full, targets = load_data(args, seeds)
+    # --representation-only: the source alone, no target data, no references
+    source, target_full, targets = load_source_target(args, seeds, with_target=not args.representation_only)
+    if not args.representation_only:
         references = reference_info(args.target, target_full, args.physics, args.references)  # exits when unknown
-    obs_dim, act_dim = source.obs_dim, source.act_dim  # load_data checked that they are the target's
+    obs_dim, act_dim = source.obs_dim, source.act_dim  # load_source_target checked that they are the target's
 
     # stage 1 and the relabelling: one z per source trajectory, and how well it tells the domains apart
     start = time.perf_counter()
@@ -1547,22 +1494,13 @@ def main(argv: Optional[list[str]] = None) -> dict:
         return write_representation_only(args, out, source, trajectory_z, encoder_info, representation, {
             "stage_seconds": stage_seconds, "wall_seconds": time.perf_counter() - wall_start})
 
-    # stages 2 and 3: frozen, shared by every run of the grid with the encoder
+    # stages 2 and 3: frozen, shared by every run of the grid (V2A-OTDF: otdf.py's stages instead of the scorer)
     start = time.perf_counter()
     sqlz_params, sqlz_info = sqlz_stage(args, source, source_trajectory, trajectory_z, encoder_info, obs_dim, act_dim)
-    stages, deviation, cvae_params = {"encoder": encoder_info, "sqlz": sqlz_info}, None, None
-    if args.dynamics_score == "ot":  # V2A-OTDF: otdf.py's stages instead of the scorer
-        ot_params, stages["ot"] = ot_stage(args, source, targets[0], obs_dim, act_dim, stage="3/5")
-        deviation = np.asarray(ot_params["deviation"], np.float32)
-        if args.dataset_constraint:
-            cvae_params, stages["cvae"] = cvae_stage(args, targets[0], obs_dim, act_dim, stage="4/5")
-        scorer_params, scorer_info = {"scorer": None}, {"hidden": [], "repr_dim": 0}
-    else:
-        scorer_params, scorer_info = scorer_stage(args, source, targets[0], obs_dim, act_dim)
-        stages["scorer"] = scorer_info
+    dynamics, scorer, scorer_info, deviation, cvae = dynamics_stages(args, source, targets[0], obs_dim, act_dim, 3, 5)
+    stages = {"encoder": encoder_info, "sqlz": sqlz_info, **dynamics}
     stage_seconds += time.perf_counter() - start
-    frozen = jax.device_put(Frozen(sqlz_params["critic"], sqlz_params["value"], scorer_params["scorer"],
-                                   None if cvae_params is None else cvae_params["cvae"]))
+    frozen = jax.device_put(Frozen(sqlz_params["critic"], sqlz_params["value"], scorer, cvae))
     data, data_info = grid_data(source, source_trajectory, trajectory_z, groups, target_full, targets, references,
                                 deviation)
     group_names = data_info["source_groups"]
@@ -1574,19 +1512,15 @@ def main(argv: Optional[list[str]] = None) -> dict:
                              scorer_info["repr_dim"], tuple((key, len(names)) for key, names in group_names.items()),
                              sqlz_info.get("layer_norm", False), stages.get("cvae", {}).get("hidden", ()),
                              reg_weight)
-    evaluate_grid = make_grid_evaluate(args, make_policy(args, act_dim), settings, seeds,
-                                       (references["random"], references["expert"]), group_names)
-
-    results = train_loop(
-        args, out, saved, algo=algo, title=f"stage {len(stages) + 1}/{len(stages) + 1}: {algo} {args.target} "
-                                           f"x{len(grid)}", init=init,
-        keys=jnp.stack([jax.random.PRNGKey(run["seed"]) for run in grid]), train=train, inputs=(data, frozen, hparams),
-        in_axes=(None, None, 0), evaluate=evaluate_grid, report=report, losses_of=lambda metrics: metrics[0],
-        header={"grid": grid, "settings": [{"lam": lam, "xi": xi} for lam, xi in settings], "data": data_info,
-                "stages": stages, **({"reg_weight": reg_weight} if args.dynamics_score == "ot" else {}),
-                "representation": representation}, timing={"stage_seconds": stage_seconds})
-    data = f"{args.source_dataset or args.source} -> {args.target_dataset or f'{args.target} ({args.quality})'}"
-    print(f"{algo} {data}, seeds {seeds}, after {results['step']} steps: "
+    results = train_grid(
+        args, out, saved, algo=algo, stage=len(stages) + 1, grid=grid, settings=settings, init=init, train=train,
+        inputs=(data, frozen, hparams), policy=make_policy(args, act_dim),
+        ref_scores=(references["random"], references["expert"]),
+        filter_stats=lambda sums, steps: filter_diagnostics(sums, group_names, steps, args.batch_size // 2),
+        report=report, timing={"stage_seconds": stage_seconds}, header={
+            "data": data_info, "stages": stages, **({"reg_weight": reg_weight} if args.dynamics_score == "ot" else {}),
+            "representation": representation})
+    print(f"{algo} {datasets_line(args)}, seeds {seeds}, after {results['step']} steps: "
           f"{settings_line(results['final'], 'final score')}; results in {out}")
     return results
 

@@ -11,6 +11,8 @@ An algos/ file holds its algorithm (networks, losses, the jitted `train`) and ha
 train(runner, *inputs, num_steps) -> (runner, metrics) trains one run for num_steps steps (a `jax.lax.scan`);
 train_loop vmaps it over the leading run axis (seeds, or a grid of settings x seeds), compiles one program per
 chunk length ahead of time, and after every --eval-every steps evaluates, checkpoints and rewrites results.json.
+load_source_target loads a cross-domain run's source and target datasets (one target subsample per seed);
+train_grid is train_loop for a (lam, xi) grid x seeds (dvdf.py, v2a.py), evaluated by make_grid_evaluate.
 default_out differs for any two runs whose flags differ (datasets included). start_block prints the stages and
 their budgets, the datasets (and which will be generated), the folder and the estimated time (the rates recorded in
 benchmarks/results/speed.json for this device, else CPU_RATES); every loop's progress bar (Progress) counts timed
@@ -59,11 +61,14 @@ from pathlib import Path
 from typing import Callable, Optional, Union
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import serialization
 from tqdm import tqdm
 
+from envs.datasets import load_dataset, subsample
 from envs.domains import check_domain
+from envs.evaluation import evaluate
 
 LOSS_LIMIT = 1e10  # a squared TD error beyond this (|Q - y| ~ 1e5) leaves any MuJoCo return scale float32 can fit
 STAGE_CHUNKS = (100, 1_000, 10_000)  # the chunk sizes a pre-training stage runs between two saves
@@ -149,7 +154,8 @@ def need(ok: bool, message: str) -> None:
 
 
 def check_common_flags(args) -> None:
-    """The checks every script's flags share (each where the script has the flag)."""
+    """The checks of the flags that two or more scripts share, each where the script has the flag: a flag means the
+    same in every script that has it, so it is checked here once, with one sentence."""
     for flag in ("source", "target"):
         if getattr(args, flag, None) is not None:
             check_domain(getattr(args, flag), flag=f"--{flag}")
@@ -167,6 +173,49 @@ def check_common_flags(args) -> None:
         need(0.0 <= args.discount <= 1.0, f"--discount must be in [0, 1], got {args.discount}.")
     if hasattr(args, "tau"):
         need(0.0 < args.tau <= 1.0, f"--tau must be in (0, 1], got {args.tau}.")
+    # the target subsample
+    if hasattr(args, "target_fraction"):
+        need(0.0 < args.target_fraction <= 1.0, f"--target-fraction must be in (0, 1], got {args.target_fraction}.")
+    if hasattr(args, "target_size"):
+        need(args.target_size is None or args.target_size >= 1,
+             f"--target-size must be a positive number of transitions, got {args.target_size}.")
+    # IQL's losses and the SQL stage
+    if hasattr(args, "expectile"):
+        need(0.0 < args.expectile < 1.0, f"--expectile must be in (0, 1), got {args.expectile}.")
+    if hasattr(args, "temperature"):
+        need(args.temperature >= 0, f"--temperature must be 0 or more, got {args.temperature}.")
+    if hasattr(args, "max_weight"):
+        need(args.max_weight > 0, f"--max-weight must be positive, got {args.max_weight}.")
+    if hasattr(args, "alpha"):
+        need(args.alpha is None or args.alpha > 0, f"--alpha must be positive, got {args.alpha}.")
+    # the copied pre-training stages: IGDF's scorer, otdf.py's OT deviation and CVAE (num_samples: BOSA's too)
+    for flag in ("scorer_steps", "repr_dim", "num_samples", "ot_chunk", "ot_iterations", "cvae_steps",
+                 "cvae_batch_size"):
+        if hasattr(args, flag):
+            need(getattr(args, flag) >= 1, f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}.")
+    if hasattr(args, "scorer_batch_size"):
+        need(args.scorer_batch_size >= 2, f"--scorer-batch-size must be at least 2 (one positive and one negative "
+                                          f"per row), got {args.scorer_batch_size}.")
+    if hasattr(args, "holdout_fraction"):
+        need(0.0 < args.holdout_fraction <= 0.5,
+             f"--holdout-fraction must be in (0, 0.5], got {args.holdout_fraction}.")
+    if hasattr(args, "reg_weight"):
+        need(args.reg_weight is None or args.reg_weight >= 0, f"--reg-weight must be 0 or more, got {args.reg_weight}.")
+    if hasattr(args, "ot_target_size"):
+        need(args.ot_target_size is None or args.ot_target_size >= 1,
+             f"--ot-target-size must be a positive number of transitions, got {args.ot_target_size}.")
+    if hasattr(args, "ot_epsilon"):
+        need(args.ot_epsilon is None or args.ot_epsilon > 0, f"--ot-epsilon must be positive, got {args.ot_epsilon}.")
+    # DVDF's (lam, xi) grid
+    if hasattr(args, "lam"):
+        need(len(args.lam) >= 1 and all(0.0 <= lam <= 1.0 for lam in args.lam),
+             f"--lam must be one or more values in [0, 1], got {list(args.lam)}.")
+    if hasattr(args, "xi"):
+        need(len(args.xi) >= 1 and all(0.0 < xi <= 1.0 for xi in args.xi),
+             f"--xi must be one or more values in (0, 1], got {list(args.xi)}.")
+    if hasattr(args, "lam") and hasattr(args, "xi"):
+        need(len(set(args.lam)) == len(args.lam) and len(set(args.xi)) == len(args.xi),
+             f"--lam and --xi must not repeat a value, got {list(args.lam)} and {list(args.xi)}.")
 
 
 def run_flags(args) -> dict:
@@ -289,6 +338,38 @@ def open_run(args, default_out: str) -> tuple[Path, Optional[dict]]:
             raise SystemExit(f"--resume needs the interrupted run's flags, but --{name.replace('_', '-')} is "
                              f"{value} here and {saved_flags.get(name)} in {checkpoint_path}.")
     return out, saved
+
+
+# ---------------------------------------------------------------- data
+def load_source_target(args, seeds: list[int], with_source: bool = True, with_target: bool = True) -> tuple:
+    """(source, target_full, targets) of a cross-domain run, host objects: the source dataset (--source-dataset, else
+    --source's generated --quality data), the full target dataset (likewise) and one subsample of it per seed
+    (--target-size transitions, else --target-fraction of them, drawn with that seed); None for a dataset not
+    asked for, and no subsamples without the target. Ends with one sentence when the two datasets' observation or
+    action sizes differ, or --target-size exceeds the target dataset."""
+    target_full = source = None
+    if with_target:
+        target_full = load_dataset(args.target_dataset, domain=args.target, physics=args.physics,
+                                   quality=None if args.target_dataset else args.quality)
+    if with_source:
+        source = load_dataset(args.source_dataset, domain=args.source, physics=args.physics,
+                              quality=None if args.source_dataset else args.quality)
+    if target_full is None:
+        return source, None, []
+    if source is not None and (source.obs_dim, source.act_dim) != (target_full.obs_dim, target_full.act_dim):
+        raise SystemExit(f"The source dataset has observation/action sizes {source.obs_dim}/{source.act_dim} "
+                         f"but the target has {target_full.obs_dim}/{target_full.act_dim}; pick domains of "
+                         f"the same task.")
+    if args.target_size is not None and args.target_size > target_full.size:
+        raise SystemExit(f"--target-size must be at most the target dataset's {target_full.size} transitions, got "
+                         f"{args.target_size}.")
+    size = {"count": args.target_size} if args.target_size else {"fraction": args.target_fraction}
+    return source, target_full, [subsample(target_full, **size, seed=seed) for seed in seeds]
+
+
+def datasets_line(args) -> str:
+    """"<source> -> <target> (<quality>)" (a dataset flag in place of its domain), for a script's last line."""
+    return f"{args.source_dataset or args.source} -> {args.target_dataset or f'{args.target} ({args.quality})'}"
 
 
 # ---------------------------------------------------------------- devices
@@ -806,6 +887,60 @@ def train_loop(args, out: Path, saved: Optional[dict], *, algo: str, title: str,
     if results.get("failed"):
         raise SystemExit(results["failed"])
     return results
+
+
+# ---------------------------------------------------------------- a (lam, xi) grid of runs (dvdf.py, v2a.py)
+def grid_level(args) -> str:
+    """The folder of a (lam, xi) grid under default_out: "lam0.7-1_xi0.5" for --lam 0.7 1 --xi 0.5."""
+    return f"lam{'-'.join(f'{v:g}' for v in args.lam)}_xi{'-'.join(f'{v:g}' for v in args.xi)}"
+
+
+def settings_line(entry: dict, label: str = "score") -> str:
+    """Each setting's mean score +- std over seeds in an evaluations row, for the log."""
+    return ", ".join(f"lam {setting['lam']:g} xi {setting['xi']:g} {label} {setting['score_mean']:.1f} +- "
+                     f"{setting['score_std']:.1f}" for setting in entry["by_setting"])
+
+
+def make_grid_evaluate(args, policy, settings: list, seeds: list[int], ref_scores: tuple, filter_stats: Callable):
+    """evaluate(runner, step, (losses, sums)) -> the evaluations row of results.json: one evaluation per (lam, xi)
+    setting (the runs' actors are runner.state.actor.params, settings outermost), in which seed k plays the episodes
+    of a 1-seed run with seed + k (the same in every setting), and filter_stats(sums, num_steps), the filter's
+    diagnostics of the chunk of steps since the last evaluation (envs.diagnostics.filter_diagnostics)."""
+
+    def evaluate_grid(runner, step: int, metrics) -> dict:
+        losses, sums = metrics
+        returns, scores = [], []
+        for index in range(len(settings)):
+            actor_params = jax.tree.map(lambda x: x[index * len(seeds):(index + 1) * len(seeds)],
+                                        runner.state.actor.params)
+            result = evaluate(policy, actor_params, args.target, num_episodes=args.eval_episodes,
+                              seed=args.seed + step, ref_scores=ref_scores, physics=args.physics)
+            returns.append(result.mean_return)
+            scores.append(result.normalized_score)
+        chunk_steps = step - (step - 1) // args.eval_every * args.eval_every  # an evaluation ends every chunk
+        return grid_evaluation_entry(step, np.concatenate(returns), np.concatenate(scores), settings, losses,
+                                     filter_stats(sums, chunk_steps))
+
+    return evaluate_grid
+
+
+def train_grid(args, out: Path, saved: dict | None, *, algo: str, stage: int, grid: list, settings: list, init,
+               train, inputs: tuple, policy, ref_scores: tuple, filter_stats: Callable, report: Callable, header: dict,
+               timing: dict) -> dict:
+    """train_loop over every run of a (lam, xi) grid at once, the last stage (number `stage`) of dvdf.py and v2a.py.
+
+    `grid` holds one row per run ({"lam", "xi", "seed", ...}, settings outermost), whose "seed" makes the run's key;
+    train(runner, *inputs, num_steps) -> (runner, (losses, filter sums)), every input shared by the runs but the
+    last (the runs' traced hyperparameters); evaluated by make_grid_evaluate. results.json gets "grid" and
+    "settings" ([{"lam", "xi"}]) before `header`."""
+    return train_loop(
+        args, out, saved, algo=algo, title=f"stage {stage}/{stage}: {algo} {args.target} x{len(grid)}", init=init,
+        keys=jnp.stack([jax.random.PRNGKey(run["seed"]) for run in grid]), train=train, inputs=inputs,
+        in_axes=(None,) * (len(inputs) - 1) + (0,),
+        evaluate=make_grid_evaluate(args, policy, settings, [args.seed + k for k in range(args.num_seeds)],
+                                    ref_scores, filter_stats),
+        report=report, losses_of=lambda metrics: metrics[0],
+        header={"grid": grid, "settings": [{"lam": lam, "xi": xi} for lam, xi in settings], **header}, timing=timing)
 
 
 # ---------------------------------------------------------------- cached pre-training stages

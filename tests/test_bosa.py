@@ -216,13 +216,14 @@ def test_dynamics_ensemble_finds_target_transitions_likelier_than_shifted_ones()
 
 def test_copied_algorithm_code_is_identical():
     iql, dvdf = _load("iql"), _load("dvdf")
-    shared = {iql: ["MLP", "TwinCritic", "Actor", "Transitions", "critic_loss"], dvdf: ["to_transitions", "load_data"]}
+    shared = {iql: ["MLP", "TwinCritic", "Actor", "Transitions", "critic_loss"], dvdf: ["to_transitions"]}
     for module, names in shared.items():
         for name in names:
             assert inspect.getsource(getattr(bosa, name)) == inspect.getsource(getattr(module, name)), name
     assert (bosa.LOG_STD_MIN, bosa.LOG_STD_MAX) == (iql.LOG_STD_MIN, iql.LOG_STD_MAX)
     for name in ("open_run", "train_loop", "run_stage", "cached_stage", "save_stage", "stage_path", "fingerprint",
-                 "evaluation_entry", "check_common_flags", "need", "write_atomic", "run_flags", "value_bound_of"):
+                 "evaluation_entry", "check_common_flags", "need", "write_atomic", "run_flags", "value_bound_of",
+                 "load_source_target", "datasets_line"):
         assert getattr(bosa, name, getattr(envs.run, name)) is getattr(envs.run, name), f"bosa.py copies {name}"
 
 

@@ -158,14 +158,15 @@ def test_copied_algorithm_code_is_identical():
     shared = {iql: ["MLP", "TwinCritic", "ValueNet", "Actor", "IQLState", "Runner", "Transitions", "expectile_loss",
                     "value_loss", "critic_loss", "advantage_weight", "deterministic_actor_loss",
                     "gaussian_actor_loss", "make_policy"],
-              dvdf: ["to_transitions", "load_data"]}
+              dvdf: ["to_transitions"]}
     for module, names in shared.items():
         for name in names:
             assert inspect.getsource(getattr(dara, name)) == inspect.getsource(getattr(module, name)), name
     assert (dara.LOG_STD_MIN, dara.LOG_STD_MAX) == (iql.LOG_STD_MIN, iql.LOG_STD_MAX)
     # the harness is not copied: what dara.py uses of it is envs/run.py's own
     for name in ("open_run", "train_loop", "run_stage", "cached_stage", "save_stage", "stage_path", "fingerprint",
-                 "evaluation_entry", "check_common_flags", "need", "write_atomic", "run_flags"):
+                 "evaluation_entry", "check_common_flags", "need", "write_atomic", "run_flags", "load_source_target",
+                 "datasets_line"):
         assert getattr(dara, name, getattr(envs.run, name)) is getattr(envs.run, name), f"dara.py copies {name}"
 
 

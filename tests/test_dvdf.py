@@ -249,7 +249,8 @@ def test_shared_helpers_are_identical_copies():
     harness = {run: ["write_atomic", "package_versions", "run_flags", "open_run", "run_shardings", "fingerprint",
                      "dataset_arrays", "cache_key", "read_artifact", "stage_chunk", "run_stage", "cached_stage",
                      "save_stage", "divergence", "LOSS_LIMIT", "STAGE_CHUNKS", "STAGE_SAVE_SECONDS",
-                     "evaluation_entry", "grid_evaluation_entry"],
+                     "evaluation_entry", "grid_evaluation_entry", "load_source_target", "datasets_line", "grid_level",
+                     "make_grid_evaluate", "settings_line", "train_grid"],
                envs.diagnostics: ["holdout_split", "held_out", "separation_auc", "held_out_separation",
                                   "HOLDOUT_MAX", "SOURCE_HOLDOUT_SEED", "GROUP_KEYS", "episode_groups",
                                   "filter_diagnostics", "filter_sums"]}
@@ -346,7 +347,7 @@ def test_end_to_end_results_json(finished_run, datasets):
 
 def test_resume_uses_the_cached_stages_and_ends_bit_for_bit(datasets, finished_run, tmp_path, monkeypatch):
     out, calls = tmp_path / "interrupted", []
-    real_evaluate = dvdf.evaluate
+    real_evaluate = run.evaluate  # the grid's evaluation is envs/run.py's make_grid_evaluate
 
     def killed_during_second_evaluation(*args, **kwargs):
         calls.append(1)
@@ -354,14 +355,14 @@ def test_resume_uses_the_cached_stages_and_ends_bit_for_bit(datasets, finished_r
             raise KeyboardInterrupt
         return real_evaluate(*args, **kwargs)
 
-    monkeypatch.setattr(dvdf, "evaluate", killed_during_second_evaluation)
+    monkeypatch.setattr(run, "evaluate", killed_during_second_evaluation)
     with pytest.raises(SystemExit, match="^Stopped by Ctrl-C"):
         dvdf.main(_flags(datasets, out))
     interrupted = json.loads((out / "results.json").read_text())
     assert interrupted["step"] == 100 and not interrupted["finished"]
     # a second run with the same stage inputs trains no stage: both come from the cache
     assert interrupted["stages"]["sql"]["origin"] == interrupted["stages"]["scorer"]["origin"] == "cache"
-    monkeypatch.setattr(dvdf, "evaluate", real_evaluate)
+    monkeypatch.setattr(run, "evaluate", real_evaluate)
     with pytest.raises(SystemExit, match="--resume"):
         dvdf.main(_flags(datasets, out))
     with pytest.raises(SystemExit, match="--xi"):

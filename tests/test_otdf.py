@@ -200,7 +200,8 @@ def test_shared_helpers_are_identical_copies():
     for name in stages:  # DVDF-OTDF and V2A-OTDF run otdf.py's stages and constraint
         sources = {inspect.getsource(getattr(module, name)) for module in (otdf, dvdf, v2a)}
         assert len(sources) == 1, f"{name} differs between otdf.py, dvdf.py and v2a.py"
-    for name in ("write_atomic", "open_run", "run_stage", "cached_stage", "save_stage", "train_loop", "fingerprint"):
+    for name in ("write_atomic", "open_run", "run_stage", "cached_stage", "save_stage", "train_loop", "fingerprint",
+                 "load_source_target", "datasets_line"):
         assert getattr(otdf, name, getattr(run, name)) is getattr(run, name), f"otdf.py copies {name}"
     assert otdf.filter_sums is envs.diagnostics.filter_sums
 

@@ -22,7 +22,7 @@ import pytest
 import tyro
 from flax import serialization
 
-from envs import run
+from envs import run, subsample
 from synthetic import write_d4rl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,6 +91,112 @@ def test_common_flag_checks_name_the_flag_and_its_range():
 
     with pytest.raises(SystemExit, match="--source"):
         run.check_common_flags(WithDomain())
+
+
+@dataclasses.dataclass
+class AlgorithmArgs:  # the flags that two or more algos/ scripts share, at valid values
+    target_fraction: float = 0.1
+    target_size: int | None = None
+    expectile: float = 0.7
+    temperature: float = 3.0
+    max_weight: float = 100.0
+    alpha: float | None = None
+    scorer_steps: int = 10
+    scorer_batch_size: int = 2
+    repr_dim: int = 4
+    holdout_fraction: float = 0.1
+    num_samples: int = 1
+    ot_chunk: int = 5
+    ot_iterations: int = 3
+    ot_target_size: int | None = None
+    ot_epsilon: float | None = None
+    reg_weight: float | None = None
+    cvae_steps: int = 1
+    cvae_batch_size: int = 1
+    lam: tuple = (0.0, 1.0)
+    xi: tuple = (0.5,)
+
+
+def test_flags_the_scripts_share_are_checked_once_with_their_sentences():
+    run.check_common_flags(AlgorithmArgs())
+    run.check_common_flags(AlgorithmArgs(target_size=5, alpha=0.1, ot_target_size=3, ot_epsilon=0.05, reg_weight=0.0))
+    for change, message in [
+            ({"target_fraction": 1.5}, "--target-fraction must be in (0, 1], got 1.5."),
+            ({"target_fraction": 0.0}, "--target-fraction must be in (0, 1], got 0.0."),
+            ({"target_size": 0}, "--target-size must be a positive number of transitions, got 0."),
+            ({"expectile": 1.0}, "--expectile must be in (0, 1), got 1.0."),
+            ({"temperature": -1.0}, "--temperature must be 0 or more, got -1.0."),
+            ({"max_weight": 0.0}, "--max-weight must be positive, got 0.0."),
+            ({"alpha": 0.0}, "--alpha must be positive, got 0.0."),
+            ({"scorer_steps": 0}, "--scorer-steps must be at least 1, got 0."),
+            ({"repr_dim": 0}, "--repr-dim must be at least 1, got 0."),
+            ({"num_samples": 0}, "--num-samples must be at least 1, got 0."),
+            ({"ot_chunk": 0}, "--ot-chunk must be at least 1, got 0."),
+            ({"cvae_batch_size": 0}, "--cvae-batch-size must be at least 1, got 0."),
+            ({"scorer_batch_size": 1},
+             "--scorer-batch-size must be at least 2 (one positive and one negative per row), got 1."),
+            ({"holdout_fraction": 0.6}, "--holdout-fraction must be in (0, 0.5], got 0.6."),
+            ({"reg_weight": -0.1}, "--reg-weight must be 0 or more, got -0.1."),
+            ({"ot_target_size": 0}, "--ot-target-size must be a positive number of transitions, got 0."),
+            ({"ot_epsilon": 0.0}, "--ot-epsilon must be positive, got 0.0."),
+            ({"lam": (1.5,)}, "--lam must be one or more values in [0, 1], got [1.5]."),
+            ({"lam": ()}, "--lam must be one or more values in [0, 1], got []."),
+            ({"xi": (0.0,)}, "--xi must be one or more values in (0, 1], got [0.0]."),
+            ({"xi": (0.5, 0.5)}, "--lam and --xi must not repeat a value, got [0.0, 1.0] and [0.5, 0.5]."),
+    ]:
+        with pytest.raises(SystemExit) as error:
+            run.check_common_flags(dataclasses.replace(AlgorithmArgs(), **change))
+        assert str(error.value) == message, change
+
+
+@dataclasses.dataclass
+class DataArgs:
+    source_dataset: str
+    target_dataset: str
+    source: str = "hopper"
+    target: str = "hopper-gravity-0.5"
+    quality: str = "medium"
+    physics: str = "papers"
+    target_fraction: float = 0.1
+    target_size: int | None = None
+
+
+def test_load_source_target_draws_one_subsample_per_seed_and_checks_the_sizes(tmp_path):
+    rng = np.random.default_rng(0)
+    source_file, target_file = (write_d4rl(tmp_path / f"{name}.hdf5", rng, 500, 50, obs_dim=11, act_dim=3)
+                                for name in ("source", "target"))
+    args = DataArgs(source_file, target_file, target_size=40)
+    source, target_full, targets = run.load_source_target(args, [3, 4])
+    assert (source.size, target_full.size, [t.size for t in targets]) == (500, 500, [40, 40])
+    for target, seed in zip(targets, [3, 4]):  # each seed its own subsample, the same one every time
+        np.testing.assert_array_equal(target.observations, subsample(target_full, count=40, seed=seed).observations)
+    assert not np.array_equal(targets[0].observations, targets[1].observations)
+    fraction = run.load_source_target(dataclasses.replace(args, target_size=None, target_fraction=0.2), [0])[2]
+    assert fraction[0].size == 100
+    assert run.load_source_target(args, [], with_source=False)[0] is None  # iql.py --data target
+    source_only = run.load_source_target(args, [3], with_target=False)  # v2a.py --representation-only
+    assert source_only[0].size == 500 and source_only[1:] == (None, [])
+
+    with pytest.raises(SystemExit) as error:
+        run.load_source_target(dataclasses.replace(args, target_size=501), [0])
+    assert str(error.value) == "--target-size must be at most the target dataset's 500 transitions, got 501."
+    cheetah = write_d4rl(tmp_path / "cheetah.hdf5", rng, 500, 50)  # HalfCheetah's 17/6 sizes
+    with pytest.raises(SystemExit) as error:
+        run.load_source_target(DataArgs(cheetah, target_file, source="halfcheetah"), [0])
+    assert str(error.value) == ("The source dataset has observation/action sizes 17/6 but the target has 11/3; "
+                                "pick domains of the same task.")
+
+
+def test_the_grid_folder_log_lines_and_datasets_line():
+    args = AlgorithmArgs(lam=(0.7, 1.0), xi=(0.5,))
+    assert run.grid_level(args) == "lam0.7-1_xi0.5"
+    entry = {"by_setting": [{"lam": 0.7, "xi": 0.5, "score_mean": 41.26, "score_std": 2.04},
+                            {"lam": 1.0, "xi": 0.5, "score_mean": 39.0, "score_std": 0.0}]}
+    assert run.settings_line(entry, "final score") == ("lam 0.7 xi 0.5 final score 41.3 +- 2.0, "
+                                                       "lam 1 xi 0.5 final score 39.0 +- 0.0")
+    named = DataArgs("data/source.hdf5", None, target="hopper-gravity-0.5")
+    assert run.datasets_line(named) == "data/source.hdf5 -> hopper-gravity-0.5 (medium)"
+    assert run.datasets_line(dataclasses.replace(named, source_dataset=None, target_dataset="t")) == "hopper -> t"
 
 
 def test_open_run_refuses_to_overwrite_and_resume_needs_the_same_flags(tmp_path, capsys):

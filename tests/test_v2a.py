@@ -350,7 +350,7 @@ def test_shared_helpers_are_identical_copies_of_dvdf():
              "critic_loss", "nce_loss", "dynamics_score", "make_scorer_train", "make_score_fn", "normalise_advantage",
              "filter_score", "keep_mask", "masked_mean", "expectile_loss", "value_loss", "weighted_critic_loss",
              "advantage_weight", "deterministic_actor_loss", "gaussian_actor_loss", "make_policy", "keep_count",
-             "to_transitions", "load_data", "reward_scale_of", "make_grid", "make_grid_evaluate", "settings_line"]
+             "to_transitions", "reward_scale_of", "make_grid", "dynamics_stages"]
     for name in names:
         assert inspect.getsource(getattr(v2a, name)) == inspect.getsource(getattr(dvdf, name)), name
     for constant in ("LOG_STD_MIN", "LOG_STD_MAX", "CACHE_VERSION"):
@@ -359,7 +359,8 @@ def test_shared_helpers_are_identical_copies_of_dvdf():
     harness = {envs.run: ["write_atomic", "package_versions", "cache_key", "read_artifact", "stage_chunk",
                           "run_stage", "cached_stage", "save_stage", "run_flags", "open_run", "evaluation_entry",
                           "grid_evaluation_entry", "run_shardings", "divergence", "fingerprint", "dataset_arrays",
-                          "LOSS_LIMIT", "STAGE_CHUNKS", "STAGE_SAVE_SECONDS"],
+                          "LOSS_LIMIT", "STAGE_CHUNKS", "STAGE_SAVE_SECONDS", "load_source_target", "datasets_line",
+                          "grid_level", "make_grid_evaluate", "settings_line", "train_grid"],
                envs.diagnostics: ["separation_auc", "held_out_separation", "holdout_split", "held_out",
                                   "filter_diagnostics", "filter_sums", "episode_groups", "trajectory_groups",
                                   "probe_split", "nearest_centroid_probe", "linear_probe_accuracy",
