@@ -54,6 +54,7 @@ import jax  # noqa: E402
 from envs.datasets import Dataset, save_hdf5  # noqa: E402
 from envs.domains import domain_info  # noqa: E402
 from envs.evaluation import _batched  # noqa: E402
+from envs import run as run_module  # noqa: E402
 from envs.run import json_bytes, unlock, write_atomic  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -108,7 +109,8 @@ def capture(algo: str, flags: list[str], log) -> dict:
     def stand_in(args, out, saved, **handed):
         raise _Handed({"args": args, "out": out, **handed})
 
-    module.train_loop = stand_in
+    module.train_loop = stand_in  # the script's own name, and envs.run's (train_grid calls it there)
+    real_loop, run_module.train_loop = run_module.train_loop, stand_in
     with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         try:
             module.main(flags)
@@ -116,6 +118,8 @@ def capture(algo: str, flags: list[str], log) -> dict:
             program = handed.args[0]
         else:
             raise SystemExit(f"algos/{algo}.py finished without calling train_loop: speed.py cannot time it.")
+        finally:
+            run_module.train_loop = real_loop
     unlock(Path(program["out"]) / ".lock")
     return program | {"module": module, "inputs": jax.device_put(program["inputs"])}
 
@@ -162,7 +166,8 @@ def time_evaluation(program: dict, runner, metrics) -> dict:
     envs.evaluate), timed: wall and process CPU seconds, environment steps played; the policy's compile for this
     batch of observations (the first evaluation of a run pays it) is done first and timed apart."""
     module, played, compile_seconds = program["module"], [], []
-    real = module.evaluate
+    real = run_module.evaluate  # the same function as the script's (grid scripts evaluate in envs.run)
+    patched = [m for m in (module, run_module) if hasattr(m, "evaluate")]
 
     def recording(policy_fn, params, domain, **kwargs):
         start = time.perf_counter()
@@ -176,11 +181,13 @@ def time_evaluation(program: dict, runner, metrics) -> dict:
                        result.episode_returns.shape))
         return result
 
-    module.evaluate = recording
+    for m in patched:
+        m.evaluate = recording
     try:
         program["evaluate"](runner, 0, metrics)
     finally:
-        module.evaluate = real
+        for m in patched:
+            m.evaluate = real
     wall, cpu, env_steps, (seeds, episodes) = played[0]
     return {"seeds": seeds, "episodes": episodes, "env_steps": env_steps, "seconds": wall, "cpu_seconds": cpu,
             "us_per_env_step": 1e6 * wall / env_steps, "policy_compile_seconds": compile_seconds[0],
