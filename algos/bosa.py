@@ -73,14 +73,15 @@ from envs.run import (
     check_common_flags,
     dataset_arrays,
     datasets_line,
+    default_out,
     evaluation_entry,
     fingerprint,
     load_source_target,
     need,
-    default_out,
     open_run,
     run_stage,
     save_stage,
+    scan_chunk,
     stage_path,
     start_block,
     train_loop,
@@ -467,8 +468,7 @@ def make_train(args: Args, obs_dim: int, act_dim: int, vae_hidden, vae_beta: flo
             state, metrics = update(runner.state, batch, frozen, hparams, update_key)
             return Runner(state, rng), metrics
 
-        runner, metrics = jax.lax.scan(step, runner, None, length=num_steps)
-        return runner, jax.tree.map(jnp.mean, metrics)
+        return scan_chunk(step, runner, num_steps)
 
     return init, train
 
@@ -534,8 +534,7 @@ def make_vae_train(hidden, lr: float, batch_size: int, beta: float, ensemble_siz
                          runner.dynamics.apply_gradients(grads=dynamics_grads), rng), metrics
 
     def train(runner: VAERunner, source: Transitions, target: Transitions, num_steps: int):
-        runner, metrics = jax.lax.scan(lambda r, _: step(r, source, target), runner, None, length=num_steps)
-        return runner, jax.tree.map(jnp.mean, metrics)
+        return scan_chunk(lambda r, _: step(r, source, target), runner, num_steps)
 
     return init, train
 

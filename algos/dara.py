@@ -66,14 +66,15 @@ from envs.run import (
     check_common_flags,
     dataset_arrays,
     datasets_line,
+    default_out,
     evaluation_entry,
     fingerprint,
     load_source_target,
     need,
-    default_out,
     open_run,
     run_stage,
     save_stage,
+    scan_chunk,
     stage_path,
     start_block,
     train_loop,
@@ -411,8 +412,7 @@ def make_train(args: Args, obs_dim: int, act_dim: int):
             state, metrics = update(runner.state, batch, hparams)
             return Runner(state, rng), metrics | {"delta_r_mean": delta_r.mean()}
 
-        runner, metrics = jax.lax.scan(step, runner, None, length=num_steps)
-        return runner, jax.tree.map(jnp.mean, metrics)
+        return scan_chunk(step, runner, num_steps)
 
     return init, train
 
@@ -463,8 +463,7 @@ def make_classifier_train(hidden, lr: float, batch_size: int, noise_std: float, 
         return ClassifierRunner(runner.state.apply_gradients(grads=grads), rng), metrics
 
     def train(runner: ClassifierRunner, source: Transitions, target: Transitions, num_steps: int):
-        runner, metrics = jax.lax.scan(lambda r, _: step(r, source, target), runner, None, length=num_steps)
-        return runner, jax.tree.map(jnp.mean, metrics)
+        return scan_chunk(lambda r, _: step(r, source, target), runner, num_steps)
 
     return init, train
 

@@ -69,8 +69,8 @@ from envs.diagnostics import (SOURCE_HOLDOUT_SEED, episode_groups, filter_diagno
                               held_out_separation, holdout_split)
 from envs.run import (STAGE_SAVE_SECONDS, Progress, cached_stage, check_common_flags, dataset_arrays, datasets_line,
                       default_out, fingerprint, grid_level, load_source_target, need, open_run, read_artifact,
-                      run_stage, save_stage, set_aside, settings_line, stage_path, start_block, stopped, train_grid,
-                      value_bound_of, write_atomic)
+                      run_stage, save_stage, scan_chunk, set_aside, settings_line, stage_path, start_block, stopped,
+                      train_grid, value_bound_of, write_atomic)
 
 Quality = Literal["random", "medium", "medium-replay", "medium-expert", "expert"]
 
@@ -564,8 +564,8 @@ def make_train(args: Args, obs_dim: int, act_dim: int, sql_hidden, scorer_hidden
                                          jax.random.fold_in(batch_key, 1))
             return Runner(state, rng), (losses, sums)
 
-        runner, (losses, sums) = jax.lax.scan(step, runner, None, length=num_steps)
-        return runner, (jax.tree.map(jnp.mean, losses), jax.tree.map(lambda x: x.sum(0), sums))
+        runner, (losses, sums) = scan_chunk(step, runner, num_steps, means=False)
+        return runner, (jax.tree.map(lambda total: total / num_steps, losses), sums)
 
     return init, train
 
@@ -665,8 +665,7 @@ def make_sql_train(hidden, lr, batch_size, discount, tau, obs_dim, act_dim, laye
             state, metrics = update(runner.state, jax.tree.map(lambda x: x[indices], source), hparams)
             return SQLRunner(state, rng), metrics
 
-        runner, metrics = jax.lax.scan(step, runner, None, length=num_steps)
-        return runner, jax.tree.map(jnp.mean, metrics)
+        return scan_chunk(step, runner, num_steps)
 
     return init, train
 
@@ -781,8 +780,7 @@ def make_scorer_train(hidden, repr_dim, lr, batch_size, obs_dim, act_dim):
 
     def train(runner: ScorerRunner, data: ScorerData, num_steps: int):
         """num_steps gradient steps in one lax.scan; metrics are their means over the chunk."""
-        runner, metrics = jax.lax.scan(lambda r, _: step(r, data), runner, None, length=num_steps)
-        return runner, jax.tree.map(jnp.mean, metrics)
+        return scan_chunk(lambda r, _: step(r, data), runner, num_steps)
 
     return init, train
 
@@ -981,8 +979,7 @@ def make_cvae_train(act_dim: int, latent_dim: int, hidden, lr: float, batch_size
         return CVAERunner(runner.state.apply_gradients(grads=grads), rng), {"cvae_loss": loss}
 
     def train(runner: CVAERunner, data: CVAEData, num_steps: int):
-        runner, metrics = jax.lax.scan(lambda r, _: step(r, data), runner, None, length=num_steps)
-        return runner, jax.tree.map(jnp.mean, metrics)
+        return scan_chunk(lambda r, _: step(r, data), runner, num_steps)
 
     return init, train
 

@@ -47,7 +47,7 @@ from flax.training.train_state import TrainState
 
 from envs.diagnostics import SOURCE_HOLDOUT_SEED, held_out, held_out_separation, holdout_split
 from envs.run import (check_common_flags, dataset_arrays, default_out, fingerprint, json_bytes, load_source_target,
-                      losses_entry, need, open_run, start_block, train_loop, write_atomic)
+                      losses_entry, need, open_run, scan_chunk, start_block, train_loop, write_atomic)
 
 Quality = Literal["random", "medium", "medium-replay", "medium-expert", "expert"]
 
@@ -196,8 +196,7 @@ def make_scorer_train(hidden, repr_dim, lr, batch_size, obs_dim, act_dim):
 
     def train(runner: ScorerRunner, data: ScorerData, num_steps: int):
         """num_steps gradient steps in one lax.scan; metrics are their means over the chunk."""
-        runner, metrics = jax.lax.scan(lambda r, _: step(r, data), runner, None, length=num_steps)
-        return runner, jax.tree.map(jnp.mean, metrics)
+        return scan_chunk(lambda r, _: step(r, data), runner, num_steps)
 
     return init, train
 

@@ -56,7 +56,7 @@ from flax.training.train_state import TrainState
 
 from envs import evaluate, reference_info
 from envs.run import (check_common_flags, datasets_line, default_out, evaluation_entry, load_source_target, need,
-                      open_run, start_block, train_loop)
+                      open_run, scan_chunk, start_block, train_loop)
 
 Quality = Literal["random", "medium", "medium-replay", "medium-expert", "expert"]
 
@@ -346,8 +346,7 @@ def make_train(args: Args, obs_dim: int, act_dim: int):
             state, metrics = update(runner.state, sample_batch(batch_key, data), hparams, q_weight)
             return Runner(state, rng), metrics
 
-        runner, metrics = jax.lax.scan(step, runner, None, length=num_steps)
-        return runner, jax.tree.map(jnp.mean, metrics)
+        return scan_chunk(step, runner, num_steps)
 
     return init, train
 

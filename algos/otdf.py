@@ -59,7 +59,7 @@ from envs import domain_info, evaluate, reference_info
 from envs.diagnostics import episode_groups, filter_diagnostics, filter_sums
 from envs.run import (STAGE_SAVE_SECONDS, Progress, cached_stage, check_common_flags, dataset_arrays, datasets_line,
                       default_out, evaluation_entry, fingerprint, load_source_target, need, open_run, run_stage,
-                      save_stage, set_aside, stage_path, start_block, stopped, train_loop, write_atomic)
+                      save_stage, scan_chunk, set_aside, stage_path, start_block, stopped, train_loop, write_atomic)
 
 Quality = Literal["random", "medium", "medium-replay", "medium-expert", "expert"]
 
@@ -355,8 +355,7 @@ def make_cvae_train(act_dim: int, latent_dim: int, hidden, lr: float, batch_size
         return CVAERunner(runner.state.apply_gradients(grads=grads), rng), {"cvae_loss": loss}
 
     def train(runner: CVAERunner, data: CVAEData, num_steps: int):
-        runner, metrics = jax.lax.scan(lambda r, _: step(r, data), runner, None, length=num_steps)
-        return runner, jax.tree.map(jnp.mean, metrics)
+        return scan_chunk(lambda r, _: step(r, data), runner, num_steps)
 
     return init, train
 
@@ -611,8 +610,8 @@ def make_train(args: Args, obs_dim: int, act_dim: int, cvae_hidden, latent_dim: 
                                          labels, cvae_params, hparams, update_key)
             return Runner(state, rng), (losses, sums)
 
-        runner, (losses, sums) = jax.lax.scan(step, runner, None, length=num_steps)
-        return runner, (jax.tree.map(jnp.mean, losses), jax.tree.map(lambda x: x.sum(0), sums))
+        runner, (losses, sums) = scan_chunk(step, runner, num_steps, means=False)
+        return runner, (jax.tree.map(lambda total: total / num_steps, losses), sums)
 
     return init, train
 

@@ -49,7 +49,7 @@ from flax.training.train_state import TrainState
 
 from envs import check_domain, domain_info, evaluate, load_dataset, reference_info
 from envs.run import (check_common_flags, dataset_arrays, default_out, evaluation_entry, fingerprint, json_bytes,
-                      losses_entry, need, open_run, start_block, train_loop, value_bound_of, without_losses,
+                      losses_entry, need, open_run, scan_chunk, start_block, train_loop, value_bound_of, without_losses,
                       write_atomic)
 
 Quality = Literal["random", "medium", "medium-replay", "medium-expert", "expert"]
@@ -323,8 +323,7 @@ def make_train(args: Args, obs_dim: int, act_dim: int):
             state, metrics = update(runner.state, sample(batch_key, source, args.batch_size), hparams)
             return Runner(state, rng), metrics
 
-        runner, metrics = jax.lax.scan(step, runner, None, length=num_steps)
-        return runner, jax.tree.map(jnp.mean, metrics)
+        return scan_chunk(step, runner, num_steps)
 
     return init, train
 

@@ -53,7 +53,7 @@ import time
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal, NamedTuple, Optional
+from typing import Any, Callable, Literal, NamedTuple, Optional
 
 # `python algos/v2a.py` puts algos/ on the path, not the repository root that holds envs/.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -76,8 +76,8 @@ from envs.diagnostics import (SOURCE_HOLDOUT_SEED, episode_groups, filter_diagno
                               held_out_separation, holdout_split, plot_projection, representation_diagnostics,
                               trajectory_groups)
 from envs.run import (STAGE_SAVE_SECONDS, Progress, cached_stage, check_common_flags, dataset_arrays, datasets_line,
-                      default_out, fingerprint, finite_json, grid_level, json_bytes, load_source_target, need,
-                      open_run, package_versions, read_artifact, run_stage, save_stage, set_aside, settings_line,
+                      default_out, fingerprint, finite_json, grid_level, json_bytes, load_source_target, need, open_run,
+                      package_versions, read_artifact, run_stage, save_stage, scan_chunk, set_aside, settings_line,
                       stage_path, start_block, stopped, train_grid, value_bound_of, write_atomic)
 
 Quality = Literal["random", "medium", "medium-replay", "medium-expert", "expert"]
@@ -311,15 +311,60 @@ class Scorer(nn.Module):
         return sa_repr, next_repr
 
 
-class MaskedGRUStep(nn.Module):
-    """One GRU step over a batch; where valid is 0 (padding) the carried state passes through unchanged."""
+class GRUWeights(nn.Module):
+    """The parameters of flax's GRUCell under its names (ir, iz, in with biases; hr, hz without; hn with), created by
+    its initialisers in its order, so that an encoder saved by flax's GRUCell loads here and the same key gives the same
+    values. Returned fused: the input kernels [F, 3H] and biases [3H] (gates r, z, n), the hidden ones [H, 3H], [3H]."""
     hidden: int
 
     @nn.compact
-    def __call__(self, carry, inputs):
-        step, valid = inputs  # [B, F], [B]
-        new_carry, _ = nn.GRUCell(self.hidden, name="cell")(carry, step)
-        return jnp.where(valid[:, None] > 0, new_carry, carry), None
+    def __call__(self, features: int):
+        def weights(name, fan_in, init, bias):
+            return GateWeights((fan_in, self.hidden), init, bias, name=name)()
+
+        lecun, orthogonal = nn.initializers.lecun_normal(), nn.initializers.orthogonal()
+        ir, iz = weights("ir", features, lecun, True), weights("iz", features, lecun, True)
+        hr, hz = weights("hr", self.hidden, orthogonal, False), weights("hz", self.hidden, orthogonal, False)
+        inn, hn = weights("in", features, lecun, True), weights("hn", self.hidden, orthogonal, True)
+        fuse = lambda *pairs, at: jnp.concatenate([pair[at] for pair in pairs], axis=-1)
+        return fuse(ir, iz, inn, at=0), fuse(ir, iz, inn, at=1), fuse(hr, hz, hn, at=0), fuse(hr, hz, hn, at=1)
+
+
+class GateWeights(nn.Module):
+    """One Dense layer's kernel [in, out] and bias [out] (zeros, and no parameter, when use_bias is False)."""
+    shape: tuple[int, int]
+    kernel_init: Callable
+    use_bias: bool
+
+    @nn.compact
+    def __call__(self):
+        kernel = self.param("kernel", self.kernel_init, self.shape)
+        bias = self.param("bias", nn.initializers.zeros_init(), self.shape[1:]) if self.use_bias else \
+            jnp.zeros(self.shape[1:], kernel.dtype)
+        return kernel, bias
+
+
+class MaskedGRU(nn.Module):
+    """flax's GRUCell run over a window [B, T, F] with a mask [B, T]: where the mask is 0 (padding) the carried state
+    passes through unchanged; the state after the last step is returned. The input projections of all T steps are one
+    matmul before the scan, and each step's three hidden projections are one [H, 3H] matmul."""
+    hidden: int
+
+    @nn.compact
+    def __call__(self, steps, mask):
+        input_kernel, input_bias, hidden_kernel, hidden_bias = GRUWeights(self.hidden, name="cell")(steps.shape[-1])
+        inputs = jnp.swapaxes(steps @ input_kernel + input_bias, 0, 1)  # [T, B, 3H]
+
+        def step(h, inputs_and_valid):
+            x, valid = inputs_and_valid
+            x_r, x_z, x_n = jnp.split(x, 3, axis=-1)
+            h_r, h_z, h_n = jnp.split(h @ hidden_kernel + hidden_bias, 3, axis=-1)
+            r, z = jax.nn.sigmoid(x_r + h_r), jax.nn.sigmoid(x_z + h_z)
+            n = jnp.tanh(x_n + r * h_n)
+            return jnp.where(valid[:, None] > 0, (1.0 - z) * n + z * h, h), None
+
+        start = jnp.zeros((steps.shape[0], self.hidden), steps.dtype)
+        return jax.lax.scan(step, start, (inputs, jnp.swapaxes(mask, 0, 1)))[0]
 
 
 class TrajectoryEncoder(nn.Module):
@@ -330,9 +375,7 @@ class TrajectoryEncoder(nn.Module):
 
     @nn.compact
     def __call__(self, steps, mask):
-        gru = nn.scan(MaskedGRUStep, variable_broadcast="params", split_rngs={"params": False}, in_axes=1)
-        last, _ = gru(self.gru_hidden, name="gru")(jnp.zeros((steps.shape[0], self.gru_hidden), steps.dtype),
-                                                   (steps, mask))
+        last = MaskedGRU(self.gru_hidden, name="gru")(steps, mask)
         mean = nn.Dense(self.z_dim, name="mean")(last)
         log_std = jnp.clip(nn.Dense(self.z_dim, name="log_std")(last), LOG_STD_MIN, LOG_STD_MAX)
         return mean, log_std
@@ -643,8 +686,8 @@ def make_train(args: Args, obs_dim: int, act_dim: int, sql_hidden, scorer_hidden
                                          frozen, hparams, jax.random.fold_in(batch_key, 1))
             return Runner(state, rng), (losses, sums)
 
-        runner, (losses, sums) = jax.lax.scan(step, runner, None, length=num_steps)
-        return runner, (jax.tree.map(jnp.mean, losses), jax.tree.map(lambda x: x.sum(0), sums))
+        runner, (losses, sums) = scan_chunk(step, runner, num_steps, means=False)
+        return runner, (jax.tree.map(lambda total: total / num_steps, losses), sums)
 
     return init, train
 
@@ -769,8 +812,7 @@ def make_encoder_train(gru_hidden, z_dim, hidden, ensemble_size, kl_weight, lr, 
 
     def train(runner: EncoderRunner, data: EncoderData, num_steps: int):
         """num_steps gradient steps in one lax.scan; metrics are their means over the chunk."""
-        runner, metrics = jax.lax.scan(lambda r, _: step(r, data), runner, None, length=num_steps)
-        return runner, jax.tree.map(jnp.mean, metrics)
+        return scan_chunk(lambda r, _: step(r, data), runner, num_steps)
 
     return init, train
 
@@ -1011,8 +1053,7 @@ def make_sqlz_train(hidden, lr, batch_size, discount, tau, target_every, obs_dim
             state, metrics = update(runner.state, batch, z, hparams)
             return SQLRunner(state, rng), metrics
 
-        runner, metrics = jax.lax.scan(step, runner, None, length=num_steps)
-        return runner, jax.tree.map(jnp.mean, metrics)
+        return scan_chunk(step, runner, num_steps)
 
     return init, train
 
@@ -1126,8 +1167,7 @@ def make_scorer_train(hidden, repr_dim, lr, batch_size, obs_dim, act_dim):
 
     def train(runner: ScorerRunner, data: ScorerData, num_steps: int):
         """num_steps gradient steps in one lax.scan; metrics are their means over the chunk."""
-        runner, metrics = jax.lax.scan(lambda r, _: step(r, data), runner, None, length=num_steps)
-        return runner, jax.tree.map(jnp.mean, metrics)
+        return scan_chunk(lambda r, _: step(r, data), runner, num_steps)
 
     return init, train
 
@@ -1327,8 +1367,7 @@ def make_cvae_train(act_dim: int, latent_dim: int, hidden, lr: float, batch_size
         return CVAERunner(runner.state.apply_gradients(grads=grads), rng), {"cvae_loss": loss}
 
     def train(runner: CVAERunner, data: CVAEData, num_steps: int):
-        runner, metrics = jax.lax.scan(lambda r, _: step(r, data), runner, None, length=num_steps)
-        return runner, jax.tree.map(jnp.mean, metrics)
+        return scan_chunk(lambda r, _: step(r, data), runner, num_steps)
 
     return init, train
 

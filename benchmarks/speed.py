@@ -4,6 +4,7 @@ and the 5-seed DVDF pipeline projected from them.
     python benchmarks/speed.py                                    # every algorithm at 1 5 20 100 runs, the pipeline
     python benchmarks/speed.py --algos iql dvdf --seeds 1 5 100   # a part of it
     python benchmarks/speed.py --pipeline run                     # time a real 5-seed DVDF pipeline (on a GPU)
+    python benchmarks/speed.py --algos iql --unroll 4 --pipeline none  # lax.scan unrolled 4 steps per iteration
     bash benchmarks/device_check.sh                               # a GPU lease's check (benchmarks/device_check.py)
 
 A rate: the script's own main() runs on synthetic datasets of HalfCheetah's shapes (1M source, 100k target
@@ -37,6 +38,7 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -138,15 +140,54 @@ def first_runs(program: dict, runs: int) -> tuple:
     return program["keys"][:runs], inputs
 
 
+_TRIVIAL_OPS = {"parameter", "get-tuple-element", "tuple", "constant", "bitcast"}
+
+
+def step_ops(hlo: str, steps: int, every: bool = False) -> dict:
+    """The operations of one gradient step in a compiled chunk: the instructions of the body of its loop of `steps`
+    iterations in the optimised HLO text (`compiled.as_text()`), by opcode, without those that launch nothing
+    (parameter, get-tuple-element, tuple, constant, bitcast). Each is one kernel launch per step (a fusion is one
+    kernel; a nested while, call or sort counts once, though it may launch more). {} if no such loop is found.
+    every: the sum over every loop of `steps` iterations (a scan's forward and backward passes), not the first."""
+    computations, name = {}, None
+    for line in hlo.splitlines():
+        if not line.startswith(" ") and line.rstrip().endswith("{") and line.removeprefix("ENTRY ").startswith("%"):
+            name = line.removeprefix("ENTRY ").split()[0].lstrip("%")
+            computations[name] = []
+        elif line.startswith("}"):
+            name = None
+        elif name is not None:
+            computations[name].append(line)
+
+    def opcode(line: str):
+        found = re.match(r"\s*(?:ROOT )?%\S+ = .*? ([a-z][a-z0-9-]*)\(", line)
+        return found.group(1) if found else None
+
+    ops = {}
+    for lines in computations.values():
+        for line in lines:
+            if opcode(line) == "while" and f'"known_trip_count":{{"n":"{steps}"}}' in line:
+                body = computations.get(re.search(r"body=%([^,\s]+)", line).group(1), [])
+                for op in map(opcode, body):
+                    if op and op not in _TRIVIAL_OPS:
+                        ops[op] = ops.get(op, 0) + 1
+                if not every:
+                    return dict(sorted(ops.items(), key=lambda item: -item[1]))
+    return dict(sorted(ops.items(), key=lambda item: -item[1]))
+
+
 def measure(program: dict, runs: int, steps: int, chunks: int) -> tuple[dict, object, object]:
     """Compile the program for `runs` runs and chunks of `steps` steps as train_loop does, run one chunk to warm up,
-    time `chunks` more; returns the rates (of the median chunk) and the last runner and metrics."""
+    time `chunks` more; returns the rates (of the median chunk), the compiled step's operations (step_ops) and the
+    last runner and metrics."""
     keys, inputs = first_runs(program, runs)
     start = time.perf_counter()
     runner = jax.block_until_ready(jax.jit(jax.vmap(program["init"]))(keys))
     chunk = jax.jit(jax.vmap(partial(program["train"], num_steps=steps), in_axes=(0, *program["in_axes"])))
     compiled = chunk.lower(runner, *inputs).compile()
     compile_seconds = time.perf_counter() - start
+    unroll = run_module.SCAN_UNROLL  # the loop runs steps / unroll iterations of `unroll` steps each
+    ops = step_ops(compiled.as_text(), steps // unroll)
     start = time.perf_counter()
     runner, metrics = jax.block_until_ready(compiled(runner, *inputs))
     warmup_seconds = time.perf_counter() - start
@@ -157,7 +198,8 @@ def measure(program: dict, runs: int, steps: int, chunks: int) -> tuple[dict, ob
         seconds.append(time.perf_counter() - start)
     median = float(np.median(seconds))
     return {"steps_per_second": steps / median, "updates_per_second": steps * runs / median,
-            "compile_seconds": compile_seconds, "warmup_seconds": warmup_seconds, "chunk_seconds": seconds}, \
+            "compile_seconds": compile_seconds, "warmup_seconds": warmup_seconds, "chunk_seconds": seconds,
+            "ops_per_step": sum(ops.values()) / unroll, "ops": ops, "unroll": unroll}, \
         runner, metrics
 
 
@@ -321,18 +363,21 @@ def render(store: dict) -> str:
              "warm-up chunk (k x S), or, in older rows, the whole of one run of S steps (its first call included). "
              "One gradient step updates every run: seed-updates/s = steps/s x runs; speed-up = seed-updates/s over "
              "those of 1 run on the same device. dvdf, otdf, v2a, dara, bosa: their last stage (the pre-training "
-             "stages are timed in the pipeline below).", "",
-             "| algorithm | device | runs | steps/s | seed-updates/s | speed-up | compile s | timed | measured |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "stages are timed in the pipeline below). ops/step: the operations (kernel launches) of one step in "
+             "the compiled chunk on that device (fusions, matmuls, copies, ...: step_ops), where recorded.", "",
+             "| algorithm | device | runs | steps/s | seed-updates/s | speed-up | compile s | ops/step | timed | "
+             "measured |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     order = lambda r: ALGOS.index(r["algo"].split()[0]) if r["algo"].split()[0] in ALGOS else 99  # noqa: E731
     single = {(r["algo"], r["device"]): r["updates_per_second"] for r in rows if r["seeds"] == 1}
     for r in sorted(rows, key=lambda r: (r["device"], order(r), r["algo"], r["seeds"])):
         base = single.get((r["algo"], r["device"]))
         speedup = f"{r['updates_per_second'] / base:.1f}x" if base else "-"
         timed = f"{r['chunks']} x {r['steps']}" if "chunks" in r else f"{r['steps']}, one run"
+        ops = f"{r['ops_per_step']:g}" if "ops_per_step" in r else "-"
         lines.append(f"| {r['algo']} | {r['device']} ({r.get('cpus', '?')} cpus) | {r['seeds']} | "
                      f"{r['steps_per_second']:.1f} | {r['updates_per_second']:.0f} | {speedup} | "
-                     f"{r['compile_seconds']:.1f} | {timed} | {r.get('date', '')} |")
+                     f"{r['compile_seconds']:.1f} | {ops} | {timed} | {r.get('date', '')} |")
     lines += ["", "Reading it: on a CPU the runs of a vmapped step share the same cores, so seed-updates/s stay "
               "roughly flat as runs are added (the cores are busy with arithmetic already at one run); vmapping "
               "pays on an accelerator, where one run's small matrices leave most of the device idle. Targets on one "
@@ -375,10 +420,17 @@ def main() -> None:
     parser.add_argument("--pipeline", choices=("estimate", "run", "none"), default="estimate")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder of speed.md and speed.json")
     parser.add_argument("--render", action="store_true", help="only rewrite speed.md from speed.json")
+    parser.add_argument("--unroll", type=int, default=1, help="steps per loop iteration of a chunk (lax.scan unroll, "
+                        "envs.run.SCAN_UNROLL); rows labelled 'ALGO unroll=K'")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="flags passed to every script")
     args = parser.parse_args()
     if args.steps < 1 or args.chunks < 1 or min(args.seeds + args.eval_seeds) < 1:
         parser.error("--steps, --chunks and every --seeds and --eval-seeds value must be at least 1")
+    if args.unroll < 1 or args.steps % args.unroll:
+        parser.error("--unroll must be at least 1 and divide --steps")
+    if args.unroll != 1 and args.pipeline == "estimate":
+        parser.error("--unroll other than 1 times rows apart from the pipeline: add --pipeline none")
+    run_module.SCAN_UNROLL, suffix = args.unroll, f" unroll={args.unroll}" if args.unroll != 1 else ""
     if args.render:
         store = json.loads((args.out / "speed.json").read_text())
         write_atomic(args.out / "speed.md", render(store | {k: store.get(k, []) for k in ("evaluations",
@@ -393,10 +445,10 @@ def main() -> None:
         wanted = {"iql": evaluated, "dvdf": [PIPELINE["seeds"]] if estimate else []}
         for algo in [*args.algos, *(name for name in wanted if wanted[name] and name not in args.algos)]:
             runs = sorted((set(args.seeds) if algo in args.algos else set()) | set(wanted.get(algo, [])))
-            bench.measure(algo, runs, keep=tuple(evaluated) if algo == "iql" else ())
+            bench.measure(algo, runs, label=algo + suffix, keep=tuple(evaluated) if algo == "iql" else ())
             if algo == "iql":
                 for seeds in evaluated:
-                    bench.evaluate("iql", seeds)
+                    bench.evaluate("iql" + suffix, seeds)
         if estimate:
             bench.measure("sql_pretrain", [1], ["--no-policy"], label=SQL_STAGE)
             if ("igdf_scorer", 1) not in bench.rates:

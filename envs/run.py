@@ -73,6 +73,9 @@ from envs.evaluation import evaluate
 LOSS_LIMIT = 1e10  # a squared TD error beyond this (|Q - y| ~ 1e5) leaves any MuJoCo return scale float32 can fit
 STAGE_CHUNKS = (100, 1_000, 10_000)  # the chunk sizes a pre-training stage runs between two saves
 STAGE_SAVE_SECONDS = 60.0  # a stage saves and reports progress about this often, at most every 10,000 steps
+CHECKPOINT_SHARE = 0.05  # train_loop's checkpoints take at most this share of a run's time (383 MB at 100 runs: 5 s)
+CHEAP_CHECKPOINT_SECONDS = 0.25  # a checkpoint written faster than this is written after every chunk
+SCAN_UNROLL = 1  # gradient steps per iteration of scan_chunk's loop (lax.scan's unroll; benchmarks/speed.py --unroll)
 STAGE_SCRIPTS = {"sql": "sql_pretrain", "scorer": "igdf_scorer", "encoder": "v2a", "sqlz": "v2a", "ot": "otdf",
                  "cvae": "otdf"}
 VERSIONED_PACKAGES = ("jax", "jaxlib", "flax", "optax", "chex", "numpy", "gymnasium", "mujoco", "minari", "tyro")
@@ -376,13 +379,24 @@ def datasets_line(args) -> str:
 def run_shardings(num_runs: int):
     """(per-run, shared) shardings that spread the leading run axis (the vmapped seeds) over every accelerator
     and copy shared data to each, so one jitted program runs each device's share of the runs; None on a single
-    device, or when the runs do not divide evenly among the devices (then everything runs on the first)."""
+    device, or when the runs do not divide evenly among the devices (train_loop pads them to a multiple first)."""
     devices = jax.devices()
     if len(devices) < 2 or num_runs % len(devices):
         return None
     mesh = jax.sharding.Mesh(np.array(devices), ("runs",))
     return (jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("runs")),
             jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+
+
+def pad_runs(tree, in_axes, padding: int):
+    """`tree` with `padding` copies of the last run appended to each part whose vmap axis (in `in_axes`, a prefix of
+    the tree) is 0; parts with axis None are shared and stay as they are."""
+    def pad(axis, part):
+        if axis is None:
+            return part
+        return jax.tree.map(lambda leaf: jnp.concatenate([leaf, jnp.repeat(leaf[-1:], padding, axis=0)]), part)
+
+    return jax.tree.map(pad, in_axes, tree, is_leaf=lambda node: node is None)
 
 
 def place(tree, in_axes, shardings):
@@ -751,6 +765,23 @@ class Progress:
 
 
 # ---------------------------------------------------------------- the training loop
+def scan_chunk(step: Callable, runner, num_steps: int, means: bool = True):
+    """num_steps of `step(runner, None) -> (runner, metrics)` in one jax.lax.scan: the runner after them and the
+    metrics' means over the chunk (their sums with means=False). The sums run in the scan's carry instead of
+    stacking every step's metrics into arrays (one dynamic-update-slice kernel per metric per step otherwise). The
+    loop runs SCAN_UNROLL steps per iteration (the same steps; unrolling only changes what XLA fuses)."""
+    shapes = jax.eval_shape(lambda r: step(r, None)[1], runner)
+    zeros = jax.tree.map(lambda leaf: jnp.zeros(leaf.shape, leaf.dtype), shapes)
+
+    def body(carry, _):
+        runner, sums = carry
+        runner, metrics = step(runner, None)
+        return (runner, jax.tree.map(jnp.add, sums, metrics)), None
+
+    (runner, sums), _ = jax.lax.scan(body, (runner, zeros), None, length=num_steps, unroll=SCAN_UNROLL)
+    return runner, jax.tree.map(lambda total: total / num_steps, sums) if means else sums
+
+
 def train_loop(args, out: Path, saved: Optional[dict], *, algo: str, title: str, init, keys, train, inputs: tuple,
                in_axes: tuple, evaluate: Callable, report: Callable, header: Optional[dict] = None,
                final: Optional[Callable] = without_losses, before_checkpoint: Optional[Callable] = None,
@@ -760,15 +791,18 @@ def train_loop(args, out: Path, saved: Optional[dict], *, algo: str, title: str,
 
     init(key) -> runner and train(runner, *inputs, num_steps) -> (runner, metrics) are one run's; `keys` holds one
     PRNG key per run and `in_axes` the vmap axes of `inputs` (0: one slice per run, None: shared by every run).
-    After each chunk: `evaluate(runner, step, metrics)` gives the chunk's evaluations entry, `before_checkpoint(runner,
-    step)` writes a script's own files (an artefact), then the checkpoint, then results.json: {"algo", "finished",
-    "step", "args", "seeds": args.seed .. args.seed + args.num_seeds - 1, **header, "evaluations", "final":
-    final(last entry) once finished, "timing" (with `timing` added), "versions"}. `report(step, entry, metrics)`
-    gives (progress-bar postfix, a line to print). A chunk whose losses_of(metrics) diverge (`divergence`) ends
-    the run with one sentence that starts with `name` (default: the algo in capitals) and ends with `advice`;
-    nothing of that chunk is saved. An evaluation whose returns or scores are not finite (`non_finite_evaluation`)
-    is noted when it happens; the run trains on and is saved as usual, but results.json never says finished and the
-    last step ends with one sentence ("failed" in results.json). The checkpoint records the fingerprint of `inputs`:
+    After each chunk (the next one already dispatched, so that training goes on meanwhile), with the runner and
+    metrics copied to the host: `evaluate(runner, step, metrics)` gives the chunk's evaluations entry,
+    `before_checkpoint(runner, step)` writes a script's own files (an artefact), then the checkpoint (after every
+    chunk while writing it is cheap, else at most CHECKPOINT_SHARE of the run's time, always after the last chunk
+    and on Ctrl-C), then results.json: {"algo", "finished", "step", "args", "seeds": args.seed .. args.seed +
+    args.num_seeds - 1, **header, "evaluations", "final": final(last entry) once finished, "timing" (with `timing`
+    added), "versions"}. `report(step, entry, metrics)` gives (progress-bar postfix, a line to print). A chunk
+    whose losses_of(metrics) diverge (`divergence`) ends the run with one sentence that starts with `name`
+    (default: the algo in capitals) and ends with `advice`; nothing of that chunk is saved. An evaluation whose
+    returns or scores are not finite (`non_finite_evaluation`) is noted when it happens; the run trains on and is
+    saved as usual, but results.json never says finished and the last step ends with one sentence ("failed" in
+    results.json). The checkpoint records the fingerprint of `inputs`:
     --resume on other data (a dataset changed since the run started) stops with one sentence. Returns the last
     results written.
     """
@@ -788,11 +822,15 @@ def train_loop(args, out: Path, saved: Optional[dict], *, algo: str, title: str,
                              f"started; put that data back, or start the run again in another --out.")
         runner = serialization.from_state_dict(runner, saved["runner"])
         start_step, evaluations = int(saved["step"]), json.loads(saved["evaluations"])
-    shardings = run_shardings(num_runs)
+    padding = -num_runs % jax.device_count()
+    if padding:  # every device trains an equal share: copies of the last run fill the run axis, never reported
+        runner, inputs = pad_runs(runner, 0, padding), pad_runs(inputs, in_axes, padding)
+        copies = "1 copy of the last run fills" if padding == 1 else f"{padding} copies of the last run fill"
+        print(f"{num_runs} runs on {jax.device_count()} devices: {copies} the last device's share; they train too, "
+              f"and are left out of every result.")
+    shardings = run_shardings(num_runs + padding)
     if shardings is not None:  # several accelerators: each trains its share of the runs
         runner, inputs = place(runner, 0, shardings), place(inputs, in_axes, shardings)
-    elif jax.device_count() > 1:
-        print(f"{num_runs} runs do not divide among {jax.device_count()} devices: all run on the first.")
 
     # One program per chunk length (--eval-every, and the remainder if --steps is not a multiple of it), compiled
     # ahead of time: no chunk recompiles, and compile time is measured apart from training speed.
@@ -835,42 +873,68 @@ def train_loop(args, out: Path, saved: Optional[dict], *, algo: str, title: str,
             previous = {}
         results = write_results(step, previous.get("timing") if isinstance(previous, dict) else None)
     progress = Progress(title, args.steps, start_step)
-    checkpoint_step = start_step
+    saved_at = {"step": start_step, "time": time.perf_counter(), "seconds": 0.0}  # the last checkpoint written
+    unsaved = None  # (runner on the host, step, evaluations) of the newest chunk, when its checkpoint was skipped
+
+    def save(host_runner, at_step: int, count: int) -> None:
+        begin = time.perf_counter()
+        checkpoint = {"runner": serialization.to_state_dict(host_runner), "step": at_step,
+                      "evaluations": json.dumps(finite_json(evaluations[:count])), "flags": json.dumps(run_flags(args)),
+                      "inputs": inputs_fingerprint}
+        write_atomic(out / "checkpoint.msgpack", serialization.msgpack_serialize(checkpoint))
+        saved_at.update(step=at_step, time=time.perf_counter(), seconds=time.perf_counter() - begin)
+
+    def time_to_save(last: bool) -> bool:
+        """After the last chunk, and after every chunk while a checkpoint is cheap; else once the time since the
+        last one is 1 / CHECKPOINT_SHARE times what writing it took (every ~2 min for 100 runs' 5-second write)."""
+        return (last or saved_at["seconds"] < CHEAP_CHECKPOINT_SECONDS
+                or time.perf_counter() - saved_at["time"] >= saved_at["seconds"] / CHECKPOINT_SHARE)
+
     try:
+        # The next chunk is dispatched before this one is evaluated and saved from its host copy: XLA trains while
+        # the host plays the evaluation episodes and writes the files (on a GPU the evaluation costs no time).
+        running, dispatched = (compiled[chunks[0]](runner, *inputs), time.perf_counter()) if chunks else (None, 0.0)
         for index, num_steps in enumerate(chunks):
-            start = time.perf_counter()
-            runner, metrics = progress.wait(compiled[num_steps](runner, *inputs), num_steps)
-            chunk_seconds = time.perf_counter() - start
+            runner, metrics = progress.wait(running, num_steps)
+            chunk_seconds = time.perf_counter() - dispatched  # with the previous chunk's evaluation overlapping it
             train_seconds += chunk_seconds
-            diverged = divergence(jax.device_get(losses_of(metrics)), value_bound)
+            last = index == len(chunks) - 1
+            if not last:  # the device goes on at once; this chunk's runner stays valid (no buffer is donated)
+                running, dispatched = compiled[chunks[index + 1]](runner, *inputs), time.perf_counter()
+            host_runner, metrics = jax.tree.map(lambda leaf: leaf[:num_runs], jax.device_get((runner, metrics)))
+            diverged = divergence(losses_of(metrics), value_bound)
             if diverged:  # nothing of this chunk is saved: the last checkpoint and results stay the sound ones
-                kept = f"the checkpoint in {out} stays at step {step}" if step > 0 else "nothing was saved"
+                where = saved_at["step"] if unsaved is None else unsaved[1]
+                if unsaved is not None:
+                    save(*unsaved)
+                kept = f"the checkpoint in {out} stays at step {where}" if where > 0 else "nothing was saved"
                 raise SystemExit(f"{name or algo.upper()} diverged in the {step}-{step + num_steps} chunk "
                                  f"({diverged}); {kept}. {advice[0].upper() + advice[1:]}.")
             step += num_steps
 
             start = time.perf_counter()
-            evaluations.append(evaluate(runner, step, metrics))
+            evaluations.append(evaluate(host_runner, step, metrics))
             eval_seconds += time.perf_counter() - start
-            progress.evaluated(time.perf_counter() - start, evals_left=len(chunks) - index - 1)
+            # only the last evaluation adds to the run's time; the others overlap the next chunk
+            progress.evaluated(time.perf_counter() - start, evals_left=0 if last else 1)
             if (where := non_finite_evaluation(evaluations[-1:])) and not non_finite_evaluation(evaluations[:-1]):
                 tqdm.write(f"note: {where}; the run goes on, but it will not count as finished.")
             if before_checkpoint is not None:
-                before_checkpoint(runner, step)
+                before_checkpoint(host_runner, step)
             # checkpoint first: if killed before results.json is rewritten, --resume rewrites it
-            checkpoint = {"runner": serialization.to_state_dict(jax.device_get(runner)), "step": step,
-                          "evaluations": json.dumps(finite_json(evaluations)), "flags": json.dumps(run_flags(args)),
-                          "inputs": inputs_fingerprint}
-            write_atomic(out / "checkpoint.msgpack", serialization.msgpack_serialize(checkpoint))
-            checkpoint_step = step
+            unsaved = (host_runner, step, len(evaluations))
+            if time_to_save(last):
+                save(*unsaved)
+                unsaved = None
             timed_steps = step - start_step
             results = write_results(step, {
                 "steps_per_second": timed_steps / train_seconds,  # gradient steps, every run at once
                 "updates_per_second": timed_steps * num_runs / train_seconds,
                 "compile_seconds": compile_seconds, "train_seconds": train_seconds, "eval_seconds": eval_seconds,
                 **(timing or {}), "wall_seconds": time.perf_counter() - wall_start, "timed_steps": timed_steps,
-                "resumed_from_step": start_step, "device_kind": jax.devices()[0].device_kind,
-                "platform": jax.default_backend(), "devices": jax.device_count() if shardings else 1})
+                "resumed_from_step": start_step, "checkpoint_step": saved_at["step"], "padding_runs": padding,
+                "device_kind": jax.devices()[0].device_kind, "platform": jax.default_backend(),
+                "devices": jax.device_count() if shardings else 1})
 
             postfix, line = report(step, evaluations[-1], metrics)
             progress.advance(num_steps, chunk_seconds, postfix)
@@ -878,7 +942,9 @@ def train_loop(args, out: Path, saved: Optional[dict], *, algo: str, title: str,
         progress.close()
     except KeyboardInterrupt:
         progress.close()
-        kept = (f"the checkpoint of step {checkpoint_step:,} is in {out}" if checkpoint_step else
+        if unsaved is not None:  # the newest evaluated chunk, whose checkpoint the cadence had skipped
+            save(*unsaved)
+        kept = (f"the checkpoint of step {saved_at['step']:,} is in {out}" if saved_at["step"] else
                 f"no checkpoint yet (the first comes at step {min(args.eval_every, args.steps):,})")
         if _JOB.get("cache_dir"):
             kept += f", the finished stages are cached in {_JOB['cache_dir']}"

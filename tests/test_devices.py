@@ -42,7 +42,11 @@ def _runner_leaves(out: Path) -> list[np.ndarray]:
 
 @pytest.mark.parametrize("script", sorted(RUNS))
 def test_two_devices_shard_the_runs_and_train_the_same_networks(script, datasets, tmp_path):
+    """iql runs 3 seeds on the 2 devices: a copy of the last run fills the second device's share, both devices
+    train, and every result holds the 3 runs only."""
     flags = [*datasets, *TINY, *RUNS[script]]
+    if script == "iql":
+        flags[flags.index("--num-seeds") + 1] = "3"
     if script == "dvdf":
         flags += ["--cache-dir", str(tmp_path / "cache")]
     spec = importlib.util.spec_from_file_location(script, ROOT / "algos" / f"{script}.py")
@@ -59,9 +63,14 @@ def test_two_devices_shard_the_runs_and_train_the_same_networks(script, datasets
     one = json.loads((tmp_path / "one" / "results.json").read_text())
     two = json.loads((tmp_path / "two" / "results.json").read_text())
     assert one["timing"]["devices"] == 1 and two["timing"]["devices"] == 2
+    assert two["timing"]["padding_runs"] == (script == "iql") and one["timing"]["padding_runs"] == 0
     leaves_one, leaves_two = _runner_leaves(tmp_path / "one"), _runner_leaves(tmp_path / "two")
     assert len(leaves_one) == len(leaves_two) > 0
-    for a, b in zip(leaves_one, leaves_two):  # the same training, up to float rounding of partitioned matmuls
+    if script == "iql":
+        assert "3 runs on 2 devices: 1 copy of the last run fills the last device's share" in done.stdout
+        assert [len(entry["scores"]) for entry in two["evaluations"]] == [3, 3] and len(two["final"]["scores"]) == 3
+        assert [leaf.shape[0] for leaf in leaves_two] == [3] * len(leaves_two)
+    for a, b in zip(leaves_one, leaves_two, strict=True):  # the same training, up to float rounding of partitioned matmuls
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 

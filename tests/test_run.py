@@ -281,8 +281,8 @@ def train(runner, increment, *, num_steps):
     def step(runner, _):
         return {"w": runner["w"] + increment, "key": runner["key"]}, jnp.sum(runner["w"])
 
-    runner, losses = jax.lax.scan(step, runner, None, length=num_steps)
-    return runner, {"critic_loss": losses.mean()}
+    runner, loss = run.scan_chunk(step, runner, num_steps)
+    return runner, {"critic_loss": loss}
 
 
 def loop(args: Args, out: Path, saved=None, report=None, evaluate=None):
@@ -308,6 +308,57 @@ def test_the_loop_trains_every_run_checkpoints_and_writes_strict_results(tmp_pat
     saved = serialization.msgpack_restore((tmp_path / "checkpoint.msgpack").read_bytes())
     assert int(saved["step"]) == 30
     np.testing.assert_array_equal(saved["runner"]["w"], np.full((2, 3), 30.0))
+
+
+def test_scan_chunk_gives_the_means_or_sums_of_its_steps_metrics():
+    def step(runner, _):  # metrics of a step: the counter before it, and a pair (counter, 1)
+        return runner + 1.0, {"before": runner, "pair": (runner, jnp.int32(1))}
+
+    runner, means = run.scan_chunk(step, jnp.float32(2.0), 4)
+    assert float(runner) == 6.0 and float(means["before"]) == 3.5  # (2 + 3 + 4 + 5) / 4
+    runner, sums = run.scan_chunk(step, jnp.float32(2.0), 4, means=False)
+    assert float(sums["pair"][0]) == 14.0 and int(sums["pair"][1]) == 4 and sums["pair"][1].dtype == jnp.int32
+
+
+def test_the_loop_evaluates_host_copies_and_spaces_slow_checkpoints(tmp_path, monkeypatch):
+    """Writing a checkpoint is "slow" here (any time at all), so after the first chunk's the next comes only at the
+    end: results.json of step 20 names the checkpoint of step 10. Evaluation gets the runner as host arrays (the
+    next chunk trains on the device meanwhile)."""
+    monkeypatch.setattr(run, "CHEAP_CHECKPOINT_SECONDS", 0.0)
+    monkeypatch.setattr(run, "CHECKPOINT_SHARE", 1e-12)
+    seen, checkpoints = [], []
+
+    def evaluate(runner, step, metrics):
+        seen.append(type(runner["w"]))
+        return {"step": step, "w": runner["w"][:, 0].tolist(), "losses": run.losses_entry(metrics)}
+
+    def report(step, entry, metrics):
+        checkpoints.append(json.loads((tmp_path / "results.json").read_text())["timing"]["checkpoint_step"])
+        return "", ""
+
+    results = loop(Args(), tmp_path, report=report, evaluate=evaluate)
+    assert checkpoints == [10, 10, 30] and seen == [np.ndarray] * 3
+    assert [entry["w"] for entry in results["evaluations"]] == [[10.0, 10.0], [20.0, 20.0], [30.0, 30.0]]
+    assert int(serialization.msgpack_restore((tmp_path / "checkpoint.msgpack").read_bytes())["step"]) == 30
+
+
+def test_ctrl_c_saves_the_chunk_whose_checkpoint_was_skipped(tmp_path, monkeypatch):
+    monkeypatch.setattr(run, "CHEAP_CHECKPOINT_SECONDS", 0.0)
+    monkeypatch.setattr(run, "CHECKPOINT_SHARE", 1e-12)
+
+    def interrupt(step, entry, metrics):
+        if step == 20:
+            raise KeyboardInterrupt
+        return "", ""
+
+    with pytest.raises(SystemExit, match="^Stopped by Ctrl-C in fake at step 20 of 30: the checkpoint of step 20 is"):
+        loop(Args(out=str(tmp_path)), tmp_path, report=interrupt)
+    saved = serialization.msgpack_restore((tmp_path / "checkpoint.msgpack").read_bytes())
+    assert int(saved["step"]) == 20 and [e["step"] for e in json.loads(saved["evaluations"])] == [10, 20]
+    out, saved = run.open_run(Args(out=str(tmp_path), resume=True), "unused")
+    results = loop(Args(out=str(tmp_path), resume=True), out, saved)
+    assert [entry["w"] for entry in results["evaluations"]] == [[10.0, 10.0], [20.0, 20.0], [30.0, 30.0]]
+    assert results["timing"]["resumed_from_step"] == 20
 
 
 def test_an_interrupted_loop_resumes_from_its_checkpoint(tmp_path):

@@ -25,17 +25,58 @@ def test_first_runs_cuts_the_run_axis_of_the_keys_and_of_the_per_run_inputs_only
     assert kept_per_run["xi"].shape == (2, 2)
 
 
+HLO = """HloModule chunk
+
+%fused (x: f32[4]) -> f32[4] {
+  %x = f32[4] parameter(0)
+  ROOT %m = f32[4] multiply(%x, %x)
+}
+
+%forward (p: (s32[], f32[4])) -> (s32[], f32[4]) {
+  %p = (s32[], f32[4]) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %g = f32[4] get-tuple-element(%p), index=1
+  %f = f32[4] fusion(%g), kind=kLoop, calls=%fused
+  %c = f32[4] copy(%f)
+  %one = s32[] constant(1)
+  %n = s32[] add(%i, %one)
+  ROOT %t = (s32[], f32[4]) tuple(%n, %c)
+}
+
+%backward (p: (s32[], f32[4])) -> (s32[], f32[4]) {
+  %p = (s32[], f32[4]) parameter(0)
+  %g = f32[4] get-tuple-element(%p), index=1
+  %f = f32[4] fusion(%g), kind=kLoop, calls=%fused
+  ROOT %t = (s32[], f32[4]) tuple(%g, %f)
+}
+
+ENTRY %main (a: (s32[], f32[4])) -> (s32[], f32[4]) {
+  %a = (s32[], f32[4]) parameter(0)
+  %w = (s32[], f32[4]) while(%a), condition=%cond, body=%forward, backend_config={"known_trip_count":{"n":"7"}}
+  %v = (s32[], f32[4]) while(%w), condition=%cond, body=%backward, backend_config={"known_trip_count":{"n":"7"}}
+  ROOT %u = (s32[], f32[4]) while(%v), condition=%cond, body=%fused, backend_config={"known_trip_count":{"n":"3"}}
+}
+"""
+
+
+def test_step_ops_counts_the_launching_instructions_of_the_loop_of_that_many_steps():
+    """Parameters, tuples, get-tuple-elements and constants launch nothing; the loop is found by its trip count."""
+    assert speed.step_ops(HLO, 7) == {"fusion": 1, "copy": 1, "add": 1}  # the first loop of 7 (the forward pass)
+    assert speed.step_ops(HLO, 7, every=True) == {"fusion": 2, "copy": 1, "add": 1}  # both loops of 7
+    assert speed.step_ops(HLO, 3) == {"multiply": 1} and speed.step_ops(HLO, 5) == {}
+
+
 def test_speed_md_keeps_older_rows_and_names_how_each_was_timed():
     old = {"algo": "iql", "seeds": 1, "steps": 1000, "steps_per_second": 200.0, "updates_per_second": 200.0,
            "compile_seconds": 4.0, "device": "cpu", "cpus": 2, "date": "2026-11-21"}
     new = old | {"seeds": 100, "steps": 2000, "chunks": 3, "steps_per_second": 100.0, "updates_per_second": 1e4,
-                 "device": "NVIDIA H200", "cpus": 16}
+                 "device": "NVIDIA H200", "cpus": 16, "ops_per_step": 95}
     evaluation = {"domain": "halfcheetah", "device": "cpu", "cpus": 2, "seeds": 5, "episodes": 10, "env_steps": 50000,
                   "seconds": 4.0, "cpu_seconds": 3.9, "us_per_env_step": 80.0, "policy_compile_seconds": 0.3,
                   "date": "2026-12-02"}
     text = speed.render({"rows": [old, new], "evaluations": [evaluation], "pipelines": []})
-    assert "| iql | cpu (2 cpus) | 1 | 200.0 | 200 | 1.0x | 4.0 | 1000, one run | 2026-11-21 |" in text
-    assert "| iql | NVIDIA H200 (16 cpus) | 100 | 100.0 | 10000 | - | 4.0 | 3 x 2000 |" in text
+    assert "| iql | cpu (2 cpus) | 1 | 200.0 | 200 | 1.0x | 4.0 | - | 1000, one run | 2026-11-21 |" in text
+    assert "| iql | NVIDIA H200 (16 cpus) | 100 | 100.0 | 10000 | - | 4.0 | 95 | 3 x 2000 |" in text
     assert "| halfcheetah | cpu (2 cpus) | 5 x 10 | 50000 | 4.0 | 3.9 | 80 | 0.3 |" in text
 
 

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -60,6 +61,46 @@ def _encode_alone(params, steps, gru_hidden=8, z_dim=4):
     """The encoder mean of one unpadded window [T, F]."""
     return np.asarray(v2a.TrajectoryEncoder(gru_hidden, z_dim).apply(params, jnp.array(steps)[None],
                                                                      jnp.ones((1, len(steps))))[0][0])
+
+
+class _FlaxGRUEncoder(nn.Module):
+    """The encoder as it was written before its projections were fused: flax's GRUCell stepped by nn.scan."""
+    gru_hidden: int
+    z_dim: int
+
+    @nn.compact
+    def __call__(self, steps, mask):
+        class Step(nn.Module):
+            hidden: int
+
+            @nn.compact
+            def __call__(self, carry, inputs):
+                step, valid = inputs
+                new_carry, _ = nn.GRUCell(self.hidden, name="cell")(carry, step)
+                return jnp.where(valid[:, None] > 0, new_carry, carry), None
+
+        gru = nn.scan(Step, variable_broadcast="params", split_rngs={"params": False}, in_axes=1)
+        last, _ = gru(self.gru_hidden, name="gru")(jnp.zeros((steps.shape[0], self.gru_hidden)), (steps, mask))
+        return nn.Dense(self.z_dim, name="mean")(last), jnp.clip(nn.Dense(self.z_dim, name="log_std")(last),
+                                                                  v2a.LOG_STD_MIN, v2a.LOG_STD_MAX)
+
+
+def test_the_fused_encoder_is_flax_grucell_with_its_parameters():
+    """Same parameter tree and, for the same key, the same values as flax's GRUCell (so saved encoders load); the
+    same outputs on padded windows."""
+    key, steps = jax.random.PRNGKey(3), jax.random.normal(jax.random.PRNGKey(4), (5, 9, STEP_DIM))
+    mask = (jnp.arange(9)[None] < jnp.array([9, 1, 4, 7, 0])[:, None]).astype(jnp.float32)
+    fused, reference = v2a.TrajectoryEncoder(8, 4), _FlaxGRUEncoder(8, 4)
+    params = fused.init(key, steps, mask)
+    reference_params = reference.init(key, steps, mask)
+    assert jax.tree.structure(params) == jax.tree.structure(reference_params)
+    for ours, theirs in zip(jax.tree.leaves(params), jax.tree.leaves(reference_params)):
+        np.testing.assert_array_equal(ours, theirs)
+    for ours, theirs in zip(fused.apply(params, steps, mask), reference.apply(params, steps, mask)):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
+    mean, _ = fused.apply(params, steps, mask)
+    np.testing.assert_allclose(mean[4], fused.apply(params, jnp.zeros((1, 1, STEP_DIM)), jnp.zeros((1, 1)))[0][0],
+                               atol=1e-7)  # a window of padding only: the zero state's heads
 
 
 # ---------------------------------------------------------------- one z per trajectory
