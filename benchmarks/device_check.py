@@ -13,7 +13,10 @@ reported in a line without stopping the others:
      stages), then otdf, at 1, 5 and 100 runs (benchmarks/speed.py: the median of timed chunks of 2,000 steps after a
      warm-up chunk, compile apart), with one evaluation of 10 episodes per seed at 5 seeds after iql;
   4. the 5-seed DVDF pipeline projected from those rates (speed.md's estimate row);
-  5. one evaluation at 100 seeds, then dara, bosa and v2a while time remains.
+  5. one evaluation at 100 seeds, then dara, bosa and v2a while time remains;
+  6. then, while time remains, iql at 1 and 5 runs with lax.scan unrolled 4 steps (rows 'iql unroll=4'), and V2A's
+     encoder stage with its fused GRU and with the flax GRUCell one it replaced (benchmarks/encoder_speed.py; rows
+     in encoder_speed.md and device_check.json).
 Rows go into speed.md and speed.json of --out (benchmarks/results/ on an accelerator, runs/device_check/ at the small
 sizes), written after every measurement: a check cut off keeps what it measured. device_check.json (everything
 measured, skipped or failed, and the versions), tests.log and runs.log (what the scripts printed) go into the folder
@@ -40,7 +43,9 @@ sys.path.insert(0, str(ROOT))
 
 import jax  # noqa: E402
 
+from benchmarks import encoder_speed  # noqa: E402
 from benchmarks.speed import PIPELINE, SQL_STAGE, Bench  # noqa: E402
+from envs import run as run_module  # noqa: E402
 from envs.run import json_bytes, write_atomic  # noqa: E402
 
 PACKAGES = ("jax", "jaxlib", "jax-cuda13-plugin", "jax-cuda12-plugin", "flax", "optax", "chex", "numpy", "gymnasium",
@@ -48,9 +53,12 @@ PACKAGES = ("jax", "jaxlib", "jax-cuda13-plugin", "jax-cuda12-plugin", "flax", "
 TESTS = ["tests/test_iql.py", "tests/test_dvdf.py", "tests/test_otdf.py", "tests/test_evaluation.py", "-k",
          "by_hand or end_to_end_results_json or keeps_exactly or exact_ot or test_evaluation"]
 FULL = {"runs": [1, 5, 100], "steps": 2000, "chunks": 3, "eval_seeds": [5, 100], "eval_episodes": 10,
-        "source_size": 1_000_000, "target_size": 100_000, "stage_steps": 100}
+        "source_size": 1_000_000, "target_size": 100_000, "stage_steps": 100, "encoder_steps": 50,
+        "encoder_sizes": {}}
 SMALL = {"runs": [1, 2], "steps": 50, "chunks": 2, "eval_seeds": [1, 2], "eval_episodes": 1,
-         "source_size": 20_000, "target_size": 10_000, "stage_steps": 10}
+         "source_size": 20_000, "target_size": 10_000, "stage_steps": 10, "encoder_steps": 2,
+         "encoder_sizes": {"gru_hidden": 8, "z_dim": 4, "window": 6, "encoder_batch_size": 3, "hidden": (16,)}}
+UNROLL = 4
 MORE = ["dara", "bosa", "v2a"]
 
 
@@ -210,6 +218,28 @@ def main() -> None:
             bench.kept.clear()
             for algo in args.more:
                 step(algo, partial(bench.measure, algo, runs, say=say), needs=60.0)
+
+            def unrolled() -> None:  # lax.scan unrolled: fewer kernels per step (benchmarks/results/speed_step.md)
+                run_module.SCAN_UNROLL = UNROLL
+                try:
+                    bench.measure("iql", runs[:2], label=f"iql unroll={UNROLL}", say=say)
+                finally:
+                    run_module.SCAN_UNROLL = 1
+
+            def encoders() -> None:  # V2A's fused GRU encoder against the flax GRUCell one it replaced
+                with open(logs / "encoder_speed.md", "w") as rows:
+                    rows.write(encoder_speed.HEADER + "\n")
+                    for name in encoder_speed.ENCODERS:
+                        result = encoder_speed.measure(name, sizes["encoder_steps"], sizes["chunks"],
+                                                       sizes=sizes["encoder_sizes"])
+                        report.setdefault("encoders", []).append(result)
+                        line = encoder_speed.row(name, result)
+                        rows.write(line + "\n")
+                        say(f"v2a encoder stage, {name}: {result['steps_per_second']:.2f} steps/s, "
+                            f"{result['ops_per_time_step']} ops per GRU time step")
+
+            step(f"iql unroll={UNROLL}", unrolled, needs=60.0)
+            step("v2a encoder stage", encoders, needs=60.0)
     except OutOfTime:
         print(f"out of time ({args.budget:.0f} s) in {report.get('current', 'the setup')}: the rest is not measured")
         report["steps"].append({"step": report.get("current", "setup"), "interrupted": "out of time"})

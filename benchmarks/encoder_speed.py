@@ -4,6 +4,7 @@ the stage's speed (benchmarks/speed.py times v2a's last stage, not this one).
 
     python benchmarks/encoder_speed.py                       # defaults of algos/v2a.py, HalfCheetah's shapes
     python benchmarks/encoder_speed.py --steps 20 --chunks 2 # a quick look
+    python benchmarks/encoder_speed.py --encoder both        # and the flax GRUCell encoder it replaced
 
 The stage's own make_encoder_train (encoder step, then decoder step, windows sampled from the data) runs on synthetic
 trajectories (values do not change speed), one seed, jit as the stage compiles it: one chunk warms up, --chunks are
@@ -27,10 +28,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import jax  # noqa: E402
+import flax.linen as nn  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from speed import device_name, step_ops  # noqa: E402
+from benchmarks.speed import device_name, step_ops  # noqa: E402
 
 
 def load_v2a():
@@ -40,51 +41,102 @@ def load_v2a():
     return module
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=100, help="gradient steps of a timed chunk")
-    parser.add_argument("--chunks", type=int, default=3, help="timed chunks (after one warm-up chunk)")
-    parser.add_argument("--obs-dim", type=int, default=17)
-    parser.add_argument("--act-dim", type=int, default=6)
-    parser.add_argument("--label", default="", help="a word for the row (e.g. the commit)")
-    parser.add_argument("--out", type=Path, help="a markdown file the row is appended to")
-    options = parser.parse_args(argv)
-    if options.steps < 1 or options.chunks < 1:
-        raise SystemExit("--steps and --chunks must be at least 1.")
+class FlaxGRUCellEncoder(nn.Module):
+    """V2A's encoder as it was written before its projections were fused (commit 60a62bd): flax's GRUCell stepped by
+    nn.scan, six dense layers per time step. The same parameters (names, shapes, initial values) as v2a.py's."""
+    gru_hidden: int
+    z_dim: int
+    log_std_bounds: tuple[float, float] = (-5.0, 2.0)  # v2a.py's (LOG_STD_MIN, LOG_STD_MAX): measure() passes them
 
+    @nn.compact
+    def __call__(self, steps, mask):
+        gru = nn.scan(_MaskedCellStep, variable_broadcast="params", split_rngs={"params": False}, in_axes=1)
+        last, _ = gru(self.gru_hidden, name="gru")(jnp.zeros((steps.shape[0], self.gru_hidden), steps.dtype),
+                                                   (steps, mask))
+        log_std = jnp.clip(nn.Dense(self.z_dim, name="log_std")(last), *self.log_std_bounds)
+        return nn.Dense(self.z_dim, name="mean")(last), log_std
+
+
+class _MaskedCellStep(nn.Module):
+    hidden: int
+
+    @nn.compact
+    def __call__(self, carry, inputs):
+        step, valid = inputs
+        new_carry, _ = nn.GRUCell(self.hidden, name="cell")(carry, step)
+        return jnp.where(valid[:, None] > 0, new_carry, carry), None
+
+
+ENCODERS = ("fused", "flax-grucell")
+
+
+def measure(encoder: str = "fused", steps: int = 100, chunks: int = 3, obs_dim: int = 17, act_dim: int = 6,
+            sizes: dict = None) -> dict:
+    """Encoder-stage steps/s with v2a.py's encoder ("fused") or the flax GRUCell one it replaced, at v2a.py's
+    default sizes (or `sizes`: gru_hidden, z_dim, window, encoder_batch_size, hidden overrides)."""
     v2a = load_v2a()
-    args = v2a.Args()
+    if encoder == "flax-grucell":  # make_encoder_train and its loss build the encoder from the module's name
+        v2a.TrajectoryEncoder = partial(FlaxGRUCellEncoder, log_std_bounds=(v2a.LOG_STD_MIN, v2a.LOG_STD_MAX))
+    args = v2a.Args(**(sizes or {}))
     init, train = v2a.make_encoder_train(args.gru_hidden, args.z_dim, tuple(args.hidden), args.ensemble_size,
-                                         args.kl_weight, args.lr, args.grad_clip,
-                                         args.encoder_batch_size, args.window, options.obs_dim, options.act_dim)
-    lengths = np.full(50, 1000)
+                                         args.kl_weight, args.lr, args.grad_clip, args.encoder_batch_size,
+                                         args.window, obs_dim, act_dim)
+    lengths = np.full(50, max(args.window, 20) * 5)
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int32)
-    steps = np.random.default_rng(0).normal(size=(int(lengths.sum()), 2 * options.obs_dim + options.act_dim))
-    data = jax.device_put(v2a.EncoderData(jnp.asarray(steps, jnp.float32), jnp.asarray(starts),
+    data = np.random.default_rng(0).normal(size=(int(lengths.sum()), 2 * obs_dim + act_dim))
+    data = jax.device_put(v2a.EncoderData(jnp.asarray(data, jnp.float32), jnp.asarray(starts),
                                           jnp.asarray(lengths, jnp.int32)))
 
     start = time.perf_counter()
     runner = jax.block_until_ready(jax.jit(init)(jax.random.PRNGKey(0)))
-    compiled = jax.jit(partial(train, num_steps=options.steps)).lower(runner, data).compile()
+    compiled = jax.jit(partial(train, num_steps=steps)).lower(runner, data).compile()
     compile_seconds = time.perf_counter() - start
     ops = step_ops(compiled.as_text(), args.window, every=True)
     runner, _ = jax.block_until_ready(compiled(runner, data))
     seconds = []
-    for _ in range(options.chunks):
+    for _ in range(chunks):
         start = time.perf_counter()
         runner, metrics = jax.block_until_ready(compiled(runner, data))
         seconds.append(time.perf_counter() - start)
-    rate = options.steps / float(np.median(seconds))
-    op_list = ", ".join(f"{op} {count}" for op, count in ops.items())
-    row = (f"| {options.label} | {device_name()} | {args.gru_hidden} | {args.window} | {args.encoder_batch_size} | "
-           f"{rate:.2f} | {compile_seconds:.1f} | {sum(ops.values())} ({op_list}) |")
-    print("| label | device | GRU hidden | window | batch | encoder steps/s | compile s | ops per time step |")
-    print("|---|---|---|---|---|---|---|---|")
-    print(row)
-    print(f"chunk seconds {', '.join(f'{s:.2f}' for s in seconds)}; loss {float(metrics['loss']):.4f}")
-    if options.out:
-        with open(options.out, "a") as file:
-            file.write(row + "\n")
+    return {"encoder": encoder, "device": device_name(), "gru_hidden": args.gru_hidden, "window": args.window,
+            "batch_size": args.encoder_batch_size, "steps_per_second": steps / float(np.median(seconds)),
+            "chunk_seconds": seconds, "compile_seconds": compile_seconds, "ops_per_time_step": sum(ops.values()),
+            "ops": ops, "loss": float(metrics["loss"])}
+
+
+def row(label: str, result: dict) -> str:
+    op_list = ", ".join(f"{op} {count}" for op, count in result["ops"].items())
+    return (f"| {label} | {result['device']} | {result['gru_hidden']} | {result['window']} | {result['batch_size']} | "
+            f"{result['steps_per_second']:.2f} | {result['compile_seconds']:.1f} | {result['ops_per_time_step']} "
+            f"({op_list}) |")
+
+
+HEADER = ("| label | device | GRU hidden | window | batch | encoder steps/s | compile s | ops per time step |\n"
+          "|---|---|---|---|---|---|---|---|")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--encoder", choices=(*ENCODERS, "both"), default="fused",
+                        help="v2a.py's (fused), the flax GRUCell one it replaced, or both one after the other")
+    parser.add_argument("--steps", type=int, default=100, help="gradient steps of a timed chunk")
+    parser.add_argument("--chunks", type=int, default=3, help="timed chunks (after one warm-up chunk)")
+    parser.add_argument("--obs-dim", type=int, default=17)
+    parser.add_argument("--act-dim", type=int, default=6)
+    parser.add_argument("--label", default="", help="a word for the rows (e.g. the commit); the encoder is added")
+    parser.add_argument("--out", type=Path, help="a markdown file the rows are appended to")
+    options = parser.parse_args(argv)
+    if options.steps < 1 or options.chunks < 1:
+        raise SystemExit("--steps and --chunks must be at least 1.")
+    print(HEADER)
+    for encoder in ENCODERS if options.encoder == "both" else (options.encoder,):
+        result = measure(encoder, options.steps, options.chunks, options.obs_dim, options.act_dim)
+        line = row(" ".join(filter(None, (options.label, encoder))), result)
+        print(line)
+        print(f"chunk seconds {', '.join(f'{s:.2f}' for s in result['chunk_seconds'])}; loss {result['loss']:.4f}")
+        if options.out:
+            with open(options.out, "a") as file:
+                file.write(line + "\n")
 
 
 if __name__ == "__main__":

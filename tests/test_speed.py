@@ -9,6 +9,7 @@ from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from benchmarks import speed
 
@@ -82,8 +83,8 @@ def test_speed_md_keeps_older_rows_and_names_how_each_was_timed():
 
 def test_device_check_runs_end_to_end_at_small_sizes(tmp_path):
     """The one command of a GPU lease, on this CPU at its small sizes (iql and dvdf, 1 run, one test): the versions,
-    the test subset, the rates, one evaluation and the pipeline estimate, into speed.md/speed.json of --out (rows
-    of another device kept) and everything into $OUT."""
+    the test subset, the rates, one evaluation, the pipeline estimate, iql unrolled and V2A's two encoders, into
+    speed.md/speed.json of --out (rows of another device kept) and everything into $OUT."""
     results, out = tmp_path / "results", tmp_path / "out"
     results.mkdir()
     other = {"algo": "iql", "seeds": 1, "steps": 1000, "steps_per_second": 9e3, "updates_per_second": 9e3,
@@ -101,7 +102,9 @@ def test_device_check_runs_end_to_end_at_small_sizes(tmp_path):
     store = json.loads((results / "speed.json").read_text())
     assert other in store["rows"]
     rates = {(r["algo"], r["seeds"]): r for r in store["rows"] if r["device"] == "cpu"}
-    assert set(rates) == {("iql", 1), ("dvdf", 1), ("sql_pretrain --no-policy", 1), ("igdf_scorer", 1)}
+    assert set(rates) == {("iql", 1), ("dvdf", 1), ("sql_pretrain --no-policy", 1), ("igdf_scorer", 1),
+                          ("iql unroll=4", 1)}
+    assert rates["iql unroll=4", 1]["unroll"] == 4 and rates["iql", 1]["unroll"] == 1
     for row in rates.values():
         assert row["chunks"] == 2 and row["steps"] == 50 and len(row["chunk_seconds"]) == 2
         assert all(math.isfinite(row[k]) and row[k] > 0 for k in ("steps_per_second", "compile_seconds"))
@@ -115,7 +118,12 @@ def test_device_check_runs_end_to_end_at_small_sizes(tmp_path):
     assert "| iql | cpu (" in text and "| dvdf | cpu (" in text and "| iql | elsewhere (64 cpus) |" in text
 
     assert {p.name for p in out.iterdir()} == {"device_check.log", "device_check.json", "speed.md", "speed.json",
-                                               "tests.log", "runs.log"}
+                                               "tests.log", "runs.log", "encoder_speed.md"}
     report = json.loads((out / "device_check.json").read_text())
+    fused, flax_cell = report["encoders"]  # the same training, fewer operations per GRU time step
+    assert (fused["encoder"], flax_cell["encoder"]) == ("fused", "flax-grucell")
+    assert fused["loss"] == pytest.approx(flax_cell["loss"], rel=1e-5)
+    assert 0 < fused["ops_per_time_step"] < flax_cell["ops_per_time_step"]
+    assert len((out / "encoder_speed.md").read_text().splitlines()) == 4
     assert report["small"] and report["tests"]["returncode"] == 0 and report["versions"]["packages"]["jax"]
     assert "dvdf   1 runs on cpu" in (out / "device_check.log").read_text()

@@ -11,7 +11,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,6 +18,7 @@ import pytest
 
 import envs.diagnostics
 import envs.run
+from benchmarks.encoder_speed import FlaxGRUCellEncoder, measure as measure_encoder_stage
 from envs import Dataset, make_env, save_hdf5
 from synthetic import assert_one_sentence_exit
 
@@ -63,34 +63,12 @@ def _encode_alone(params, steps, gru_hidden=8, z_dim=4):
                                                                      jnp.ones((1, len(steps))))[0][0])
 
 
-class _FlaxGRUEncoder(nn.Module):
-    """The encoder as it was written before its projections were fused: flax's GRUCell stepped by nn.scan."""
-    gru_hidden: int
-    z_dim: int
-
-    @nn.compact
-    def __call__(self, steps, mask):
-        class Step(nn.Module):
-            hidden: int
-
-            @nn.compact
-            def __call__(self, carry, inputs):
-                step, valid = inputs
-                new_carry, _ = nn.GRUCell(self.hidden, name="cell")(carry, step)
-                return jnp.where(valid[:, None] > 0, new_carry, carry), None
-
-        gru = nn.scan(Step, variable_broadcast="params", split_rngs={"params": False}, in_axes=1)
-        last, _ = gru(self.gru_hidden, name="gru")(jnp.zeros((steps.shape[0], self.gru_hidden)), (steps, mask))
-        return nn.Dense(self.z_dim, name="mean")(last), jnp.clip(nn.Dense(self.z_dim, name="log_std")(last),
-                                                                  v2a.LOG_STD_MIN, v2a.LOG_STD_MAX)
-
-
 def test_the_fused_encoder_is_flax_grucell_with_its_parameters():
     """Same parameter tree and, for the same key, the same values as flax's GRUCell (so saved encoders load); the
     same outputs on padded windows."""
     key, steps = jax.random.PRNGKey(3), jax.random.normal(jax.random.PRNGKey(4), (5, 9, STEP_DIM))
     mask = (jnp.arange(9)[None] < jnp.array([9, 1, 4, 7, 0])[:, None]).astype(jnp.float32)
-    fused, reference = v2a.TrajectoryEncoder(8, 4), _FlaxGRUEncoder(8, 4)
+    fused, reference = v2a.TrajectoryEncoder(8, 4), FlaxGRUCellEncoder(8, 4, (v2a.LOG_STD_MIN, v2a.LOG_STD_MAX))
     params = fused.init(key, steps, mask)
     reference_params = reference.init(key, steps, mask)
     assert jax.tree.structure(params) == jax.tree.structure(reference_params)
@@ -101,6 +79,16 @@ def test_the_fused_encoder_is_flax_grucell_with_its_parameters():
     mean, _ = fused.apply(params, steps, mask)
     np.testing.assert_allclose(mean[4], fused.apply(params, jnp.zeros((1, 1, STEP_DIM)), jnp.zeros((1, 1)))[0][0],
                                atol=1e-7)  # a window of padding only: the zero state's heads
+
+
+def test_the_encoder_stage_trains_the_same_with_either_encoder_and_fewer_ops_fused():
+    """benchmarks/encoder_speed.py's two encoders in v2a.py's own encoder stage, tiny sizes: the same losses after
+    4 gradient steps, and fewer operations per GRU time step in the fused one."""
+    sizes = {"gru_hidden": 8, "z_dim": 4, "window": 6, "encoder_batch_size": 3, "hidden": (16,), "ensemble_size": 2}
+    fused, flax_cell = (measure_encoder_stage(name, steps=2, chunks=1, obs_dim=3, act_dim=2, sizes=sizes)
+                        for name in ("fused", "flax-grucell"))
+    assert math.isfinite(fused["loss"]) and fused["loss"] == pytest.approx(flax_cell["loss"], rel=1e-5)
+    assert 0 < fused["ops_per_time_step"] < flax_cell["ops_per_time_step"]
 
 
 # ---------------------------------------------------------------- one z per trajectory
