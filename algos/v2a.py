@@ -367,15 +367,36 @@ class MaskedGRU(nn.Module):
         return jax.lax.scan(step, start, (inputs, jnp.swapaxes(mask, 0, 1)))[0]
 
 
+class MaskedGRUCellStep(nn.Module):
+    """flax's GRUCell for one time step of a batch; where valid is 0 (padding) the carried state passes through."""
+    hidden: int
+
+    @nn.compact
+    def __call__(self, carry, inputs):
+        step, valid = inputs  # [B, F], [B]
+        new_carry, _ = nn.GRUCell(self.hidden, name="cell")(carry, step)
+        return jnp.where(valid[:, None] > 0, new_carry, carry), None
+
+
 class TrajectoryEncoder(nn.Module):
     """q(z | window): a GRU over the steps [s, a, s' - s]; its state after the last valid step (padded steps do not
-    update it) feeds linear heads for the mean and the log-std (clamped) of z. steps [B, T, F], mask [B, T]."""
+    update it) feeds linear heads for the mean and the log-std (clamped) of z. steps [B, T, F], mask [B, T].
+
+    fused: MaskedGRU (one matmul for the window's input projections, one per step for the hidden ones: fewer kernels,
+    for accelerators) or flax's GRUCell stepped by nn.scan (faster on a CPU, whose XLA runs it 20-30% quicker:
+    benchmarks/results/speed_step.md); None picks the fused one except on a CPU. Both hold the same parameters."""
     gru_hidden: int
     z_dim: int
+    fused: Optional[bool] = None
 
     @nn.compact
     def __call__(self, steps, mask):
-        last = MaskedGRU(self.gru_hidden, name="gru")(steps, mask)
+        if self.fused if self.fused is not None else jax.default_backend() != "cpu":
+            last = MaskedGRU(self.gru_hidden, name="gru")(steps, mask)
+        else:
+            gru = nn.scan(MaskedGRUCellStep, variable_broadcast="params", split_rngs={"params": False}, in_axes=1)
+            last, _ = gru(self.gru_hidden, name="gru")(jnp.zeros((steps.shape[0], self.gru_hidden), steps.dtype),
+                                                       (steps, mask))
         mean = nn.Dense(self.z_dim, name="mean")(last)
         log_std = jnp.clip(nn.Dense(self.z_dim, name="log_std")(last), LOG_STD_MIN, LOG_STD_MAX)
         return mean, log_std

@@ -2,16 +2,17 @@
 operations of its compiled step: the GRU runs sequentially over each 200-step window, so its per-time-step work sets
 the stage's speed (benchmarks/speed.py times v2a's last stage, not this one).
 
-    python benchmarks/encoder_speed.py                       # defaults of algos/v2a.py, HalfCheetah's shapes
+    python benchmarks/encoder_speed.py                       # the fused GRU, v2a.py's defaults, HalfCheetah's shapes
     python benchmarks/encoder_speed.py --steps 20 --chunks 2 # a quick look
-    python benchmarks/encoder_speed.py --encoder both        # and the flax GRUCell encoder it replaced
+    python benchmarks/encoder_speed.py --encoder both        # the fused GRU and flax's GRUCell, one after the other
 
+v2a.py's TrajectoryEncoder has both forms of the same GRU (its `fused` field; by default fused except on a CPU).
 The stage's own make_encoder_train (encoder step, then decoder step, windows sampled from the data) runs on synthetic
 trajectories (values do not change speed), one seed, jit as the stage compiles it: one chunk warms up, --chunks are
 timed; steps/s is --steps over the median chunk. Ops: the instructions of the bodies of the loops over the window's
 time steps (the GRU's recurrence, forward and backward, in the encoder and the decoder steps), counted as
-benchmarks/speed.py counts a training step's (step_ops). Prints one markdown
-row; --out appends it to a markdown file.
+benchmarks/speed.py counts a training step's (step_ops). Prints a markdown row
+per encoder; --out appends them to a markdown file.
 """
 from __future__ import annotations
 
@@ -28,7 +29,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import jax  # noqa: E402
-import flax.linen as nn  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from benchmarks.speed import device_name, step_ops  # noqa: E402
@@ -41,42 +41,15 @@ def load_v2a():
     return module
 
 
-class FlaxGRUCellEncoder(nn.Module):
-    """V2A's encoder as it was written before its projections were fused (commit 60a62bd): flax's GRUCell stepped by
-    nn.scan, six dense layers per time step. The same parameters (names, shapes, initial values) as v2a.py's."""
-    gru_hidden: int
-    z_dim: int
-    log_std_bounds: tuple[float, float] = (-5.0, 2.0)  # v2a.py's (LOG_STD_MIN, LOG_STD_MAX): measure() passes them
-
-    @nn.compact
-    def __call__(self, steps, mask):
-        gru = nn.scan(_MaskedCellStep, variable_broadcast="params", split_rngs={"params": False}, in_axes=1)
-        last, _ = gru(self.gru_hidden, name="gru")(jnp.zeros((steps.shape[0], self.gru_hidden), steps.dtype),
-                                                   (steps, mask))
-        log_std = jnp.clip(nn.Dense(self.z_dim, name="log_std")(last), *self.log_std_bounds)
-        return nn.Dense(self.z_dim, name="mean")(last), log_std
-
-
-class _MaskedCellStep(nn.Module):
-    hidden: int
-
-    @nn.compact
-    def __call__(self, carry, inputs):
-        step, valid = inputs
-        new_carry, _ = nn.GRUCell(self.hidden, name="cell")(carry, step)
-        return jnp.where(valid[:, None] > 0, new_carry, carry), None
-
-
 ENCODERS = ("fused", "flax-grucell")
 
 
 def measure(encoder: str = "fused", steps: int = 100, chunks: int = 3, obs_dim: int = 17, act_dim: int = 6,
             sizes: dict = None) -> dict:
-    """Encoder-stage steps/s with v2a.py's encoder ("fused") or the flax GRUCell one it replaced, at v2a.py's
-    default sizes (or `sizes`: gru_hidden, z_dim, window, encoder_batch_size, hidden overrides)."""
-    v2a = load_v2a()
-    if encoder == "flax-grucell":  # make_encoder_train and its loss build the encoder from the module's name
-        v2a.TrajectoryEncoder = partial(FlaxGRUCellEncoder, log_std_bounds=(v2a.LOG_STD_MIN, v2a.LOG_STD_MAX))
+    """Encoder-stage steps/s with v2a.py's fused encoder or its flax GRUCell one (TrajectoryEncoder's `fused`), at
+    v2a.py's default sizes (or `sizes`: gru_hidden, z_dim, window, encoder_batch_size, hidden overrides)."""
+    v2a = load_v2a()  # make_encoder_train and its loss build the encoder from the module's name
+    v2a.TrajectoryEncoder = partial(v2a.TrajectoryEncoder, fused=encoder == "fused")
     args = v2a.Args(**(sizes or {}))
     init, train = v2a.make_encoder_train(args.gru_hidden, args.z_dim, tuple(args.hidden), args.ensemble_size,
                                          args.kl_weight, args.lr, args.grad_clip, args.encoder_batch_size,
@@ -118,7 +91,7 @@ HEADER = ("| label | device | GRU hidden | window | batch | encoder steps/s | co
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--encoder", choices=(*ENCODERS, "both"), default="fused",
-                        help="v2a.py's (fused), the flax GRUCell one it replaced, or both one after the other")
+                        help="v2a.py's fused GRU, its flax GRUCell one, or both one after the other")
     parser.add_argument("--steps", type=int, default=100, help="gradient steps of a timed chunk")
     parser.add_argument("--chunks", type=int, default=3, help="timed chunks (after one warm-up chunk)")
     parser.add_argument("--obs-dim", type=int, default=17)

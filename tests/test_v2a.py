@@ -18,7 +18,6 @@ import pytest
 
 import envs.diagnostics
 import envs.run
-from benchmarks.encoder_speed import FlaxGRUCellEncoder
 from envs import Dataset, make_env, save_hdf5
 from synthetic import assert_one_sentence_exit
 
@@ -64,18 +63,23 @@ def _encode_alone(params, steps, gru_hidden=8, z_dim=4):
 
 
 def test_the_fused_encoder_is_flax_grucell_with_its_parameters():
-    """Same parameter tree and, for the same key, the same values as flax's GRUCell (so saved encoders load); the
-    same outputs on padded windows."""
+    """TrajectoryEncoder's two forms, the fused GRU and flax's own GRUCell stepped by nn.scan (its form before the
+    fusion, and the default on a CPU): the same parameter tree and, for the same key, the same values (so saved
+    encoders load in either), and the same outputs on padded windows."""
     key, steps = jax.random.PRNGKey(3), jax.random.normal(jax.random.PRNGKey(4), (5, 9, STEP_DIM))
     mask = (jnp.arange(9)[None] < jnp.array([9, 1, 4, 7, 0])[:, None]).astype(jnp.float32)
-    fused, reference = v2a.TrajectoryEncoder(8, 4), FlaxGRUCellEncoder(8, 4, (v2a.LOG_STD_MIN, v2a.LOG_STD_MAX))
+    fused, reference = v2a.TrajectoryEncoder(8, 4, fused=True), v2a.TrajectoryEncoder(8, 4, fused=False)
     params = fused.init(key, steps, mask)
     reference_params = reference.init(key, steps, mask)
+    assert "cell" in reference_params["params"]["gru"] and "ir" in reference_params["params"]["gru"]["cell"]
     assert jax.tree.structure(params) == jax.tree.structure(reference_params)
     for ours, theirs in zip(jax.tree.leaves(params), jax.tree.leaves(reference_params)):
         np.testing.assert_array_equal(ours, theirs)
     for ours, theirs in zip(fused.apply(params, steps, mask), reference.apply(params, steps, mask)):
         np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
+    default = reference if jax.default_backend() == "cpu" else fused  # flax's GRUCell on a CPU, else fused
+    for ours, theirs in zip(v2a.TrajectoryEncoder(8, 4).apply(params, steps, mask), default.apply(params, steps, mask)):
+        np.testing.assert_array_equal(ours, theirs)
     mean, _ = fused.apply(params, steps, mask)
     np.testing.assert_allclose(mean[4], fused.apply(params, jnp.zeros((1, 1, STEP_DIM)), jnp.zeros((1, 1)))[0][0],
                                atol=1e-7)  # a window of padding only: the zero state's heads
