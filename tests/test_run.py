@@ -342,26 +342,13 @@ def test_the_loop_evaluates_host_copies_and_spaces_slow_checkpoints(tmp_path, mo
     assert int(serialization.msgpack_restore((tmp_path / "checkpoint.msgpack").read_bytes())["step"]) == 30
 
 
-def test_ctrl_c_saves_the_chunk_whose_checkpoint_was_skipped(tmp_path, monkeypatch):
-    monkeypatch.setattr(run, "CHEAP_CHECKPOINT_SECONDS", 0.0)
-    monkeypatch.setattr(run, "CHECKPOINT_SHARE", 1e-12)
+@pytest.mark.parametrize("slow_checkpoints", [False, True])
+def test_an_interrupted_loop_resumes_from_its_checkpoint(tmp_path, monkeypatch, slow_checkpoints):
+    """With slow checkpoints the cadence skipped the one of step 20: Ctrl-C writes it before stopping."""
+    if slow_checkpoints:
+        monkeypatch.setattr(run, "CHEAP_CHECKPOINT_SECONDS", 0.0)
+        monkeypatch.setattr(run, "CHECKPOINT_SHARE", 1e-12)
 
-    def interrupt(step, entry, metrics):
-        if step == 20:
-            raise KeyboardInterrupt
-        return "", ""
-
-    with pytest.raises(SystemExit, match="^Stopped by Ctrl-C in fake at step 20 of 30: the checkpoint of step 20 is"):
-        loop(Args(out=str(tmp_path)), tmp_path, report=interrupt)
-    saved = serialization.msgpack_restore((tmp_path / "checkpoint.msgpack").read_bytes())
-    assert int(saved["step"]) == 20 and [e["step"] for e in json.loads(saved["evaluations"])] == [10, 20]
-    out, saved = run.open_run(Args(out=str(tmp_path), resume=True), "unused")
-    results = loop(Args(out=str(tmp_path), resume=True), out, saved)
-    assert [entry["w"] for entry in results["evaluations"]] == [[10.0, 10.0], [20.0, 20.0], [30.0, 30.0]]
-    assert results["timing"]["resumed_from_step"] == 20
-
-
-def test_an_interrupted_loop_resumes_from_its_checkpoint(tmp_path):
     def interrupt(step, entry, metrics):
         if step == 20:
             raise KeyboardInterrupt
@@ -370,6 +357,8 @@ def test_an_interrupted_loop_resumes_from_its_checkpoint(tmp_path):
     with pytest.raises(SystemExit, match="^Stopped by Ctrl-C in fake at step 20 of 30: the checkpoint of step 20 is"):
         loop(Args(out=str(tmp_path)), tmp_path, report=interrupt)
     assert json.loads((tmp_path / "results.json").read_text())["finished"] is False
+    saved = serialization.msgpack_restore((tmp_path / "checkpoint.msgpack").read_bytes())
+    assert int(saved["step"]) == 20 and [e["step"] for e in json.loads(saved["evaluations"])] == [10, 20]
     out, saved = run.open_run(Args(out=str(tmp_path), resume=True), "unused")
     results = loop(Args(out=str(tmp_path), resume=True), out, saved)
     assert [entry["step"] for entry in results["evaluations"]] == [10, 20, 30]
