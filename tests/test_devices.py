@@ -70,7 +70,7 @@ def test_two_devices_shard_the_runs_and_train_the_same_networks(script, datasets
         assert "3 runs on 2 devices: 1 copy of the last run fills the last device's share" in done.stdout
         assert [len(entry["scores"]) for entry in two["evaluations"]] == [3, 3] and len(two["final"]["scores"]) == 3
         assert [leaf.shape[0] for leaf in leaves_two] == [3] * len(leaves_two)
-    for a, b in zip(leaves_one, leaves_two, strict=True):  # the same training, up to float rounding of partitioned matmuls
+    for a, b in zip(leaves_one, leaves_two, strict=True):  # the same training, up to rounding of partitioned matmuls
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
