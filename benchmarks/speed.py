@@ -205,7 +205,7 @@ def measure(program: dict, runs: int, steps: int, chunks: int) -> tuple[dict, ob
 
 def time_evaluation(program: dict, runner, metrics) -> dict:
     """One evaluation as the script makes it after a chunk (its evaluate(runner, step, metrics), which calls
-    envs.evaluate), timed: wall and process CPU seconds, environment steps played; the policy's compile for this
+    envs.evaluate, on host copies and the host's CPU device, as train_loop calls it), timed: wall and process CPU seconds, environment steps played; the policy's compile for this
     batch of observations (the first evaluation of a run pays it) is done first and timed apart."""
     module, played, compile_seconds = program["module"], [], []
     real = run_module.evaluate  # the same function as the script's (grid scripts evaluate in envs.run)
@@ -225,8 +225,10 @@ def time_evaluation(program: dict, runner, metrics) -> dict:
 
     for m in patched:
         m.evaluate = recording
+    host = run_module.host_device()  # as train_loop evaluates: host copies, the policy on the host's CPU
     try:
-        program["evaluate"](runner, 0, metrics)
+        with jax.default_device(host) if host is not None else contextlib.nullcontext():
+            program["evaluate"](*jax.device_get((runner, 0, metrics)))
     finally:
         for m in patched:
             m.evaluate = real

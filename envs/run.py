@@ -27,13 +27,16 @@ at all:
                         and scores, mean and std over seeds, the per-run losses of the chunk), "final" (the last
                         evaluation without its losses, once finished), "timing" (steps_per_second: gradient steps of
                         all runs at once; updates_per_second: times the runs; compile, train, eval and wall seconds;
-                        the device) and "versions" (package versions); a run with an evaluation whose return or score
-                        is not finite never says finished: "failed" says where, and the script ends with that
-                        sentence (exit status 1)
+                        checkpoint_step: the step of the checkpoint on disk; padding_runs: copies of the last run
+                        that filled the last device's share; evaluation_overlapped: whether evaluations ran during
+                        the next chunk; the device) and "versions" (package versions); a run with an evaluation
+                        whose return or score is not finite never says finished: "failed" says where, and the script
+                        ends with that sentence (exit status 1)
     checkpoint.msgpack  {"runner": every run's train state and rng key, "step", "evaluations" (JSON), "flags" (JSON),
                         "inputs" (the fingerprint of the training inputs: datasets, subsamples, frozen stages)}:
-                        written after every evaluation, before results.json; --resume continues from it and ends bit
-                        for bit where an uninterrupted run ends (on CPU), and refuses other flags or other data
+                        written after an evaluation (every one while writing is cheap, else spaced: train_loop),
+                        before results.json; --resume continues from it and ends bit for bit where an
+                        uninterrupted run ends (on CPU), and refuses other flags or other data
 Pre-training stages (run_stage, used by dvdf.py and v2a.py) cache what they train under --cache-dir:
     <kind>-<sha>.msgpack   the first-seed parameters of a finished stage (params stacked over a seed axis of 1)
     <kind>-<sha>.json      what it was trained on and how: "kind", "version", fingerprints, sizes, flags, "step",
@@ -43,6 +46,7 @@ Pre-training stages (run_stage, used by dvdf.py and v2a.py) cache what they trai
 from __future__ import annotations
 
 import atexit
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -76,6 +80,7 @@ STAGE_SAVE_SECONDS = 60.0  # a stage saves and reports progress about this often
 CHECKPOINT_SHARE = 0.05  # train_loop's checkpoints take at most this share of a run's time (383 MB at 100 runs: 5 s)
 CHEAP_CHECKPOINT_SECONDS = 0.25  # a checkpoint written faster than this is written after every chunk
 SCAN_UNROLL = 1  # gradient steps per iteration of scan_chunk's loop (lax.scan's unroll; benchmarks/speed.py --unroll)
+OVERLAP_EVALUATION = None  # train_loop evaluates during the next chunk: None = on an accelerator, not on the CPU
 STAGE_SCRIPTS = {"sql": "sql_pretrain", "scorer": "igdf_scorer", "encoder": "v2a", "sqlz": "v2a", "ot": "otdf",
                  "cvae": "otdf"}
 VERSIONED_PACKAGES = ("jax", "jaxlib", "flax", "optax", "chex", "numpy", "gymnasium", "mujoco", "minari", "tyro")
@@ -386,6 +391,15 @@ def run_shardings(num_runs: int):
     mesh = jax.sharding.Mesh(np.array(devices), ("runs",))
     return (jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("runs")),
             jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+
+
+def host_device():
+    """The host's CPU device, where train_loop runs evaluations while an accelerator trains (a program sent to the
+    accelerator would wait behind the training chunk); None where JAX was started without its CPU backend."""
+    try:
+        return jax.local_devices(backend="cpu")[0]
+    except RuntimeError:
+        return None
 
 
 def pad_runs(tree, in_axes, padding: int):
@@ -791,9 +805,10 @@ def train_loop(args, out: Path, saved: Optional[dict], *, algo: str, title: str,
 
     init(key) -> runner and train(runner, *inputs, num_steps) -> (runner, metrics) are one run's; `keys` holds one
     PRNG key per run and `in_axes` the vmap axes of `inputs` (0: one slice per run, None: shared by every run).
-    After each chunk (the next one already dispatched, so that training goes on meanwhile), with the runner and
-    metrics copied to the host: `evaluate(runner, step, metrics)` gives the chunk's evaluations entry,
-    `before_checkpoint(runner, step)` writes a script's own files (an artefact), then the checkpoint (after every
+    After each chunk (on an accelerator the next one already dispatched, so that training goes on meanwhile;
+    OVERLAP_EVALUATION), with the runner and metrics copied to the host and the host's CPU as the default device:
+    `evaluate(runner, step, metrics)` gives the chunk's evaluations entry, `before_checkpoint(runner, step)` writes
+    a script's own files (an artefact), then the checkpoint (after every
     chunk while writing it is cheap, else at most CHECKPOINT_SHARE of the run's time, always after the last chunk
     and on Ctrl-C), then results.json: {"algo", "finished", "step", "args", "seeds": args.seed .. args.seed +
     args.num_seeds - 1, **header, "evaluations", "final": final(last entry) once finished, "timing" (with `timing`
@@ -890,16 +905,24 @@ def train_loop(args, out: Path, saved: Optional[dict], *, algo: str, title: str,
         return (last or saved_at["seconds"] < CHEAP_CHECKPOINT_SECONDS
                 or time.perf_counter() - saved_at["time"] >= saved_at["seconds"] / CHECKPOINT_SHARE)
 
+    # On an accelerator the next chunk is dispatched before this one is evaluated and saved from its host copy: the
+    # device trains while the host plays the evaluation episodes (their policy on the host's CPU device, since a
+    # program on the accelerator would queue behind the chunk) and writes the files. Where the chunks train on the
+    # CPU itself, evaluation and training would share its cores and queue: there they take turns.
+    host = host_device()
+    overlap = (OVERLAP_EVALUATION if OVERLAP_EVALUATION is not None else
+               host is not None and jax.default_backend() != "cpu")
+    on_host = jax.default_device(host) if host is not None else contextlib.nullcontext()
+    running = None
     try:
-        # The next chunk is dispatched before this one is evaluated and saved from its host copy: XLA trains while
-        # the host plays the evaluation episodes and writes the files (on a GPU the evaluation costs no time).
-        running, dispatched = (compiled[chunks[0]](runner, *inputs), time.perf_counter()) if chunks else (None, 0.0)
         for index, num_steps in enumerate(chunks):
+            if running is None:
+                running, dispatched = compiled[num_steps](runner, *inputs), time.perf_counter()
             runner, metrics = progress.wait(running, num_steps)
-            chunk_seconds = time.perf_counter() - dispatched  # with the previous chunk's evaluation overlapping it
+            chunk_seconds = time.perf_counter() - dispatched  # with the previous chunk's evaluation, if overlapping
             train_seconds += chunk_seconds
-            last = index == len(chunks) - 1
-            if not last:  # the device goes on at once; this chunk's runner stays valid (no buffer is donated)
+            last, running = index == len(chunks) - 1, None
+            if overlap and not last:  # the device goes on at once; this runner stays valid (no buffer is donated)
                 running, dispatched = compiled[chunks[index + 1]](runner, *inputs), time.perf_counter()
             host_runner, metrics = jax.tree.map(lambda leaf: leaf[:num_runs], jax.device_get((runner, metrics)))
             diverged = divergence(losses_of(metrics), value_bound)
@@ -913,14 +936,17 @@ def train_loop(args, out: Path, saved: Optional[dict], *, algo: str, title: str,
             step += num_steps
 
             start = time.perf_counter()
-            evaluations.append(evaluate(host_runner, step, metrics))
+            with on_host:
+                evaluations.append(evaluate(host_runner, step, metrics))
             eval_seconds += time.perf_counter() - start
-            # only the last evaluation adds to the run's time; the others overlap the next chunk
-            progress.evaluated(time.perf_counter() - start, evals_left=0 if last else 1)
+            # overlapping, only the last evaluation adds to the run's time; the others run during the next chunk
+            progress.evaluated(time.perf_counter() - start, evals_left=(0 if last else 1) if overlap else
+                               len(chunks) - index - 1)
             if (where := non_finite_evaluation(evaluations[-1:])) and not non_finite_evaluation(evaluations[:-1]):
                 tqdm.write(f"note: {where}; the run goes on, but it will not count as finished.")
             if before_checkpoint is not None:
-                before_checkpoint(host_runner, step)
+                with on_host:
+                    before_checkpoint(host_runner, step)
             # checkpoint first: if killed before results.json is rewritten, --resume rewrites it
             unsaved = (host_runner, step, len(evaluations))
             if time_to_save(last):
@@ -933,6 +959,7 @@ def train_loop(args, out: Path, saved: Optional[dict], *, algo: str, title: str,
                 "compile_seconds": compile_seconds, "train_seconds": train_seconds, "eval_seconds": eval_seconds,
                 **(timing or {}), "wall_seconds": time.perf_counter() - wall_start, "timed_steps": timed_steps,
                 "resumed_from_step": start_step, "checkpoint_step": saved_at["step"], "padding_runs": padding,
+                "evaluation_overlapped": overlap,
                 "device_kind": jax.devices()[0].device_kind, "platform": jax.default_backend(),
                 "devices": jax.device_count() if shardings else 1})
 

@@ -320,16 +320,19 @@ def test_scan_chunk_gives_the_means_or_sums_of_its_steps_metrics():
     assert float(sums["pair"][0]) == 14.0 and int(sums["pair"][1]) == 4 and sums["pair"][1].dtype == jnp.int32
 
 
-def test_the_loop_evaluates_host_copies_and_spaces_slow_checkpoints(tmp_path, monkeypatch):
+@pytest.mark.parametrize("overlap", [None, True])
+def test_the_loop_evaluates_host_copies_and_spaces_slow_checkpoints(tmp_path, monkeypatch, overlap):
     """Writing a checkpoint is "slow" here (any time at all), so after the first chunk's the next comes only at the
-    end: results.json of step 20 names the checkpoint of step 10. Evaluation gets the runner as host arrays (the
-    next chunk trains on the device meanwhile)."""
+    end: results.json of step 20 names the checkpoint of step 10. Evaluation gets the runner as host arrays, with the
+    host's CPU as the default device; on this CPU it takes turns with training (None), and overlapping it with the
+    next chunk (as on an accelerator) changes nothing in the results."""
     monkeypatch.setattr(run, "CHEAP_CHECKPOINT_SECONDS", 0.0)
     monkeypatch.setattr(run, "CHECKPOINT_SHARE", 1e-12)
+    monkeypatch.setattr(run, "OVERLAP_EVALUATION", overlap)
     seen, checkpoints = [], []
 
     def evaluate(runner, step, metrics):
-        seen.append(type(runner["w"]))
+        seen.append((type(runner["w"]), jax.config.jax_default_device))
         return {"step": step, "w": runner["w"][:, 0].tolist(), "losses": run.losses_entry(metrics)}
 
     def report(step, entry, metrics):
@@ -337,7 +340,8 @@ def test_the_loop_evaluates_host_copies_and_spaces_slow_checkpoints(tmp_path, mo
         return "", ""
 
     results = loop(Args(), tmp_path, report=report, evaluate=evaluate)
-    assert checkpoints == [10, 10, 30] and seen == [np.ndarray] * 3
+    assert checkpoints == [10, 10, 30] and seen == [(np.ndarray, run.host_device())] * 3
+    assert results["timing"]["evaluation_overlapped"] is bool(overlap)
     assert [entry["w"] for entry in results["evaluations"]] == [[10.0, 10.0], [20.0, 20.0], [30.0, 30.0]]
     assert int(serialization.msgpack_restore((tmp_path / "checkpoint.msgpack").read_bytes())["step"]) == 30
 
