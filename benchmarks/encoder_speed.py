@@ -17,7 +17,6 @@ per encoder; --out appends them to a markdown file.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 import time
 from functools import partial
@@ -32,13 +31,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from benchmarks.speed import device_name, step_ops  # noqa: E402
+from envs.run import load_script  # noqa: E402
 
 
 def load_v2a():
-    spec = importlib.util.spec_from_file_location("encoder_speed_v2a", ROOT / "algos" / "v2a.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("v2a", "encoder_speed_v2a")
 
 
 ENCODERS = ("fused", "flax-grucell")

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import json
 import os
 import platform
@@ -57,7 +56,7 @@ from envs.datasets import Dataset, save_hdf5  # noqa: E402
 from envs.domains import domain_info  # noqa: E402
 from envs.evaluation import _batched  # noqa: E402
 from envs import run as run_module  # noqa: E402
-from envs.run import json_bytes, unlock, write_atomic  # noqa: E402
+from envs.run import json_bytes, load_script, unlock, write_atomic  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 ALGOS = ("iql", "sql_pretrain", "igdf_scorer", "dvdf", "otdf", "v2a", "dara", "bosa")
@@ -104,9 +103,7 @@ def capture(algo: str, flags: list[str], log) -> dict:
     """Run algos/<algo>.py's main(flags) up to its train_loop call; return what it hands the harness (args, out,
     init, keys, train, inputs, in_axes, evaluate, ...) and the module, the inputs placed on the device once. What
     main() prints goes to the text file `log`; a failing main() ends with its own SystemExit."""
-    spec = importlib.util.spec_from_file_location(f"speed_{algo}", ROOT / "algos" / f"{algo}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script(algo, f"speed_{algo}")
 
     def stand_in(args, out, saved, **handed):
         raise _Handed({"args": args, "out": out, **handed})

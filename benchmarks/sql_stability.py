@@ -14,7 +14,6 @@ Writes benchmarks/results/sql_stability_<source>-<quality>.{json,md,png}; the ru
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -23,7 +22,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from envs.run import write_atomic  # noqa: E402
+from envs.run import load_script, write_atomic  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 VARIANTS = {
@@ -33,13 +32,6 @@ VARIANTS = {
     "scaled-ln-a1": ["--reward-scaling", "--layer-norm", "--alpha", "1.0"],
 }
 CURVES = ("value_loss", "critic_loss", "q_mean", "advantage_mean")
-
-
-def load_sql():
-    spec = importlib.util.spec_from_file_location("sql_pretrain", ROOT / "algos" / "sql_pretrain.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def run_variant(sql, name: str, flags: list[str], args) -> dict:
@@ -95,7 +87,7 @@ def main(argv=None) -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--runs", default="runs/sql_stability")
     args = parser.parse_args(argv)
-    sql = load_sql()
+    sql = load_script("sql_pretrain")
     record = {"command": "python benchmarks/sql_stability.py " + " ".join(argv or sys.argv[1:]),
               "source": args.source, "quality": args.quality, "steps": args.steps, "num_seeds": args.num_seeds,
               "variants": {name: run_variant(sql, name, VARIANTS[name], args) for name in args.variants}}

@@ -93,14 +93,16 @@ class Policy:
                                for i in range(3)]
 
     def __call__(self, obs: np.ndarray, rng: np.random.Generator, deterministic: bool = False) -> np.ndarray:
+        """The action for one observation [obs_dim], or actions [B, act_dim] for a batch [B, obs_dim] (one draw
+        per row; a single observation draws what it always drew)."""
         if self.layers is None:
-            return rng.uniform(-1.0, 1.0, self.act_dim)
+            return rng.uniform(-1.0, 1.0, obs.shape[:-1] + (self.act_dim,))
         h = obs
         for w, b in self.layers[:-1]:
             h = np.maximum(h @ w + b, 0.0)
         out = h @ self.layers[-1][0] + self.layers[-1][1]
-        mean, log_std = out[: self.act_dim], np.clip(out[self.act_dim:], -5.0, 2.0)
-        noise = 0.0 if deterministic else np.exp(log_std) * rng.standard_normal(self.act_dim)
+        mean, log_std = out[..., : self.act_dim], np.clip(out[..., self.act_dim:], -5.0, 2.0)
+        noise = 0.0 if deterministic else np.exp(log_std) * rng.standard_normal(mean.shape)
         return np.tanh(mean + noise)
 
 

@@ -50,6 +50,7 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -309,6 +310,15 @@ def unlock(path: Path) -> None:
     if fd is not None:
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
+
+
+def load_script(name: str, module_name: Optional[str] = None):
+    """algos/<name>.py as a module (its main(argv), networks and losses), for the benchmarks that drive a script."""
+    spec = importlib.util.spec_from_file_location(module_name or f"algos_{name}",
+                                                  Path(__file__).resolve().parents[1] / "algos" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def read_checkpoint(path: Path) -> dict:

@@ -28,3 +28,13 @@ def assert_one_sentence_exit(main, argv: list[str], message: str) -> None:
         main(argv)
     text = str(exit_info.value)
     assert text.startswith(message) and text.endswith((".", "?")) and "\n" not in text
+
+
+def fake_actor(path, obs_dim, act_dim, seed, step):
+    """A small random SAC actor snapshot (the zoo's npz format) at `path`."""
+    rng = np.random.default_rng(seed)
+    sizes = [(obs_dim, 32), (32, 32), (32, 2 * act_dim)]
+    arrays = {f"w{i}": rng.normal(scale=0.3, size=s).astype(np.float32) for i, s in enumerate(sizes)}
+    arrays.update({f"b{i}": np.zeros(s[1], np.float32) for i, s in enumerate(sizes)})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, step=step, **arrays)

@@ -10,31 +10,7 @@ import pytest
 import envs.datasets as datasets_module
 import envs.generate as generate
 from envs import QUALITIES, domain_info, load_dataset, make_env
-
-
-def _fake_actor(path, obs_dim, act_dim, seed, step):
-    rng = np.random.default_rng(seed)
-    sizes = [(obs_dim, 32), (32, 32), (32, 2 * act_dim)]
-    arrays = {f"w{i}": rng.normal(scale=0.3, size=s).astype(np.float32) for i, s in enumerate(sizes)}
-    arrays.update({f"b{i}": np.zeros(s[1], np.float32) for i, s in enumerate(sizes)})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, step=step, **arrays)
-
-
-@pytest.fixture
-def zoo(tmp_path, monkeypatch):
-    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
-    monkeypatch.setattr(generate, "POLICY_DIR", tmp_path / "policies")
-    refs = tmp_path / "references.json"
-    refs.write_text(json.dumps({"hopper-kinematic": {"random": -5.0, "expert": 3000.0}}))
-    monkeypatch.setattr(generate, "REFERENCES", refs)
-    info = domain_info("hopper-kinematic")
-    root = tmp_path / "policies" / "hopper-kinematic"
-    _fake_actor(root / "medium.npz", info.obs_dim, info.act_dim, 1, 3000)
-    _fake_actor(root / "expert.npz", info.obs_dim, info.act_dim, 2, 9000)
-    for step in (1000, 2000):
-        _fake_actor(root / "replay" / f"actor_{step}.npz", info.obs_dim, info.act_dim, step, step)
-    return root
+from synthetic import fake_actor as _fake_actor  # the zoo fixture is conftest.py's
 
 
 def _arrays(dataset_id):
