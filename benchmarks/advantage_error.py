@@ -85,8 +85,8 @@ def rollout_returns(domain: str, physics: str, jobs: list[tuple], act_dim: int, 
                     progress=None) -> tuple[np.ndarray, np.ndarray]:
     """Discounted --horizon-step return of each job (qpos, qvel, first action or None, policy name), rolled out
     `slots` at a time in lockstep (one batched policy call per step); also the observation each reset gave."""
-    returns, first_obs = np.zeros(len(jobs)), np.zeros((len(jobs), 0))
     envs = [make_env(domain, physics) for _ in range(min(slots, len(jobs)))]
+    returns, first_obs = np.zeros(len(jobs)), np.zeros((len(jobs), envs[0].observation_space.shape[0]))
     order = sorted(range(len(jobs)), key=lambda j: jobs[j][3])  # one policy per batch
     batches = []
     for j in order:
@@ -101,8 +101,6 @@ def rollout_returns(domain: str, physics: str, jobs: list[tuple], act_dim: int, 
             env.unwrapped.set_state(jobs[j][0], jobs[j][1])
             obs.append(env.unwrapped._get_obs())
         obs = np.asarray(obs, dtype=np.float64)
-        if first_obs.shape[1] == 0:
-            first_obs = np.zeros((len(jobs), obs.shape[1]))
         first_obs[batch] = obs
         live, total, weight = np.ones(len(batch), bool), np.zeros(len(batch)), 1.0
         given = np.array([jobs[j][2] is not None for j in batch])
@@ -130,9 +128,11 @@ def monte_carlo_advantages(domain: str, physics: str, sample: dict, rollouts: in
                            slots: int) -> dict:
     """A_MC = Q_MC - V_MC of each sampled transition, with its two half-estimates (for the reliability)."""
     count, act_dim = len(sample["index"]), sample["actions"].shape[1]
-    jobs = [(sample["qpos"][i], sample["qvel"][i], first, sample["policy"][i])
-            for first_kind in ("q", "v") for i in range(count) for _ in range(rollouts)
-            for first in [sample["actions"][i].astype(np.float64) if first_kind == "q" else None]]
+    def jobs_of(first_action: bool) -> list[tuple]:
+        return [(sample["qpos"][i], sample["qvel"][i], sample["actions"][i].astype(np.float64) if first_action
+                 else None, sample["policy"][i]) for i in range(count) for _ in range(rollouts)]
+
+    jobs = jobs_of(True) + jobs_of(False)  # Q's rollouts (state i's at i * rollouts ...), then V's
     begin, done = time.time(), [0]
 
     def progress(n: int) -> None:
@@ -244,8 +244,9 @@ def measure(args, quality: str) -> dict:
 def markdown(record: dict) -> str:
     lines = [f"# Advantage estimation against Monte-Carlo: {record['source']}", "",
              f"`{record['command']}`", "",
-             f"{record['states']} source transitions per dataset; A_MC from {record['rollouts']} + {record['rollouts']} "
-             f"rollouts of the episode's own behaviour policy, {record['horizon']} steps, discount {DISCOUNT} "
+             f"{record['states']} source transitions per dataset; A_MC from {record['rollouts']} + "
+             f"{record['rollouts']} rollouts of the episode's own behaviour policy, {record['horizon']} steps, "
+             f"discount {DISCOUNT} "
              "(benchmarks/advantage_error.py says how). Spearman and top-half agreement: higher is better (chance: "
              "0 and 0.5); ceiling: the most A_MC's own rollout noise lets any estimator reach in Spearman; RMSE in "
              "reward units.", "",
