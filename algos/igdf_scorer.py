@@ -45,11 +45,10 @@ import tyro
 from flax import serialization
 from flax.training.train_state import TrainState
 
+from envs.catalog import Quality
 from envs.diagnostics import SOURCE_HOLDOUT_SEED, held_out, held_out_separation, holdout_split
 from envs.run import (check_common_flags, dataset_arrays, default_out, fingerprint, json_bytes, load_source_target,
                       losses_entry, need, open_run, scan_chunk, start_block, train_loop, write_atomic)
-
-Quality = Literal["random", "medium", "medium-replay", "medium-expert", "expert"]
 
 
 @dataclass

@@ -55,53 +55,15 @@ import tyro
 from flax.training.train_state import TrainState
 
 from envs import evaluate, reference_info
-from envs.run import (check_common_flags, datasets_line, default_out, evaluation_entry, load_source_target, need,
-                      open_run, scan_chunk, start_block, train_loop)
-
-Quality = Literal["random", "medium", "medium-replay", "medium-expert", "expert"]
+from envs.run import (CrossDomainArgs, check_common_flags, datasets_line, default_out, evaluation_entry,
+                      load_source_target, need, open_run, scan_chunk, start_block, train_loop)
 
 
 @dataclass
-class Args:
-    # --- experiment ---
-    seed: int = 0
-    """seed of the first run; seed k of --num-seeds uses seed + k (initialisation, batches, target subsample)"""
-    num_seeds: int = 1
-    """seeds trained at once, vmapped in one jitted program"""
-    out: Optional[str] = None
-    """output folder; default runs/iql/<data>/<source>_to_<target>-<quality>/seed<seed>[-<hash>]"""
-    resume: bool = False
-    """continue the interrupted run in --out from its last checkpoint (same flags)"""
-    # --- data ---
-    source: str = "halfcheetah-kinematic"
-    """source domain (python -m envs list)"""
-    target: str = "halfcheetah"
-    """target domain: the target dataset's domain and where the policy is evaluated"""
-    quality: Quality = "medium"
-    """quality of the generated source and target datasets"""
-    target_fraction: float = 0.1
-    """fraction of the target dataset kept, in (0, 1]"""
-    target_size: Optional[int] = None
-    """keep exactly this many target transitions instead of --target-fraction (the papers' low-data 5000)"""
-    source_dataset: Optional[str] = None
-    """a Minari id or D4RL-format HDF5 path to use instead of the generated source dataset"""
-    target_dataset: Optional[str] = None
-    """a Minari id or D4RL-format HDF5 path to use instead of the generated target dataset"""
-    physics: Literal["papers", "v5"] = "papers"
-    """simulator of the generated datasets and of the evaluation: papers (gym v3 on mujoco-py, the papers' and
-    D4RL's, reproduced in current MuJoCo) or v5 (Gymnasium's v5 environments as they ship)"""
-    references: Literal["d4rl", "zoo"] = "d4rl"
-    """score references: d4rl (D4RL's for the original tasks in the papers' physics, as the papers; each domain's
-    own otherwise) or zoo (each domain's own random and expert returns)"""
+class Args(CrossDomainArgs):
+    # envs.run.CrossDomainArgs' flags come first (experiment, data, training and evaluation: --seed to --eval-episodes)
     data: Literal["merged", "target", "source"] = "merged"
     """train on source + target, on target only, or on source only"""
-    # --- training and evaluation ---
-    steps: int = 1_000_000
-    """gradient steps"""
-    eval_every: int = 10_000
-    """gradient steps between evaluations (and checkpoints)"""
-    eval_episodes: int = 10
-    """episodes per evaluation and seed"""
     # --- optimisation ---
     batch_size: int = 256
     """transitions per gradient step; --data merged takes half from each dataset"""

@@ -57,54 +57,17 @@ from ott.solvers import linear
 
 from envs import domain_info, evaluate, reference_info
 from envs.diagnostics import episode_groups, filter_diagnostics, filter_sums
-from envs.run import (STAGE_SAVE_SECONDS, Progress, cached_stage, check_common_flags, dataset_arrays, datasets_line,
-                      default_out, evaluation_entry, fingerprint, load_source_target, need, open_run, run_stage,
-                      save_stage, scan_chunk, set_aside, stage_path, start_block, stopped, train_loop, write_atomic)
-
-Quality = Literal["random", "medium", "medium-replay", "medium-expert", "expert"]
+from envs.run import (CrossDomainArgs, Progress, STAGE_SAVE_SECONDS, cached_stage, check_common_flags, dataset_arrays,
+                      datasets_line, default_out, evaluation_entry, fingerprint, load_source_target, need, open_run,
+                      run_stage, save_stage, scan_chunk, set_aside, stage_path, start_block, stopped, train_loop,
+                      write_atomic)
 
 
 @dataclass
-class Args:
-    # --- experiment ---
-    seed: int = 0
-    """seed of the first run; seed k of --num-seeds uses seed + k; the stages are computed with --seed"""
-    num_seeds: int = 1
-    """seeds trained at once, vmapped in one jitted program"""
-    out: Optional[str] = None
-    """output folder; default runs/otdf/<source>_to_<target>-<quality>/seed<seed>[-<hash>]"""
-    resume: bool = False
-    """continue the interrupted run in --out from its last checkpoint (same flags)"""
+class Args(CrossDomainArgs):
+    # envs.run.CrossDomainArgs' flags come first (experiment, data, training and evaluation: --seed to --eval-episodes)
     cache_dir: str = "runs/cache"
     """where the stages (deviations, CVAE) are cached, keyed by everything they depend on"""
-    # --- data ---
-    source: str = "halfcheetah-kinematic"
-    """source domain (python -m envs list)"""
-    target: str = "halfcheetah"
-    """target domain: the target dataset's domain and where the policy is evaluated"""
-    quality: Quality = "medium"
-    """quality of the generated source and target datasets"""
-    target_fraction: float = 0.1
-    """fraction of the target dataset kept, in (0, 1]"""
-    target_size: Optional[int] = None
-    """keep exactly this many target transitions instead of --target-fraction (the papers' low-data 5000)"""
-    source_dataset: Optional[str] = None
-    """a Minari id or D4RL-format HDF5 path to use instead of the generated source dataset"""
-    target_dataset: Optional[str] = None
-    """a Minari id or D4RL-format HDF5 path to use instead of the generated target dataset"""
-    physics: Literal["papers", "v5"] = "papers"
-    """simulator of the generated datasets and of the evaluation: papers (gym v3 on mujoco-py, the papers' and
-    D4RL's, reproduced in current MuJoCo) or v5 (Gymnasium's v5 environments as they ship)"""
-    references: Literal["d4rl", "zoo"] = "d4rl"
-    """score references: d4rl (D4RL's for the original tasks in the papers' physics, as the papers; each domain's
-    own otherwise) or zoo (each domain's own random and expert returns)"""
-    # --- training and evaluation ---
-    steps: int = 1_000_000
-    """gradient steps of the filtered IQL"""
-    eval_every: int = 10_000
-    """gradient steps between evaluations (and checkpoints)"""
-    eval_episodes: int = 10
-    """episodes per evaluation and seed"""
     # --- optimisation ---
     batch_size: int = 256
     """source + target transitions drawn per step, half each (the authors' 128 + 128)"""
@@ -630,15 +593,9 @@ def make_policy(args: Args, act_dim: int):
 def check_args(args: Args) -> None:
     """Exit with one sentence naming the flag and its valid range."""
     check_common_flags(args)
-    need(args.batch_size >= 2 and args.batch_size % 2 == 0,
-         f"--batch-size must be even and at least 2 (half source, half target), got {args.batch_size}.")
     need(0.0 < args.proportion <= 1.0 and keep_count(args.batch_size // 2, args.proportion) >= 1,
          f"--proportion must be in (0, 1] and keep at least one of {args.batch_size // 2} source samples, got "
          f"{args.proportion}.")
-    need(args.beta > 0, f"--beta must be positive, got {args.beta}.")
-    need(args.ot_threshold > 0, f"--ot-threshold must be positive, got {args.ot_threshold}.")
-    need(args.cvae_lr > 0 and args.cvae_kl_weight >= 0,
-         f"--cvae-lr must be positive and --cvae-kl-weight 0 or more, got {args.cvae_lr} and {args.cvae_kl_weight}.")
 
 
 def to_transitions(dataset) -> Transitions:

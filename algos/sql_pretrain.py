@@ -1,11 +1,13 @@
 """Sparse Q-Learning (SQL) on the source dataset: the value pre-training of DVDF, and an offline RL algorithm.
 
 Xu et al., "Offline RL with No OOD Actions: In-Sample Learning via Implicit Value Regularization", ICLR 2023,
-arXiv:2303.15810, as DVDF (Qiao et al., arXiv:2512.02435) uses it: twin critics and a value network trained on the SOURCE
-dataset alone for 1M steps with batches of 128, alpha 0.1 (0.2 for Ant), no reward scaling. DVDF freezes the
-critics and value and reads the advantage A(s, a) = min(Q1, Q2)(s, a) - V(s) of the online critics; hand this
-file's artefact to `python algos/dvdf.py --sql-artifact <out>/sql.msgpack`. The released DVDF pre-training script
-is broken (it instantiates IQL, and its SQL class crashes): this is SQL as the paper describes it.
+arXiv:2303.15810, as DVDF (Qiao et al., arXiv:2512.02435) uses it: twin critics and a value network trained on the
+SOURCE dataset alone for 1M steps with batches of 128, alpha 0.1 (0.2 for Ant), here on rewards scaled by 1000 /
+(max - min episode return) with LayerNorm (the DVDF authors' raw rewards and plain networks diverge: README;
+--no-reward-scaling --no-layer-norm restores them). DVDF freezes the critics and value and reads the advantage
+A(s, a) = min(Q1, Q2)(s, a) - V(s) of the online critics; hand this file's artefact to `python algos/dvdf.py
+--sql-artifact <out>/sql.msgpack`. The released DVDF pre-training script is broken (it instantiates IQL, and its SQL
+class crashes): this is SQL as the paper describes it.
 
     python algos/sql_pretrain.py --source halfcheetah-kinematic --quality medium
 
@@ -48,11 +50,10 @@ from flax import serialization
 from flax.training.train_state import TrainState
 
 from envs import check_domain, domain_info, evaluate, load_dataset, reference_info
+from envs.catalog import Quality
 from envs.run import (check_common_flags, dataset_arrays, default_out, evaluation_entry, fingerprint, json_bytes,
                       losses_entry, need, open_run, scan_chunk, start_block, train_loop, value_bound_of, without_losses,
                       write_atomic)
-
-Quality = Literal["random", "medium", "medium-replay", "medium-expert", "expert"]
 
 
 @dataclass

@@ -8,7 +8,7 @@ conditions it on a representation z of the trajectory a transition came from.
 
     python algos/v2a.py --source-dataset <heterogeneous source.hdf5> --source halfcheetah-morph --target halfcheetah
     python algos/v2a.py ... --lam 0.4 0.6 1 --xi 0.3 0.5    # a lam x xi x seed grid in one program
-    python algos/v2a.py ... --dynamics-score ot             # V2A-OTDF: OTDF's deviation in place of h
+    python algos/v2a.py ... --dynamics-score ot             # V2A-OTDF: runs algos/v2a_otdf.py
 
 The method, in the numbering the code cites (DVDF's steps are those of dvdf.py):
     1. Temporally-consistent modality representation (stage 1/4, then the relabelling). q(z | trajectory): a GRU
@@ -34,12 +34,9 @@ domain and quality each trajectory came from. Stages 1-3 are trained once with -
 cached under --cache-dir (envs/run.py), keyed by the datasets' fingerprints (for the encoder also the episode
 boundaries'), the stage's flags and the seed; the SQL-with-z key includes the encoder's and --relabel-window. The
 scorer stage is dvdf.py's, with the same key; --scorer-artifact takes an artefact of algos/igdf_scorer.py instead.
-V2A-OTDF (`--dynamics-score ot`, as dvdf.py's DVDF-OTDF): h is OTDF's batch-normalised optimal-transport deviation
-c in [-1, 0] (stage 3/5, algos/otdf.py's, cached) instead of the scorer's, the kept samples' Q weight is exp(c), and
-the actor subtracts reg_weight * log beta(pi(s) | s) of OTDF's target-behaviour CVAE (stage 4/5) at tanh(mu(s));
---no-dataset-constraint drops it (neither paper says whether V2A-OTDF keeps it). lam and xi keep their defaults.
+V2A-OTDF (OTDF's optimal-transport deviation in place of h, and its dataset constraint) is algos/v2a_otdf.py.
 
-Outputs in --out (default runs/<v2a|v2a-otdf>/<source>_to_<target>-<quality>/lam<lams>_xi<xis>/seed<seed>,
+Outputs in --out (default runs/v2a/<source>_to_<target>-<quality>/lam<lams>_xi<xis>/seed<seed>,
 envs.run.default_out: a dataset flag's name in place of its domain, -<hash> when other flags are off their
 defaults), as envs/run.py describes, and z_projection.png (a PCA of the trajectories' z, coloured by domain);
 results.json adds the grid, the settings, the stages, "representation" (envs/diagnostics.py: a linear and a
@@ -67,63 +64,22 @@ import optax
 import tyro
 from flax import serialization
 from flax.training.train_state import TrainState
-from ott.geometry import costs, pointcloud
-from ott.solvers import linear
 from tqdm import tqdm
 
 from envs import reference_info
-from envs.diagnostics import (SOURCE_HOLDOUT_SEED, episode_groups, filter_diagnostics, filter_sums, held_out,
-                              held_out_separation, holdout_split, plot_projection, representation_diagnostics,
-                              trajectory_groups)
-from envs.run import (STAGE_SAVE_SECONDS, Progress, cached_stage, check_common_flags, dataset_arrays, datasets_line,
-                      default_out, fingerprint, finite_json, grid_level, json_bytes, load_source_target, need, open_run,
-                      package_versions, read_artifact, run_stage, save_stage, scan_chunk, set_aside, settings_line,
-                      stage_path, start_block, stopped, train_grid, value_bound_of, write_atomic)
-
-Quality = Literal["random", "medium", "medium-replay", "medium-expert", "expert"]
+from envs.diagnostics import (SOURCE_HOLDOUT_SEED, describe_representation, episode_groups, filter_diagnostics,
+                              filter_sums, held_out, held_out_separation, holdout_split)
+from envs.run import (CrossDomainArgs, cached_stage, check_common_flags, dataset_arrays, datasets_line, default_out,
+                      fingerprint, finite_json, grid_level, json_bytes, load_source_target, need, open_run,
+                      package_versions, read_artifact, run_stage, save_stage, scan_chunk, settings_line, stage_path,
+                      start_block, train_grid, value_bound_of, variant_script, write_atomic)
 
 
 @dataclass
-class Args:
-    # --- experiment ---
-    seed: int = 0
-    """seed of the first run; seed k of --num-seeds uses seed + k; the stages are trained with --seed"""
-    num_seeds: int = 1
-    """seeds per (lam, xi) setting, all vmapped in one jitted program"""
-    out: Optional[str] = None
-    """output folder; default runs/v2a/<source>_to_<target>-<quality>/lam<lams>_xi<xis>/seed<seed>[-<hash>]"""
-    resume: bool = False
-    """continue the interrupted run in --out from its last checkpoint (same flags)"""
+class Args(CrossDomainArgs):
+    # envs.run.CrossDomainArgs' flags come first (experiment, data, training and evaluation: --seed to --eval-episodes)
     cache_dir: str = "runs/cache"
     """where the pre-training stages are cached, keyed by everything they depend on"""
-    # --- data ---
-    source: str = "halfcheetah-kinematic"
-    """source domain (python -m envs list); with a heterogeneous --source-dataset only the output folder's name"""
-    target: str = "halfcheetah"
-    """target domain: the target dataset's domain and where the policy is evaluated"""
-    quality: Quality = "medium"
-    """quality of the generated source and target datasets"""
-    target_fraction: float = 0.1
-    """fraction of the target dataset kept, in (0, 1]"""
-    target_size: Optional[int] = None
-    """keep exactly this many target transitions instead of --target-fraction (the papers' low-data 5000)"""
-    source_dataset: Optional[str] = None
-    """a Minari id or D4RL-format HDF5 path to use instead of the generated source dataset (whole trajectories)"""
-    target_dataset: Optional[str] = None
-    """a Minari id or D4RL-format HDF5 path to use instead of the generated target dataset"""
-    physics: Literal["papers", "v5"] = "papers"
-    """simulator of the generated datasets and of the evaluation: papers (gym v3 on mujoco-py, the papers' and
-    D4RL's, reproduced in current MuJoCo) or v5 (Gymnasium's v5 environments as they ship)"""
-    references: Literal["d4rl", "zoo"] = "d4rl"
-    """score references: d4rl (D4RL's for the original tasks in the papers' physics, as the papers; each domain's
-    own otherwise) or zoo (each domain's own random and expert returns)"""
-    # --- training and evaluation ---
-    steps: int = 1_000_000
-    """gradient steps of the filtered IQL"""
-    eval_every: int = 10_000
-    """gradient steps between evaluations (and checkpoints)"""
-    eval_episodes: int = 10
-    """episodes per evaluation and run"""
     # --- optimisation ---
     batch_size: int = 256
     """source + target transitions drawn per step, half each (the authors' 128 + 128); the filter keeps
@@ -206,44 +162,9 @@ class Args:
     well it separates target from source, in (0, 0.5]"""
     scorer_artifact: Optional[str] = None
     """use these encoders (scorer.msgpack of algos/igdf_scorer.py, its first seed) instead of stage 3"""
-    # --- V2A-OTDF: the dynamics score from optimal transport (algos/otdf.py's stages) ---
-    dynamics_score: Literal["contrastive", "ot"] = "contrastive"
-    """h from IGDF's contrastive scorer (V2A-IGDF) or OTDF's batch-normalised OT deviation c (V2A-OTDF)"""
-    dataset_constraint: bool = True
-    """with --dynamics-score ot: OTDF's actor regulariser -reg_weight log beta(pi(s) | s)"""
-    reg_weight: Optional[float] = None
-    """weight of the dataset constraint; default 0.1 when a domain is halfcheetah-kinematic, else 0.5 (OTDF)"""
-    log_beta: Literal["released", "iwae"] = "released"
-    """log beta(pi | s): OTDF's released logsumexp of decoder log-likelihoods, or the importance-weighted bound"""
-    beta: float = 0.4
-    """the decoder's variance is beta / 4 in log beta"""
-    num_samples: int = 10
-    """latent samples z of log beta"""
-    ot_chunk: int = 10_000
-    """source transitions matched against the target set at once (memory: 8 bytes x chunk x target size)"""
-    ot_target_size: Optional[int] = None
-    """match against this many target transitions, a random part of the target data (default: all of it)"""
-    ot_epsilon: Optional[float] = None
-    """entropic regularisation of the scaled cost; default ott-jax's, 0.05 x the std of the scaled cost matrix"""
-    ot_iterations: int = 100
-    """most Sinkhorn iterations per chunk"""
-    ot_threshold: float = 1e-9
-    """Sinkhorn's convergence threshold on the marginals' error"""
-    cvae_steps: int = 10_000
-    """gradient steps of the target-behaviour CVAE"""
-    cvae_batch_size: int = 128
-    """target transitions per CVAE step"""
-    cvae_hidden: tuple[int, ...] = (750, 750)
-    """hidden layer widths of the CVAE's encoder and decoder"""
-    cvae_lr: float = 1e-3
-    """Adam learning rate of the CVAE"""
-    cvae_kl_weight: float = 0.5
-    """weight of the KL term in the CVAE loss"""
-
 
 
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0  # the original IQL's log-std bounds, and V2A's bounds of the encoder's log-std
-CVAE_LOG_STD_MIN, CVAE_LOG_STD_MAX = -4.0, 15.0  # the CVAE encoder's log-std bounds (BCQ's, as OTDF's)
 CACHE_VERSION = 1  # part of every stage's cache key: bump it when a stage's computation changes
 FILTER_WEIGHT_MAX = 100.0  # V2A clamps the Q-loss weights of kept source samples (exp(h) <= e: a safeguard)
 RELABEL_CHUNK = 256  # trajectories (or windows) encoded per call when relabelling
@@ -443,15 +364,13 @@ class Data(NamedTuple):
     trajectory_z: jax.Array  # [E, z_dim]: the representation of each source trajectory (the encoder mean)
     source_groups: tuple  # per metadata key the dataset has: [N_source] int32 label of each transition
     target: Transitions  # one subsample per seed, stacked along a leading seed axis; runs index it by seed_index
-    deviation: Any = None  # V2A-OTDF: [N_source] OT deviation d of each source transition
 
 
 class Frozen(NamedTuple):
     """The pre-trained stages, shared by every run and never trained here."""
     sql_critic: Any  # Q1, Q2(s, a, z)
     sql_value: Any  # V(s, z)
-    scorer: Any  # None for V2A-OTDF
-    cvae: Any = None  # V2A-OTDF's target-behaviour CVAE (with the dataset constraint)
+    scorer: Any
 
 
 class Hyperparams(NamedTuple):
@@ -506,41 +425,6 @@ def q_weights(dynamics_score, score, keep, target_size: int, weighting: str):
 
 
 # ---------------------------------------------------------------- IQL losses over kept source + target samples
-def normalise_deviation(deviation):
-    """c = (d - max_batch d) / (max_batch d - min_batch d), in [-1, 0] (OTDF step 2); 0 for a constant batch."""
-    low, high = deviation.min(), deviation.max()
-    return jnp.where(high > low, (deviation - high) / jnp.where(high > low, high - low, 1.0), 0.0)
-
-
-def log_beta(cvae_apply, cvae_params, obs, action, noise, beta: float, importance_weighted: bool = False):
-    """log beta(a | s) of the target-behaviour CVAE, per sample (OTDF step 5); noise: [B, K, latent] standard normal.
-
-    z_k = mean + std noise_k with (mean, std) = q(z | s, a); log p(a | z_k) = sum over action dims of
-    log N(a; decoder(s, z_k), beta / 4). The released code returns logsumexp_k log p(a | z_k); importance_weighted
-    adds log p(z_k) - log q(z_k | s, a) inside and subtracts log K (a lower bound on log beta(a | s)).
-    """
-    mean, std = cvae_apply(cvae_params, obs, action, method=CVAE.encode)
-    z = mean[:, None] + std[:, None] * noise
-    samples = noise.shape[1]
-    decoded = cvae_apply(cvae_params, jnp.repeat(obs[:, None], samples, 1), z, method=CVAE.decode)
-    chex.assert_equal_shape([decoded, jnp.repeat(action[:, None], samples, 1)])
-
-    def gaussian(x, loc, scale):
-        return -0.5 * ((x - loc) / scale) ** 2 - jnp.log(scale) - 0.5 * jnp.log(2 * jnp.pi)
-
-    log_likelihood = gaussian(action[:, None], decoded, jnp.sqrt(beta / 4.0)).sum(-1)  # [B, K]
-    if not importance_weighted:
-        return jax.nn.logsumexp(log_likelihood, axis=1)
-    log_prior = gaussian(z, 0.0, 1.0).sum(-1)
-    log_posterior = gaussian(z, mean[:, None], std[:, None]).sum(-1)
-    return jax.nn.logsumexp(log_likelihood + log_prior - log_posterior, axis=1) - jnp.log(samples)
-
-
-def default_reg_weight(source: str, target: str) -> float:
-    """OTDF's configs: 0.1 when the kinematic halfcheetah takes part, 0.5 for the other tasks and shifts."""
-    return 0.1 if "halfcheetah-kinematic" in (source, target) else 0.5
-
-
 def masked_mean(values, mask):
     """Mean of values over the samples where mask is 1: over the concatenation of kept source and target samples,
     exactly (a dropped sample adds nothing to the sum and is not counted)."""
@@ -587,17 +471,13 @@ def gaussian_actor_loss(mean, log_std, actions, weight, mask):
 
 # ---------------------------------------------------------------- stage 4: filtered IQL
 def make_train(args: Args, obs_dim: int, act_dim: int, sql_hidden, scorer_hidden, repr_dim: int,
-               groups: tuple = (), sql_layer_norm: bool = False, cvae_hidden=(), reg_weight: float = 0.0):
+               groups: tuple = (), sql_layer_norm: bool = False):
     """Returns init(rng) -> Runner and train(runner, data, frozen, hparams, num_steps) -> (runner, metrics).
 
     dvdf.py's make_train with the modality-aware advantage A(s, a, z): each source sample brings its trajectory's
     z to the frozen SQL-with-z critics and value; the IQL networks do not see z. Pure functions of one run, run as
     jax.jit(jax.vmap(...)) over the (lam, xi, seed) grid. metrics = (mean losses, summed filter statistics).
-    V2A-OTDF (--dynamics-score ot) takes h from data.deviation and, with the dataset constraint, frozen.cvae.
     """
-    use_ot = args.dynamics_score == "ot"
-    constrained = use_ot and args.dataset_constraint
-    cvae = CVAE(act_dim, 2 * act_dim, tuple(cvae_hidden)) if constrained else None
     actor_net = Actor(act_dim, args.hidden, gaussian=args.actor == "gaussian")
     critic_net, value_net = TwinCritic(args.hidden), ValueNet(args.hidden)
     _, _, modality_advantage = make_sqlz_losses(tuple(sql_hidden), args.discount, sql_layer_norm)
@@ -619,23 +499,20 @@ def make_train(args: Args, obs_dim: int, act_dim: int, sql_hidden, scorer_hidden
         )
         return Runner(state, rng)
 
-    def filter_source(source_batch: Transitions, z, deviation, frozen: Frozen, hparams: Hyperparams):
+    def filter_source(source_batch: Transitions, z, frozen: Frozen, hparams: Hyperparams):
         """h, A(s, a, z), g and the keep mask of one source batch (V2A step 3: DVDF steps 2-4 with A(s, a, z));
-        the frozen stages get no gradient. V2A-OTDF: h is the batch-normalised OT deviation c."""
+        the frozen stages get no gradient."""
         frozen = jax.lax.stop_gradient(frozen)
         obs, actions = source_batch.observations, source_batch.actions
-        if use_ot:
-            h = normalise_deviation(deviation)
-        else:
-            h = dynamics_score(*scorer_net.apply(frozen.scorer, obs, actions, source_batch.next_observations))
+        h = dynamics_score(*scorer_net.apply(frozen.scorer, obs, actions, source_batch.next_observations))
         advantage = modality_advantage(frozen.sql_critic, frozen.sql_value, obs, actions, z)  # online critics
         score = filter_score(h, advantage, hparams.lam)
         return h, advantage, score, keep_mask(score, hparams.keep_count)
 
-    def update(state: IQLState, source_batch: Transitions, source_z, deviation, target_batch: Transitions,
-               labels: tuple, frozen: Frozen, hparams: Hyperparams, key):
+    def update(state: IQLState, source_batch: Transitions, source_z, target_batch: Transitions, labels: tuple,
+               frozen: Frozen, hparams: Hyperparams):
         """Filter the source batch, then one IQL step on kept source + target (no z from here on)."""
-        h, sql_advantage, score, keep = filter_source(source_batch, source_z, deviation, frozen, hparams)
+        h, sql_advantage, score, keep = filter_source(source_batch, source_z, frozen, hparams)
         mask = jnp.concatenate([keep, jnp.ones(target_size)])
         q_weight = q_weights(h, score, keep, target_size, args.weighting)
         batch = jax.tree.map(lambda s, t: jnp.concatenate([s, t]), source_batch, target_batch)
@@ -669,23 +546,15 @@ def make_train(args: Args, obs_dim: int, act_dim: int, sql_hidden, scorer_hidden
         def actor_loss_fn(params):
             mean, log_std = actor_net.apply(params, batch.observations)
             if args.actor == "gaussian":
-                loss = gaussian_actor_loss(mean, log_std, batch.actions, weight, mask)
-            else:
-                loss = deterministic_actor_loss(mean, batch.actions, weight, mask)
-            if not constrained:
-                return loss, jnp.zeros(())
-            # V2A-OTDF: OTDF's dataset constraint at the deterministic action (OTDF step 5)
-            noise = jax.random.normal(key, (mean.shape[0], args.num_samples, 2 * act_dim))
-            constraint = masked_mean(log_beta(cvae.apply, frozen.cvae, batch.observations, mean, noise, args.beta,
-                                              args.log_beta == "iwae"), mask)
-            return loss - reg_weight * constraint, constraint
+                return gaussian_actor_loss(mean, log_std, batch.actions, weight, mask)
+            return deterministic_actor_loss(mean, batch.actions, weight, mask)
 
-        (actor_loss, constraint), grads = jax.value_and_grad(actor_loss_fn, has_aux=True)(state.actor.params)
+        actor_loss, grads = jax.value_and_grad(actor_loss_fn)(state.actor.params)
         actor = state.actor.apply_gradients(grads=grads)
 
         losses = {"value_loss": v_loss, "critic_loss": q_loss, "actor_loss": actor_loss,
                   "advantage_mean": masked_mean(advantage, mask), "q_mean": q_mean,
-                  "weight_mean": masked_mean(weight, mask)} | ({"log_beta": constraint} if constrained else {})
+                  "weight_mean": masked_mean(weight, mask)}
         sums = filter_sums(keep, h, sql_advantage, score, q_weight[:source_size], groups, labels)
         return IQLState(actor, critic, critic_target_params, value), losses, sums
 
@@ -701,10 +570,7 @@ def make_train(args: Args, obs_dim: int, act_dim: int, sql_hidden, scorer_hidden
             source_z = data.trajectory_z[data.source_trajectory[source_indices]]
             target_batch = jax.tree.map(lambda x: x[hparams.seed_index, target_indices], data.target)
             labels = tuple(label[source_indices] for label in data.source_groups)
-            deviation = data.deviation[source_indices] if use_ot else None
-            # the constraint's latent noise from a key of its own: the contrastive runs draw what they always drew
-            state, losses, sums = update(runner.state, source_batch, source_z, deviation, target_batch, labels,
-                                         frozen, hparams, jax.random.fold_in(batch_key, 1))
+            state, losses, sums = update(runner.state, source_batch, source_z, target_batch, labels, frozen, hparams)
             return Runner(state, rng), (losses, sums)
 
         runner, (losses, sums) = scan_chunk(step, runner, num_steps, means=False)
@@ -851,7 +717,7 @@ def encoder_steps(dataset) -> np.ndarray:
                            dataset.next_observations - dataset.observations], axis=1).astype(np.float32)
 
 
-def encoder_stage(args: Args, source, obs_dim: int, act_dim: int) -> tuple[dict, dict]:
+def encoder_stage(args: Args, source, obs_dim: int, act_dim: int, stages: int = 4) -> tuple[dict, dict]:
     """Stage 1: the trajectory encoder and its decoders, from the cache or trained now and cached."""
     starts, lengths = trajectory_bounds(source)
     info = {"kind": "encoder", "version": CACHE_VERSION, "source_fingerprint": fingerprint(dataset_arrays(source)),
@@ -870,8 +736,9 @@ def encoder_stage(args: Args, source, obs_dim: int, act_dim: int) -> tuple[dict,
     runner = jax.jit(jax.vmap(init))(jax.random.PRNGKey(args.seed)[None])
     data = jax.device_put(EncoderData(encoder_steps(source), starts, lengths))
     start = time.perf_counter()
-    runner, metrics, partial_path = run_stage(f"stage 1/4: trajectory encoder ({len(starts)} trajectories)", path,
-                                              runner, train, (0, None), (data,), args.encoder_steps)
+    runner, metrics, partial_path = run_stage(
+        f"stage 1/{stages}: trajectory encoder ({len(starts)} trajectories)", path, runner, train, (0, None), (data,),
+        args.encoder_steps)
     host_state = jax.device_get(runner.state)
     artifact = {"encoder": serialization.to_state_dict(host_state.encoder.params),
                 "decoder": serialization.to_state_dict(host_state.decoder.params)}
@@ -937,23 +804,6 @@ def relabel(encoder_params, dataset, gru_hidden: int, z_dim: int, window: Option
     np.add.at(trajectory_z, owner, means * row_lengths[:, None])  # length-weighted mean of a trajectory's windows
     trajectory_z /= lengths[:, None]
     return np.repeat(np.arange(len(starts), dtype=np.int32), lengths), trajectory_z.astype(np.float32)
-
-
-def describe_representation(args: Args, out: Path, source, trajectory_z, groups: dict) -> dict:
-    """How well z tells the source's domains (and qualities) apart: the probes and the PCA of z (envs/diagnostics.py)
-    for results.json, the PCA plotted in out/z_projection.png."""
-    per_trajectory = trajectory_groups(groups, trajectory_bounds(source)[0])
-    representation = representation_diagnostics(trajectory_z, per_trajectory, args.probe_fraction, args.seed)
-    projection = representation.pop("projection")
-    probes = representation["probe"]
-    summary = ", ".join(f"{key} {probes[key]['accuracy']:.2f} (chance {probes[key]['chance']:.2f})"
-                        for key in ("domain", "quality") if probes.get(key) is not None)
-    out.mkdir(parents=True, exist_ok=True)
-    plot_projection(out / "z_projection.png", projection, per_trajectory,
-                    f"z of {len(trajectory_z)} source trajectories, PCA\nlinear probe accuracy on held-out "
-                    f"trajectories: {summary or 'n/a'}")
-    print(f"representation: linear probe accuracy on held-out trajectories: {summary or 'n/a'}")
-    return representation | {"relabel_window": args.relabel_window, "projection_png": "z_projection.png"}
 
 
 # ---------------------------------------------------------------- stage 2: SQL with z (V2A step 2)
@@ -1090,7 +940,7 @@ def reward_scale_of(dataset) -> float:
 
 
 def sqlz_stage(args: Args, source, source_trajectory, trajectory_z, encoder_info: dict, obs_dim: int,
-               act_dim: int) -> tuple[dict, dict]:
+               act_dim: int, stages: int = 4) -> tuple[dict, dict]:
     """Stage 2: the frozen SQL-with-z critics and value, from the cache or trained now and cached."""
     info = {"kind": "sqlz", "version": CACHE_VERSION, "source_fingerprint": fingerprint(dataset_arrays(source)),
             "encoder": Path(encoder_info["path"]).stem, "relabel_window": args.relabel_window, "obs_dim": obs_dim,
@@ -1112,7 +962,7 @@ def sqlz_stage(args: Args, source, source_trajectory, trajectory_z, encoder_info
     data = jax.device_put(SQLZData(transitions, source_trajectory, trajectory_z))
     start = time.perf_counter()
     runner, metrics, partial_path = run_stage(
-        "stage 2/4: sql with z", path, runner, train, (0, None, 0),
+        f"stage 2/{stages}: sql with z", path, runner, train, (0, None, 0),
         (data, SQLHyperparams(alpha=jnp.full(1, args.alpha, jnp.float32))), args.sqlz_steps,
         value_bound_of(transitions.rewards, args.discount),
         "try --sql-reward-scaling --sql-layer-norm, or a larger --alpha")
@@ -1247,190 +1097,6 @@ def scorer_stage(args: Args, source, target, obs_dim: int, act_dim: int) -> tupl
     return save_stage(path, partial_path, artifact, info)
 
 
-# ---------------------------------------------------------------- V2A-OTDF's stages (as otdf.py's)
-def transition_vectors(dataset) -> np.ndarray:
-    """u = [s, a, s'] of every transition, [N, 2 obs_dim + act_dim]."""
-    return np.concatenate([dataset.observations, dataset.actions, dataset.next_observations], axis=1)
-
-
-def ot_deviation(source_u, target_u, epsilon: Optional[float], threshold: float, iterations: int):
-    """d_i = -sum_j P_ij C_ij for each source row: P the entropic OT plan between the source rows and the target
-    rows (uniform weights, ott-jax's Sinkhorn on the cosine cost scaled by its maximum), C the unscaled cosine cost
-    1 - cos(u_i, u_j). Higher is better aligned with the target data."""
-    geometry = pointcloud.PointCloud(source_u, target_u, cost_fn=costs.Cosine(), scale_cost="max_cost",
-                                     epsilon=epsilon)
-    solution = linear.solve(geometry, threshold=threshold, max_iterations=iterations)
-    plan = geometry.transport_from_potentials(solution.f, solution.g)
-    return -(plan * costs.Cosine().all_pairs(source_u, target_u)).sum(1)
-
-
-def ot_stage(args: Args, source, target, obs_dim: int, act_dim: int, stage: str = "1/3") -> tuple[dict, dict]:
-    """Stage `stage`: every source transition's deviation against the first seed's target subsample, from the cache or
-    computed now chunk by chunk (saved about every minute, so an interrupted stage resumes) and cached."""
-    target_u = transition_vectors(target)
-    if args.ot_target_size is not None and args.ot_target_size < len(target_u):
-        chosen = np.random.default_rng(args.seed).choice(len(target_u), args.ot_target_size, replace=False)
-        target_u = target_u[np.sort(chosen)]
-    info = {"kind": "ot", "version": CACHE_VERSION, "source_fingerprint": fingerprint(dataset_arrays(source)),
-            "target_fingerprints": [fingerprint(dataset_arrays(target))], "obs_dim": obs_dim, "act_dim": act_dim,
-            "chunk": args.ot_chunk, "target_transitions": len(target_u), "epsilon": args.ot_epsilon,
-            "iterations": args.ot_iterations, "threshold": args.ot_threshold, "seeds": [args.seed]}
-    cached = cached_stage(args.cache_dir, "ot", info, obs_dim, act_dim)
-    if cached is not None:
-        return cached
-    path = stage_path(args.cache_dir, "ot", info)
-    partial_path = path.with_name(path.stem + ".partial.msgpack")
-    source_u = transition_vectors(source)
-    deviation, done = np.zeros(len(source_u), np.float32), 0
-    if partial_path.exists():
-        try:
-            saved = serialization.msgpack_restore(partial_path.read_bytes())
-            deviation, done = np.array(saved["deviation"], np.float32), int(saved["step"])
-            print(f"stage {stage}: ot: resuming at transition {done} ({partial_path})")
-        except Exception:  # a truncated or overwritten partial file: the stage starts again
-            set_aside(partial_path)
-    solve = jax.jit(partial(ot_deviation, epsilon=args.ot_epsilon, threshold=args.ot_threshold,
-                            iterations=args.ot_iterations))
-    target_u, start, last_save, compiled = jax.device_put(target_u), time.perf_counter(), time.perf_counter(), {}
-    progress = Progress(f"stage {stage}: ot {len(source_u)} source x {target_u.shape[0]} target", len(source_u),
-                        done, unit="transition", name="ot")
-    try:
-        while done < len(source_u):
-            chunk = source_u[done:done + args.ot_chunk]
-            if len(chunk) not in compiled:  # compiled apart, so that the rate and ETA count the solves alone
-                compiled[len(chunk)] = solve.lower(chunk, target_u).compile()
-            chunk_start = time.perf_counter()
-            deviation[done:done + len(chunk)] = np.asarray(progress.wait(compiled[len(chunk)](chunk, target_u),
-                                                                         len(chunk)))
-            done += len(chunk)
-            progress.advance(len(chunk), time.perf_counter() - chunk_start)
-            if time.perf_counter() - last_save > STAGE_SAVE_SECONDS and done < len(source_u):
-                write_atomic(partial_path, serialization.msgpack_serialize({"deviation": deviation, "step": done}))
-                last_save = time.perf_counter()
-        progress.close()
-    except KeyboardInterrupt:  # what was solved is saved, and the stage resumes there
-        progress.close()
-        if done:
-            write_atomic(partial_path, serialization.msgpack_serialize({"deviation": deviation, "step": done}))
-        raise stopped(f"in stage {stage} (ot) at transition {done:,} of {len(source_u):,}",
-                      f"the deviations solved so far are saved in {partial_path}" if done else
-                      "no chunk was solved yet") from None
-    if not np.isfinite(deviation).all():
-        raise SystemExit(f"stage {stage}: the OT deviation of {int((~np.isfinite(deviation)).sum())} source transitions "
-                         f"is not finite; nothing is cached: try a larger --ot-epsilon.")
-    info |= {"step": len(source_u), "steps": len(source_u), "finished": True, "source": args.source,
-             "target": args.target, "source_dataset": source.name, "source_size": source.size,
-             "target_size": target.size, "train_seconds": time.perf_counter() - start,
-             "deviation": {"mean": float(deviation.mean()), "std": float(deviation.std()),
-                           "min": float(deviation.min()), "max": float(deviation.max())}}
-    return save_stage(path, partial_path, {"deviation": deviation[None]}, info)
-
-
-class CVAE(nn.Module):
-    """The target-behaviour model beta(a | s): encoder q(z | s, a) -> (mean, std), decoder (s, z) -> tanh action."""
-    act_dim: int
-    latent_dim: int
-    hidden: tuple[int, ...]
-
-    def setup(self):
-        self.encoder = MLP(self.hidden[:-1], self.hidden[-1])
-        self.mean, self.log_std = nn.Dense(self.latent_dim), nn.Dense(self.latent_dim)
-        self.decoder = MLP(self.hidden, self.act_dim)
-
-    def encode(self, obs, action):
-        features = nn.relu(self.encoder(jnp.concatenate([obs, action], axis=-1)))
-        return self.mean(features), jnp.exp(jnp.clip(self.log_std(features), CVAE_LOG_STD_MIN, CVAE_LOG_STD_MAX))
-
-    def decode(self, obs, z):
-        return jnp.tanh(self.decoder(jnp.concatenate([obs, z], axis=-1)))
-
-    def __call__(self, obs, action, noise):
-        """(reconstruction with z = mean + std noise, mean, std)."""
-        mean, std = self.encode(obs, action)
-        return self.decode(obs, mean + std * noise), mean, std
-
-
-class CVAERunner(NamedTuple):
-    state: TrainState
-    rng: jax.Array
-
-
-class CVAEData(NamedTuple):
-    observations: jax.Array  # [N_t, obs_dim] target transitions
-    actions: jax.Array  # [N_t, act_dim]
-
-
-def cvae_loss(reconstruction, actions, mean, std, kl_weight):
-    """mean (reconstruction - a)^2 + kl_weight * mean KL(N(mean, std^2) || N(0, 1)), both over batch and dims."""
-    kl = -0.5 * (1.0 + jnp.log(std**2) - mean**2 - std**2).mean()
-    return ((reconstruction - actions) ** 2).mean() + kl_weight * kl
-
-
-def make_cvae_train(act_dim: int, latent_dim: int, hidden, lr: float, batch_size: int, kl_weight: float, obs_dim: int):
-    """init(rng) -> CVAERunner and train(runner, data, num_steps) -> (runner, chunk metrics), for one seed."""
-    cvae = CVAE(act_dim, latent_dim, tuple(hidden))
-
-    def init(rng) -> CVAERunner:
-        rng, key = jax.random.split(rng)
-        params = cvae.init(key, jnp.zeros((1, obs_dim)), jnp.zeros((1, act_dim)), jnp.zeros((1, latent_dim)))
-        return CVAERunner(TrainState.create(apply_fn=cvae.apply, params=params, tx=optax.adam(lr)), rng)
-
-    def step(runner: CVAERunner, data: CVAEData):
-        rng, index_key, noise_key = jax.random.split(runner.rng, 3)
-        rows = jax.random.randint(index_key, (batch_size,), 0, data.observations.shape[0])
-        noise = jax.random.normal(noise_key, (batch_size, latent_dim))
-
-        def loss_fn(params):
-            reconstruction, mean, std = cvae.apply(params, data.observations[rows], data.actions[rows], noise)
-            return cvae_loss(reconstruction, data.actions[rows], mean, std, kl_weight)
-
-        loss, grads = jax.value_and_grad(loss_fn)(runner.state.params)
-        return CVAERunner(runner.state.apply_gradients(grads=grads), rng), {"cvae_loss": loss}
-
-    def train(runner: CVAERunner, data: CVAEData, num_steps: int):
-        return scan_chunk(lambda r, _: step(r, data), runner, num_steps)
-
-    return init, train
-
-
-def cvae_stage(args: Args, target, obs_dim: int, act_dim: int, stage: str = "2/3") -> tuple[dict, dict]:
-    """Stage `stage`: the CVAE of the first seed's target subsample, from the cache or trained now and cached."""
-    info = {"kind": "cvae", "version": CACHE_VERSION, "target_fingerprints": [fingerprint(dataset_arrays(target))],
-            "obs_dim": obs_dim, "act_dim": act_dim, "latent_dim": 2 * act_dim, "steps": args.cvae_steps,
-            "batch_size": args.cvae_batch_size, "lr": args.cvae_lr, "hidden": list(args.cvae_hidden),
-            "kl_weight": args.cvae_kl_weight, "seeds": [args.seed]}
-    cached = cached_stage(args.cache_dir, "cvae", info, obs_dim, act_dim)
-    if cached is not None:
-        return cached
-    path = stage_path(args.cache_dir, "cvae", info)
-    init, train = make_cvae_train(act_dim, 2 * act_dim, args.cvae_hidden, args.cvae_lr, args.cvae_batch_size,
-                                  args.cvae_kl_weight, obs_dim)
-    runner = jax.jit(jax.vmap(init))(jax.random.PRNGKey(args.seed)[None])
-    start = time.perf_counter()
-    runner, metrics, partial_path = run_stage(
-        f"stage {stage}: cvae {args.target}", path, runner, train, (0, 0),
-        (jax.device_put(CVAEData(target.observations[None], target.actions[None])),), args.cvae_steps)
-    info |= {"step": args.cvae_steps, "finished": True, "target": args.target, "target_size": target.size,
-             "final_losses": metrics, "train_seconds": time.perf_counter() - start}
-    return save_stage(path, partial_path, {"cvae": serialization.to_state_dict(jax.device_get(runner.state.params))},
-                      info)
-
-
-def dynamics_stages(args: Args, source, target, obs_dim: int, act_dim: int, first: int, last: int) -> tuple:
-    """The frozen stages of the dynamics score, numbered from `first` of `last`: the contrastive scorer, or with
-    --dynamics-score ot otdf.py's OT deviation and (with --dataset-constraint) its target CVAE. Returns (their infos
-    by name, the scorer's params and info, the OT deviation, the CVAE's params), None for what is not trained."""
-    if args.dynamics_score != "ot":
-        scorer_params, scorer_info = scorer_stage(args, source, target, obs_dim, act_dim)
-        return {"scorer": scorer_info}, scorer_params["scorer"], scorer_info, None, None
-    ot_params, ot_info = ot_stage(args, source, target, obs_dim, act_dim, stage=f"{first}/{last}")
-    stages, cvae = {"ot": ot_info}, None
-    if args.dataset_constraint:
-        cvae_params, stages["cvae"] = cvae_stage(args, target, obs_dim, act_dim, stage=f"{first + 1}/{last}")
-        cvae = cvae_params["cvae"]
-    return stages, None, {"hidden": [], "repr_dim": 0}, np.asarray(ot_params["deviation"], np.float32), cvae
-
-
 # ---------------------------------------------------------------- data and the grid
 def check_args(args: Args) -> None:
     """Exit with one sentence naming the flag and its valid range."""
@@ -1442,16 +1108,9 @@ def check_args(args: Args) -> None:
         need(getattr(args, flag) >= 1, f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}.")
     need(args.relabel_window is None or args.relabel_window >= 1,
          f"--relabel-window must be at least 1 step, got {args.relabel_window}.")
-    need(args.batch_size >= 2 and args.batch_size % 2 == 0,
-         f"--batch-size must be even and at least 2 (half source, half target), got {args.batch_size}.")
     need(args.kl_weight >= 0, f"--kl-weight must be 0 or more, got {args.kl_weight}.")
     need(args.grad_clip > 0, f"--grad-clip must be positive, got {args.grad_clip}.")
     need(0.0 < args.probe_fraction <= 0.5, f"--probe-fraction must be in (0, 0.5], got {args.probe_fraction}.")
-    need(min(keep_count(args.batch_size // 2, xi) for xi in args.xi) >= 1,
-         f"--xi {min(args.xi)} keeps no source sample of {args.batch_size // 2}; raise --xi or --batch-size.")
-    need(args.beta > 0 and args.ot_threshold > 0 and args.cvae_lr > 0,
-         f"--beta, --ot-threshold and --cvae-lr must be positive, got {args.beta}, {args.ot_threshold} and "
-         f"{args.cvae_lr}.")
 
 
 def to_transitions(dataset) -> Transitions:
@@ -1475,14 +1134,13 @@ def make_grid(args: Args, seeds: list[int]) -> tuple[list, list, Hyperparams]:
 
 
 def grid_data(source, source_trajectory, trajectory_z, groups: dict, target_full, targets: list,
-              references: dict, deviation=None) -> tuple[Data, dict]:
+              references: dict) -> tuple[Data, dict]:
     """Stage 4's data on the device (the source with each transition's trajectory, the trajectories' z and the
     metadata labels; one target subsample per seed, stacked), and its description for results.json."""
     data = jax.device_put(Data(
         source=to_transitions(source), source_trajectory=source_trajectory, trajectory_z=trajectory_z,
         source_groups=tuple(labels for _, labels in groups.values()),
-        target=Transitions(*(np.stack(fields) for fields in zip(*(to_transitions(t) for t in targets)))),
-        deviation=deviation))
+        target=Transitions(*(np.stack(fields) for fields in zip(*(to_transitions(t) for t in targets))))))
     return data, {"source_dataset": source.name, "source_size": source.size, "target_dataset": target_full.name,
                   "target_full_size": target_full.size, "target_size": targets[0].size,
                   "source_trajectories": len(trajectory_z),
@@ -1515,25 +1173,24 @@ def write_representation_only(args: Args, out: Path, source, trajectory_z, encod
     return finite_json(results)
 
 
-def stages_of(args: Args, algo: str) -> list:
+def stages_of(args: Args) -> list:
     """The stages main() runs, as the start block lists them: (name, steps[, runs])."""
-    stages = [("encoder", args.encoder_steps)]
     if args.representation_only:
-        return stages
-    stages.append(("sqlz", args.sqlz_steps))
-    if args.dynamics_score == "ot":
-        stages += [("ot", None)] + ([("cvae", args.cvae_steps)] if args.dataset_constraint else [])
-    else:
-        stages.append(("scorer", args.scorer_steps))
-    return stages + [(algo, args.steps, len(args.lam) * len(args.xi) * args.num_seeds)]
+        return [("encoder", args.encoder_steps)]
+    stages = [("encoder", args.encoder_steps), ("sqlz", args.sqlz_steps)]
+    stages += [] if args.scorer_artifact else [("scorer", args.scorer_steps)]
+    return stages + [("v2a", args.steps, len(args.lam) * len(args.xi) * args.num_seeds)]
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
+    variant, argv = variant_script(argv, "--dynamics-score", {"ot": "v2a_otdf"}, default="contrastive")
+    if variant:
+        return variant()  # V2A-OTDF (algos/v2a_otdf.py) with the other flags
     args = tyro.cli(Args, args=argv)
     check_args(args)
-    algo = "v2a-otdf" if args.dynamics_score == "ot" else "v2a"
+    algo = "v2a"
     out, saved = open_run(args, default_out(args, algo, grid_level(args), shown=("lam", "xi")))
-    start_block(args, argv, out, stages_of(args, algo), saved,
+    start_block(args, argv, out, stages_of(args), saved,
                 datasets=("source",) if args.representation_only else None)
     wall_start, seeds = time.perf_counter(), [args.seed + k for k in range(args.num_seeds)]
     # --representation-only: the source alone, no target data, no references
@@ -1549,37 +1206,34 @@ def main(argv: Optional[list[str]] = None) -> dict:
                                               args.relabel_window)
     stage_seconds = time.perf_counter() - start
     groups = episode_groups(source)
-    representation = describe_representation(args, out, source, trajectory_z, groups)
+    representation = describe_representation(out, trajectory_z, groups, trajectory_bounds(source)[0],
+                                             args.probe_fraction, args.seed) | {"relabel_window": args.relabel_window}
     if args.representation_only:
         return write_representation_only(args, out, source, trajectory_z, encoder_info, representation, {
             "stage_seconds": stage_seconds, "wall_seconds": time.perf_counter() - wall_start})
 
-    # stages 2 and 3: frozen, shared by every run of the grid (V2A-OTDF: otdf.py's stages instead of the scorer)
+    # stages 2 and 3: frozen, shared by every run of the grid
     start = time.perf_counter()
     sqlz_params, sqlz_info = sqlz_stage(args, source, source_trajectory, trajectory_z, encoder_info, obs_dim, act_dim)
-    dynamics, scorer, scorer_info, deviation, cvae = dynamics_stages(args, source, targets[0], obs_dim, act_dim, 3, 5)
-    stages = {"encoder": encoder_info, "sqlz": sqlz_info, **dynamics}
+    scorer_params, scorer_info = scorer_stage(args, source, targets[0], obs_dim, act_dim)
+    stages = {"encoder": encoder_info, "sqlz": sqlz_info, "scorer": scorer_info}
     stage_seconds += time.perf_counter() - start
-    frozen = jax.device_put(Frozen(sqlz_params["critic"], sqlz_params["value"], scorer, cvae))
-    data, data_info = grid_data(source, source_trajectory, trajectory_z, groups, target_full, targets, references,
-                                deviation)
+    frozen = jax.device_put(Frozen(sqlz_params["critic"], sqlz_params["value"], scorer_params["scorer"]))
+    data, data_info = grid_data(source, source_trajectory, trajectory_z, groups, target_full, targets, references)
     group_names = data_info["source_groups"]
-    reg_weight = args.reg_weight if args.reg_weight is not None else default_reg_weight(args.source, args.target)
 
     # stage 4: the filtered IQL of every (lam, xi, seed) run at once
     settings, grid, hparams = make_grid(args, seeds)
     init, train = make_train(args, obs_dim, act_dim, sqlz_info["hidden"], scorer_info["hidden"],
                              scorer_info["repr_dim"], tuple((key, len(names)) for key, names in group_names.items()),
-                             sqlz_info.get("layer_norm", False), stages.get("cvae", {}).get("hidden", ()),
-                             reg_weight)
+                             sqlz_info.get("layer_norm", False))
     results = train_grid(
         args, out, saved, algo=algo, stage=len(stages) + 1, grid=grid, settings=settings, init=init, train=train,
         inputs=(data, frozen, hparams), policy=make_policy(args, act_dim),
         ref_scores=(references["random"], references["expert"]),
         filter_stats=lambda sums, steps: filter_diagnostics(sums, group_names, steps, args.batch_size // 2),
-        report=report, timing={"stage_seconds": stage_seconds}, header={
-            "data": data_info, "stages": stages, **({"reg_weight": reg_weight} if args.dynamics_score == "ot" else {}),
-            "representation": representation})
+        report=report, timing={"stage_seconds": stage_seconds},
+        header={"data": data_info, "stages": stages, "representation": representation})
     print(f"{algo} {datasets_line(args)}, seeds {seeds}, after {results['step']} steps: "
           f"{settings_line(results['final'], 'final score')}; results in {out}")
     return results

@@ -7,8 +7,9 @@ term (lam = 0.7, with IGDF's or OTDF's dynamics score) should keep the expert da
         benchmarks/results/otdf_motivating_example                # with OTDF and DVDF-OTDF
 
 For each seed and method, one run with that seed: `igdf`, `algos/dvdf.py --lam 1.0 0.7` (IGDF and DVDF-IGDF in one
-program, on the same frozen SQL and scorer networks); `ot`, the same with `--dynamics-score ot` (the OT filter alone
-and DVDF-OTDF, on otdf.py's stages); `otdf`, `algos/otdf.py` (the top 80% by the OT deviation). On the source mixture crossdomain/mix/halfcheetah-kinematic-random-expert-v0
+program, on the same frozen SQL and scorer networks); `ot`, `algos/dvdf_otdf.py --lam 1.0 0.7` (the OT filter alone
+and DVDF-OTDF, on otdf.py's stages); `otdf`, `algos/otdf.py` (the top 80% by the OT deviation). On the source
+mixture crossdomain/mix/halfcheetah-kinematic-random-expert-v0
 (500k random + 500k expert transitions of halfcheetah-kinematic, envs/generate.py MIXTURES) and the target
 halfcheetah medium dataset (10%, the default). The filter only depends on the frozen networks and the batch, so a
 short filtered stage (--steps) measures it: results.json's filter diagnostics give, over every training batch, the
@@ -36,7 +37,7 @@ SETTINGS = (1.0, 0.7)  # IGDF, DVDF (and their OT forms)
 # per method: (script, its own flags, the settings it reports: (row name, lam or None for otdf.py's one run))
 METHODS = {"igdf": ("dvdf", ["--lam", *map(str, SETTINGS), "--xi", "0.5"],
                     (("IGDF (lam = 1, xi 0.5)", 1.0), ("DVDF-IGDF (lam = 0.7, xi 0.5)", 0.7))),
-           "ot": ("dvdf", ["--lam", *map(str, SETTINGS), "--xi", "0.5", "--dynamics-score", "ot"],
+           "ot": ("dvdf_otdf", ["--lam", *map(str, SETTINGS), "--xi", "0.5"],
                   (("OT filter alone (lam = 1, xi 0.5)", 1.0), ("DVDF-OTDF (lam = 0.7, xi 0.5)", 0.7))),
            "otdf": ("otdf", [], (("OTDF (top 80% by the OT deviation)", None),))}
 
@@ -47,8 +48,10 @@ def run(seed: int, method: str, args) -> dict:
     flags = ["--source-dataset", MIXTURE, "--source", "halfcheetah-kinematic", "--target", "halfcheetah",
              "--quality", args.quality, "--seed", str(seed), "--steps", str(args.steps), "--eval-every",
              str(args.steps), "--eval-episodes", "1", "--out", str(out), "--cache-dir", args.cache_dir, *own]
+    if script in ("dvdf", "dvdf_otdf"):
+        flags += ["--sql-steps", str(args.sql_steps)]
     if script == "dvdf":
-        flags += ["--sql-steps", str(args.sql_steps), "--scorer-steps", str(args.scorer_steps)]
+        flags += ["--scorer-steps", str(args.scorer_steps)]
     if method in ("ot", "otdf") and args.ot_target_size:
         flags += ["--ot-target-size", str(args.ot_target_size)]
     if (out / "results.json").exists() and json.loads((out / "results.json").read_text())["finished"]:

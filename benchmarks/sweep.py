@@ -77,19 +77,29 @@ def literal_choices(annotation, literals: dict):
     return None
 
 
-def script_flags(script: str) -> dict | None:
-    """{flag: its choices (a Literal's values) or None} of the Args dataclass of algos/<script>.py, read from its
-    source (nothing is imported); None for a script without one."""
-    tree = ast.parse((ROOT / "algos" / f"{script}.py").read_text())
+def class_flags(path: Path, name: str) -> dict | None:
+    """{flag: its choices (a Literal's values) or None} of the dataclass `name` in the file at `path`, read from its
+    source (nothing is imported), its base classes' flags first (envs/run.py's CrossDomainArgs where a script's Args
+    derives from it); None where the file has no such class."""
+    tree = ast.parse(path.read_text())
     literals = {}
     for node in tree.body:
         if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
             if (choices := literal_choices(node.value, {})) is not None:
                 literals[node.targets[0].id] = choices
-        if isinstance(node, ast.ClassDef) and node.name == "Args":
-            return {item.target.id: literal_choices(item.annotation, literals) for item in node.body
-                    if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name)}
+        if isinstance(node, ast.ClassDef) and node.name == name:
+            flags = {}
+            for base in node.bases:
+                if isinstance(base, ast.Name):
+                    flags |= class_flags(path, base.id) or class_flags(ROOT / "envs" / "run.py", base.id) or {}
+            return flags | {item.target.id: literal_choices(item.annotation, literals) for item in node.body
+                            if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name)}
     return None
+
+
+def script_flags(script: str) -> dict | None:
+    """{flag: its choices or None} of the Args dataclass of algos/<script>.py (class_flags); None without one."""
+    return class_flags(ROOT / "algos" / f"{script}.py", "Args")
 
 
 def check_flags(path: Path, spec: dict) -> None:

@@ -229,3 +229,22 @@ def plot_projection(path: Path, projection: np.ndarray, trajectory_labels: dict,
     figure.savefig(image, format="png", dpi=120)
     plt.close(figure)
     write_atomic(path, image.getvalue())
+
+
+def describe_representation(out: Path, trajectory_z: np.ndarray, groups: dict, starts: np.ndarray, fraction: float,
+                            seed: int) -> dict:
+    """How well V2A's z tells the source's domains (and qualities) apart: the probes of representation_diagnostics
+    (fitted on all but `fraction` of each group's trajectories) for results.json "representation", and the PCA of z
+    plotted in out/z_projection.png. groups: episode_groups of the source; starts: each trajectory's first row."""
+    per_trajectory = trajectory_groups(groups, starts)
+    representation = representation_diagnostics(trajectory_z, per_trajectory, fraction, seed)
+    projection = representation.pop("projection")
+    probes = representation["probe"]
+    summary = ", ".join(f"{key} {probes[key]['accuracy']:.2f} (chance {probes[key]['chance']:.2f})"
+                        for key in ("domain", "quality") if probes.get(key) is not None)
+    out.mkdir(parents=True, exist_ok=True)
+    plot_projection(out / "z_projection.png", projection, per_trajectory,
+                    f"z of {len(trajectory_z)} source trajectories, PCA\nlinear probe accuracy on held-out "
+                    f"trajectories: {summary or 'n/a'}")
+    print(f"representation: linear probe accuracy on held-out trajectories: {summary or 'n/a'}")
+    return representation | {"projection_png": "z_projection.png"}

@@ -12,7 +12,9 @@ train(runner, *inputs, num_steps) -> (runner, metrics) trains one run for num_st
 train_loop vmaps it over the leading run axis (seeds, or a grid of settings x seeds), compiles one program per
 chunk length ahead of time, and after every --eval-every steps evaluates, checkpoints and rewrites results.json.
 load_source_target loads a cross-domain run's source and target datasets (one target subsample per seed);
-train_grid is train_loop for a (lam, xi) grid x seeds (dvdf.py, v2a.py), evaluated by make_grid_evaluate.
+train_grid is train_loop for a (lam, xi) grid x seeds (dvdf.py, v2a.py and their -otdf variants), evaluated by
+make_grid_evaluate. CrossDomainArgs holds the flags every cross-domain script takes first; variant_script hands a
+flag-named variant (dvdf.py --dynamics-score ot) to its own file.
 default_out differs for any two runs whose flags differ (datasets included). start_block prints the stages and
 their budgets, the datasets (and which will be generated), the folder and the estimated time (the rates recorded in
 benchmarks/results/speed.json for this device, else CPU_RATES); every loop's progress bar (Progress) counts timed
@@ -59,11 +61,11 @@ import shlex
 import sys
 import tempfile
 import time
-from dataclasses import MISSING, asdict, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from functools import partial
 from importlib import metadata
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Callable, Literal, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -71,6 +73,7 @@ import numpy as np
 from flax import serialization
 from tqdm import tqdm
 
+from envs.catalog import Quality
 from envs.datasets import load_dataset, subsample
 from envs.domains import check_domain
 from envs.evaluation import evaluate
@@ -156,6 +159,51 @@ def cache_key(inputs: dict) -> str:
 
 
 # ---------------------------------------------------------------- flags and folders
+@dataclass
+class CrossDomainArgs:
+    """The flags every cross-domain algos/ script takes first (iql, dvdf, dvdf_otdf, v2a, v2a_otdf, otdf, dara,
+    bosa): the experiment, the source and target data, the length of training and the evaluation. A script's Args
+    adds its own after them (`class Args(CrossDomainArgs)`); results.json lists them all under "args"."""
+    # --- experiment ---
+    seed: int = 0
+    """seed of the first run; seed k of --num-seeds uses seed + k; the pre-training stages are trained with --seed"""
+    num_seeds: int = 1
+    """seeds per setting, all vmapped in one jitted program"""
+    out: Optional[str] = None
+    """output folder; default runs/<algorithm>/<source>_to_<target>-<quality>[/<grid>]/seed<seed>[-<hash>]
+    (envs.run.default_out; the script's docstring names its own)"""
+    resume: bool = False
+    """continue the interrupted run in --out from its last checkpoint (same flags)"""
+    # --- data ---
+    source: str = "halfcheetah-kinematic"
+    """source domain (python -m envs list)"""
+    target: str = "halfcheetah"
+    """target domain: the target dataset's domain and where the policy is evaluated"""
+    quality: Quality = "medium"
+    """quality of the generated source and target datasets"""
+    target_fraction: float = 0.1
+    """fraction of the target dataset kept, in (0, 1]"""
+    target_size: Optional[int] = None
+    """keep exactly this many target transitions instead of --target-fraction (the papers' low-data 5000)"""
+    source_dataset: Optional[str] = None
+    """a Minari id or D4RL-format HDF5 path to use instead of the generated source dataset"""
+    target_dataset: Optional[str] = None
+    """a Minari id or D4RL-format HDF5 path to use instead of the generated target dataset"""
+    physics: Literal["papers", "v5"] = "papers"
+    """simulator of the generated datasets and of the evaluation: papers (gym v3 on mujoco-py, the papers' and
+    D4RL's, reproduced in current MuJoCo) or v5 (Gymnasium's v5 environments as they ship)"""
+    references: Literal["d4rl", "zoo"] = "d4rl"
+    """score references: d4rl (D4RL's for the original tasks in the papers' physics, as the papers; each domain's
+    own otherwise) or zoo (each domain's own random and expert returns)"""
+    # --- training and evaluation ---
+    steps: int = 1_000_000
+    """gradient steps of the last stage, the policy's training"""
+    eval_every: int = 10_000
+    """gradient steps between evaluations (and checkpoints)"""
+    eval_episodes: int = 10
+    """episodes per evaluation and run"""
+
+
 def need(ok: bool, message: str) -> None:
     """Exit with `message`, one sentence naming the flag and its valid range, unless `ok`."""
     if not ok:
@@ -198,8 +246,8 @@ def check_common_flags(args) -> None:
     if hasattr(args, "alpha"):
         need(args.alpha is None or args.alpha > 0, f"--alpha must be positive, got {args.alpha}.")
     # the copied pre-training stages: IGDF's scorer, otdf.py's OT deviation and CVAE (num_samples: BOSA's too)
-    for flag in ("scorer_steps", "repr_dim", "num_samples", "ot_chunk", "ot_iterations", "cvae_steps",
-                 "cvae_batch_size"):
+    for flag in ("sql_steps", "sql_batch_size", "scorer_steps", "repr_dim", "num_samples", "ot_chunk", "ot_iterations",
+                 "cvae_steps", "cvae_batch_size"):
         if hasattr(args, flag):
             need(getattr(args, flag) >= 1, f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}.")
     if hasattr(args, "scorer_batch_size"):
@@ -215,6 +263,14 @@ def check_common_flags(args) -> None:
              f"--ot-target-size must be a positive number of transitions, got {args.ot_target_size}.")
     if hasattr(args, "ot_epsilon"):
         need(args.ot_epsilon is None or args.ot_epsilon > 0, f"--ot-epsilon must be positive, got {args.ot_epsilon}.")
+    if hasattr(args, "ot_threshold"):
+        need(args.ot_threshold > 0, f"--ot-threshold must be positive, got {args.ot_threshold}.")
+    if hasattr(args, "cvae_lr"):
+        need(args.cvae_lr > 0 and args.cvae_kl_weight >= 0,
+             f"--cvae-lr must be positive and --cvae-kl-weight 0 or more, got {args.cvae_lr} and "
+             f"{args.cvae_kl_weight}.")
+    if hasattr(args, "beta"):
+        need(args.beta > 0, f"--beta must be positive, got {args.beta}.")
     # DVDF's (lam, xi) grid
     if hasattr(args, "lam"):
         need(len(args.lam) >= 1 and all(0.0 <= lam <= 1.0 for lam in args.lam),
@@ -225,6 +281,12 @@ def check_common_flags(args) -> None:
     if hasattr(args, "lam") and hasattr(args, "xi"):
         need(len(set(args.lam)) == len(args.lam) and len(set(args.xi)) == len(args.xi),
              f"--lam and --xi must not repeat a value, got {list(args.lam)} and {list(args.xi)}.")
+    if hasattr(args, "xi") or hasattr(args, "proportion"):  # the filters' batches: half source, half target
+        need(args.batch_size >= 2 and args.batch_size % 2 == 0,
+             f"--batch-size must be even and at least 2 (half source, half target), got {args.batch_size}.")
+    if hasattr(args, "xi"):  # the kept count int(B xi) of DVDF step 4
+        need(min(int(args.batch_size // 2 * xi) for xi in args.xi) >= 1,
+             f"--xi {min(args.xi)} keeps no source sample of {args.batch_size // 2}; raise --xi or --batch-size.")
 
 
 def run_flags(args) -> dict:
@@ -319,6 +381,25 @@ def load_script(name: str, module_name: Optional[str] = None):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def variant_script(argv: Optional[list], flag: str, scripts: dict, default: str) -> tuple[Optional[Callable], list]:
+    """A variant that has its own algos/ file, chosen by a flag of the script it came from (dvdf.py --dynamics-score
+    ot is algos/dvdf_otdf.py): (a function that runs that file's main() on argv less the flag, or None when the flag
+    is absent or `default`; argv less the flag). argv None is the command line's."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for i, word in enumerate(argv):
+        name, equals, inline = word.partition("=")
+        if name.replace("_", "-") != flag:
+            continue
+        value, rest = (inline, argv[:i] + argv[i + 1:]) if equals else (
+            argv[i + 1] if i + 1 < len(argv) else "", argv[:i] + argv[i + 2:])
+        if value == default:
+            return None, rest
+        if value not in scripts:
+            raise SystemExit(f"{flag} must be one of {', '.join([default, *scripts])}, got {value or 'nothing'}.")
+        return (lambda: load_script(scripts[value]).main(rest)), rest
+    return None, argv
 
 
 def read_checkpoint(path: Path) -> dict:
@@ -606,7 +687,8 @@ def start_block(args, argv: Optional[list], out: Path, stages: list, saved: Opti
     `episodes` per evaluation of the last stage (default --eval-episodes)."""
     from envs.datasets import dataset_state
     script = sys._getframe(1).f_globals.get("__file__")  # the calling algos/ file
-    own = script is not None and Path(sys.argv[0]).resolve() == Path(script).resolve()
+    # the script's own process: started as this algos/ file, or as a sibling that hands over to it (variant_script)
+    own = script is not None and Path(sys.argv[0]).resolve().parent == Path(script).resolve().parent
     if script is not None:
         path = Path(script).resolve()
         script = str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)

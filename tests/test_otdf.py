@@ -31,7 +31,7 @@ def _load(name):
     return module
 
 
-otdf, dvdf, v2a, iql = _load("otdf"), _load("dvdf"), _load("v2a"), _load("iql")
+otdf, dvdf, dvdf_otdf, v2a_otdf, iql = _load("otdf"), _load("dvdf"), _load("dvdf_otdf"), _load("v2a_otdf"), _load("iql")
 
 OBS_DIM, ACT_DIM = 17, 6  # HalfCheetah
 REF_MIN, REF_MAX = -300.0, 3000.0
@@ -198,8 +198,18 @@ def test_shared_helpers_are_identical_copies():
     stages = ["transition_vectors", "ot_deviation", "ot_stage", "CVAE", "CVAERunner", "CVAEData", "cvae_loss",
               "make_cvae_train", "cvae_stage", "normalise_deviation", "log_beta", "default_reg_weight"]
     for name in stages:  # DVDF-OTDF and V2A-OTDF run otdf.py's stages and constraint
-        sources = {inspect.getsource(getattr(module, name)) for module in (otdf, dvdf, v2a)}
-        assert len(sources) == 1, f"{name} differs between otdf.py, dvdf.py and v2a.py"
+        sources = {inspect.getsource(getattr(module, name)) for module in (otdf, dvdf_otdf, v2a_otdf)}
+        assert len(sources) == 1, f"{name} differs between otdf.py, dvdf_otdf.py and v2a_otdf.py"
+    # DVDF-OTDF is DVDF with another dynamics score: everything but the score and its stages is dvdf.py's
+    for name in ("MLP", "TwinCritic", "ValueNet", "Actor", "IQLState", "Runner", "Transitions", "Hyperparams",
+                 "normalise_advantage", "filter_score", "keep_count", "keep_mask", "q_weights", "masked_mean",
+                 "expectile_loss", "value_loss", "weighted_critic_loss", "advantage_weight", "deterministic_actor_loss",
+                 "gaussian_actor_loss", "make_policy", "default_alpha", "SQLState", "SQLRunner", "SQLHyperparams",
+                 "sql_value_loss", "critic_loss", "make_sql_train", "reward_scale_of", "sql_stage",
+                 "to_transitions", "make_grid", "report"):
+        assert inspect.getsource(getattr(dvdf_otdf, name)) == inspect.getsource(getattr(dvdf, name)), name
+    for constant in ("LOG_STD_MIN", "LOG_STD_MAX", "CACHE_VERSION"):
+        assert getattr(dvdf_otdf, constant) == getattr(dvdf, constant), constant
     for name in ("write_atomic", "open_run", "run_stage", "cached_stage", "save_stage", "train_loop", "fingerprint",
                  "load_source_target", "datasets_line"):
         assert getattr(otdf, name, getattr(run, name)) is getattr(run, name), f"otdf.py copies {name}"
@@ -314,13 +324,13 @@ def results_said_resume(capsys) -> bool:
 # ---------------------------------------------------------------- DVDF-OTDF and V2A-OTDF
 def _variant_flags(datasets, out, *extra):
     """The end-to-end run's data, stage and IQL flags, less otdf.py's own."""
-    flags = _flags(datasets, out, "--dynamics-score", "ot", *extra)
+    flags = _flags(datasets, out, *extra)
     return [f for f in flags if f != "--proportion"]
 
 
 def test_dvdf_otdf_end_to_end_shares_otdfs_stages(finished_run, datasets, tmp_path):
-    results = dvdf.main(_variant_flags(datasets, tmp_path / "dvdf-otdf", "--sql-steps", "50", "--lam", "0.5", "1",
-                                       "--num-seeds", "1"))
+    results = dvdf_otdf.main(_variant_flags(datasets, tmp_path / "dvdf-otdf", "--sql-steps", "50", "--lam", "0.5",
+                                            "1", "--num-seeds", "1"))
     assert results["algo"] == "dvdf-otdf" and results["finished"] and results["reg_weight"] == 0.1
     assert list(results["stages"]) == ["sql", "ot", "cvae"]
     assert results["stages"]["ot"]["origin"] == results["stages"]["cvae"]["origin"] == "cache"  # otdf.py's
@@ -334,15 +344,18 @@ def test_dvdf_otdf_end_to_end_shares_otdfs_stages(finished_run, datasets, tmp_pa
         # make most of the kept half
         assert diagnostics["batch_share"]["domain"]["halfcheetah"][1] == pytest.approx(0.5, abs=0.05)
         assert diagnostics["kept_share"]["domain"]["halfcheetah"][1] > 0.75
+    # dvdf.py --dynamics-score ot runs dvdf_otdf.py with its other flags
     without = dvdf.main(_variant_flags(datasets, tmp_path / "dvdf-otdf-nc", "--sql-steps", "50", "--num-seeds", "1",
-                                       "--steps", "100", "--no-dataset-constraint"))
+                                       "--steps", "100", "--no-dataset-constraint", "--dynamics-score", "ot"))
+    assert without["algo"] == "dvdf-otdf" and without["args"]["dataset_constraint"] is False
     assert list(without["stages"]) == ["sql", "ot"] and "log_beta" not in without["evaluations"][0]["losses"]
 
 
 def test_v2a_otdf_end_to_end(finished_run, datasets, tmp_path):
-    results = v2a.main(_variant_flags(datasets, tmp_path / "v2a-otdf", "--num-seeds", "1", "--steps", "100",
-                                      "--encoder-steps", "10", "--sqlz-steps", "20", "--gru-hidden", "8", "--z-dim",
-                                      "4", "--window", "20", "--encoder-batch-size", "4", "--sqlz-batch-size", "32"))
+    results = v2a_otdf.main(_variant_flags(datasets, tmp_path / "v2a-otdf", "--num-seeds", "1", "--steps", "100",
+                                           "--encoder-steps", "10", "--sqlz-steps", "20", "--gru-hidden", "8",
+                                           "--z-dim", "4", "--window", "20", "--encoder-batch-size", "4",
+                                           "--sqlz-batch-size", "32"))
     assert results["algo"] == "v2a-otdf" and results["finished"]
     assert list(results["stages"]) == ["encoder", "sqlz", "ot", "cvae"]
     assert results["stages"]["ot"]["origin"] == "cache"

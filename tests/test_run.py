@@ -115,6 +115,13 @@ class AlgorithmArgs:  # the flags that two or more algos/ scripts share, at vali
     cvae_batch_size: int = 1
     lam: tuple = (0.0, 1.0)
     xi: tuple = (0.5,)
+    batch_size: int = 8
+    sql_steps: int = 1
+    sql_batch_size: int = 1
+    ot_threshold: float = 1e-9
+    cvae_lr: float = 1e-3
+    cvae_kl_weight: float = 0.5
+    beta: float = 0.4
 
 
 def test_flags_the_scripts_share_are_checked_once_with_their_sentences():
@@ -143,10 +150,53 @@ def test_flags_the_scripts_share_are_checked_once_with_their_sentences():
             ({"lam": ()}, "--lam must be one or more values in [0, 1], got []."),
             ({"xi": (0.0,)}, "--xi must be one or more values in (0, 1], got [0.0]."),
             ({"xi": (0.5, 0.5)}, "--lam and --xi must not repeat a value, got [0.0, 1.0] and [0.5, 0.5]."),
+            ({"batch_size": 7}, "--batch-size must be even and at least 2 (half source, half target), got 7."),
+            ({"batch_size": 2, "xi": (0.5,)}, "--xi 0.5 keeps no source sample of 1; raise --xi or --batch-size."),
+            ({"sql_steps": 0}, "--sql-steps must be at least 1, got 0."),
+            ({"sql_batch_size": 0}, "--sql-batch-size must be at least 1, got 0."),
+            ({"ot_threshold": 0.0}, "--ot-threshold must be positive, got 0.0."),
+            ({"cvae_lr": 0.0}, "--cvae-lr must be positive and --cvae-kl-weight 0 or more, got 0.0 and 0.5."),
+            ({"cvae_kl_weight": -1.0},
+             "--cvae-lr must be positive and --cvae-kl-weight 0 or more, got 0.001 and -1.0."),
+            ({"beta": 0.0}, "--beta must be positive, got 0.0."),
     ]:
         with pytest.raises(SystemExit) as error:
             run.check_common_flags(dataclasses.replace(AlgorithmArgs(), **change))
         assert str(error.value) == message, change
+
+
+def test_a_variant_flag_hands_the_command_to_the_variants_own_script(monkeypatch):
+    calls = []
+    monkeypatch.setattr(run, "load_script", lambda name: type("Script", (), {
+        "main": staticmethod(lambda argv: calls.append((name, argv)) or name)}))
+    scripts, flag = {"ot": "dvdf_otdf"}, "--dynamics-score"
+    assert run.variant_script(["--lam", "0.7"], flag, scripts, "contrastive") == (None, ["--lam", "0.7"])
+    for argv in (["--lam", "0.7", "--dynamics-score", "contrastive"], ["--dynamics_score=contrastive", "--lam", "0.7"]):
+        assert run.variant_script(argv, flag, scripts, "contrastive") == (None, ["--lam", "0.7"])  # default: dropped
+    for argv in (["--dynamics-score", "ot", "--lam", "0.7"], ["--lam", "0.7", "--dynamics-score=ot"]):
+        variant, rest = run.variant_script(argv, flag, scripts, "contrastive")
+        assert rest == ["--lam", "0.7"] and variant() == "dvdf_otdf" and calls[-1] == ("dvdf_otdf", ["--lam", "0.7"])
+    monkeypatch.setattr(sys, "argv", ["algos/dvdf.py", "--dynamics-score", "ot"])  # argv None: the command line's
+    variant, rest = run.variant_script(None, flag, scripts, "contrastive")
+    assert rest == [] and variant() == "dvdf_otdf"
+    for argv, shown in ((["--dynamics-score", "sinkhorn"], "sinkhorn"), (["--dynamics-score"], "nothing")):
+        with pytest.raises(SystemExit) as error:
+            run.variant_script(argv, flag, scripts, "contrastive")
+        assert str(error.value) == f"--dynamics-score must be one of contrastive, ot, got {shown}."
+
+
+def test_the_cross_domain_scripts_take_the_shared_flags_first_with_their_defaults():
+    shared = [field.name for field in dataclasses.fields(run.CrossDomainArgs)]
+    assert shared[:4] == ["seed", "num_seeds", "out", "resume"] and shared[-3:] == ["steps", "eval_every",
+                                                                                     "eval_episodes"]
+    for name in ("iql", "dvdf", "dvdf_otdf", "v2a", "v2a_otdf", "otdf", "dara", "bosa"):
+        spec = importlib.util.spec_from_file_location(f"args_of_{name}", ROOT / "algos" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        assert issubclass(module.Args, run.CrossDomainArgs), name
+        assert [field.name for field in dataclasses.fields(module.Args)][:len(shared)] == shared, name
+        args = tyro.cli(module.Args, args=["--quality", "expert", "--target-size", "5000"])
+        assert (args.quality, args.target_size, args.steps, args.eval_episodes) == ("expert", 5000, 1_000_000, 10)
 
 
 @dataclasses.dataclass

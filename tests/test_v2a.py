@@ -32,7 +32,7 @@ def _load(name):
     return module
 
 
-v2a, dvdf = _load("v2a"), _load("dvdf")
+v2a, v2a_otdf, dvdf = _load("v2a"), _load("v2a_otdf"), _load("dvdf")
 
 OBS_DIM, ACT_DIM = 3, 2  # the tiny synthetic datasets of the unit tests
 STEP_DIM = 2 * OBS_DIM + ACT_DIM
@@ -373,7 +373,7 @@ def test_shared_helpers_are_identical_copies_of_dvdf():
              "critic_loss", "nce_loss", "dynamics_score", "make_scorer_train", "make_score_fn", "normalise_advantage",
              "filter_score", "keep_mask", "masked_mean", "expectile_loss", "value_loss", "weighted_critic_loss",
              "advantage_weight", "deterministic_actor_loss", "gaussian_actor_loss", "make_policy", "keep_count",
-             "to_transitions", "reward_scale_of", "make_grid", "dynamics_stages"]
+             "to_transitions", "reward_scale_of", "make_grid"]
     for name in names:
         assert inspect.getsource(getattr(v2a, name)) == inspect.getsource(getattr(dvdf, name)), name
     for constant in ("LOG_STD_MIN", "LOG_STD_MAX", "CACHE_VERSION"):
@@ -387,11 +387,31 @@ def test_shared_helpers_are_identical_copies_of_dvdf():
                envs.diagnostics: ["separation_auc", "held_out_separation", "holdout_split", "held_out",
                                   "filter_diagnostics", "filter_sums", "episode_groups", "trajectory_groups",
                                   "probe_split", "nearest_centroid_probe", "linear_probe_accuracy",
-                                  "representation_diagnostics", "plot_projection", "HOLDOUT_MAX",
-                                  "SOURCE_HOLDOUT_SEED", "GROUP_KEYS", "PROBE_STEPS", "PROBE_LR", "PROBE_L2"]}
+                                  "representation_diagnostics", "plot_projection", "describe_representation",
+                                  "HOLDOUT_MAX", "SOURCE_HOLDOUT_SEED", "GROUP_KEYS", "PROBE_STEPS", "PROBE_LR", "PROBE_L2"]}
     for module, names in harness.items():
         for name in names:
             assert getattr(v2a, name, getattr(module, name)) is getattr(module, name), f"v2a.py copies {name}"
+
+
+def test_v2a_otdf_is_v2a_but_for_the_dynamics_score():
+    """algos/v2a_otdf.py holds v2a.py's code unchanged but for the dynamics score and its stages (otdf.py's, whose
+    copies test_otdf.py checks) and main()."""
+    names = ["MLP", "TwinCritic", "ValueNet", "Actor", "GRUWeights", "GateWeights", "MaskedGRU", "MaskedGRUCellStep",
+             "TrajectoryEncoder", "DeltaDecoder", "IQLState", "Runner", "Transitions", "Hyperparams",
+             "normalise_advantage", "filter_score", "keep_count", "keep_mask", "q_weights", "masked_mean",
+             "expectile_loss", "value_loss", "weighted_critic_loss", "advantage_weight", "deterministic_actor_loss",
+             "gaussian_actor_loss", "make_policy", "EncoderState", "EncoderRunner", "EncoderData", "gaussian_kl",
+             "encoder_decoder_loss", "make_window_loss", "sample_windows", "make_encoder_train", "trajectory_bounds",
+             "encoder_steps", "encoder_stage", "relabel_rows", "make_encode_fn", "relabel", "SQLState", "SQLRunner",
+             "SQLHyperparams", "SQLZData", "sql_value_loss", "critic_loss", "with_z", "make_sqlz_losses",
+             "make_sqlz_train", "reward_scale_of", "sqlz_stage", "check_args", "to_transitions", "make_grid",
+             "report"]
+    for name in names:
+        assert inspect.getsource(getattr(v2a_otdf, name)) == inspect.getsource(getattr(v2a, name)), name
+    for constant in ("LOG_STD_MIN", "LOG_STD_MAX", "CACHE_VERSION", "FILTER_WEIGHT_MAX", "RELABEL_CHUNK"):
+        assert getattr(v2a_otdf, constant) == getattr(v2a, constant), constant
+    assert v2a_otdf.describe_representation is envs.diagnostics.describe_representation
 
 
 # ---------------------------------------------------------------- end to end through main(), on real rollouts
