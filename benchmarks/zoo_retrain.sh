@@ -15,7 +15,8 @@
 # the unfinished runs in the repository (benchmarks/zoo_carry/, commit it); on a machine without <root>, a domain
 # carried there continues from them (sac.py --init-from). <domain>@<other> starts a domain that has neither a
 # checkpoint nor a carry from <root>/<other>/seed0/checkpoint.npz (sac.py --init-from: a trained sibling's networks,
-# optimiser and temperature, as the old v5 zoo's ant came from ant-morph's), or from scratch where that is missing.
+# optimiser and temperature, as the old v5 zoo's ant came from ant-morph's), else from the networks
+# `zoo_carry.py --sources <other>` kept in benchmarks/zoo_carry/from/, else from scratch.
 set -euo pipefail
 root=$1; core=$2; shift 2
 repo="$(cd "$(dirname "$0")/.." && pwd)"
@@ -31,7 +32,8 @@ for spec in "$@"; do
   [ -z "$resume" ] && [ -f "$repo/benchmarks/zoo_carry/$domain.npz" ] && resume="--init-from $repo/benchmarks/zoo_carry/$domain.npz"
   if [ -z "$resume" ] && [ -n "$from" ]; then
     if [ -f "$root/$from/seed0/checkpoint.npz" ]; then resume="--init-from $root/$from/seed0/checkpoint.npz"
-    else echo "$domain: no $root/$from/seed0/checkpoint.npz to start from; training from scratch"; fi
+    elif [ -f "$repo/benchmarks/zoo_carry/from/$from.npz" ]; then resume="--init-from $repo/benchmarks/zoo_carry/from/$from.npz"
+    else echo "$domain: neither $root/$from/seed0/checkpoint.npz nor a carried $from to start from; from scratch"; fi
   fi
   XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1" \
     taskset -c "$core" "$python" "$repo/algos/sac.py" --env "$domain" --seed 0 --out "$out" $resume \

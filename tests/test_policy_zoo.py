@@ -172,3 +172,28 @@ def test_zoo_carry_keeps_the_networks_of_unfinished_runs_only(tmp_path):
     zoo_carry.carry(runs, out)
     with np.load(out / "hopper.npz") as kept:
         assert int(kept["step"]) == 20_000
+
+
+def test_zoo_carry_keeps_the_networks_other_domains_start_from(tmp_path):
+    """zoo_carry.py --sources: a harvested domain's networks (no replay buffer) in <out>/from/, for zoo_retrain.sh's
+    <domain>@<source> on a machine without its run folder; a domain with no run ends in one sentence."""
+    spec_carry = importlib.util.spec_from_file_location("zoo_carry", ROOT / "benchmarks" / "zoo_carry.py")
+    zoo_carry = importlib.util.module_from_spec(spec_carry)
+    spec_carry.loader.exec_module(zoo_carry)
+    runs, out = tmp_path / "runs", tmp_path / "carry"
+    folder = runs / "ant-morph" / "seed0"
+    folder.mkdir(parents=True)
+    np.savez(folder / "checkpoint.npz", **{"state.actor.params['w']": np.full((2, 2), 7.0, np.float32),
+                                           "buffer/observations": np.zeros((1000, 3), np.float32),
+                                           "args": json.dumps({"env": "ant-morph"}), "step": np.array(625_000),
+                                           "history": "[]"})
+    (runs / "ant-morph" / "HARVESTED").touch()
+    assert zoo_carry.carry(runs, out) == []  # harvested: not carried as an unfinished run
+    assert zoo_carry.carry_sources(runs, ["ant-morph"], out)[0].startswith("from/ant-morph (625,000 steps")
+    with np.load(out / "from" / "ant-morph.npz") as kept:
+        assert sorted(kept.files) == ["args", "history", "state.actor.params['w']", "step"]
+        assert kept["state.actor.params['w']"][0, 0] == 7.0
+    zoo_carry.carry(runs, out)  # the harvested domain's own carry goes, its kept networks stay
+    assert (out / "from" / "ant-morph.npz").exists()
+    with pytest.raises(SystemExit, match="^--sources hopper: .* does not exist; name a domain trained under --runs.$"):
+        zoo_carry.carry_sources(runs, ["hopper"], out)
